@@ -142,8 +142,8 @@ def _git(*args: str) -> str:
 def _oldest_version_source(dist: str, specifier: str, dest: pathlib.Path) -> tuple[str, pathlib.Path]:
     """Extract from git history the lowest version of ``dist`` that ``specifier`` admits.
 
-    Release tags (``<dist>-v<version>``) are preferred; otherwise every commit that touched the
-    package's ``__about__.py`` is a candidate.
+    Release tags (``<dist>-v<version>``) are preferred; otherwise a version is represented by the last
+    commit at which ``__about__.py`` still carried it (what that version released before the next bump).
     """
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
@@ -154,11 +154,15 @@ def _oldest_version_source(dist: str, specifier: str, dest: pathlib.Path) -> tup
     candidates: dict[Version, str] = {}
     for tag in _git("tag", "--list", f"{dist}-v*").split():
         candidates.setdefault(Version(tag.rsplit("-v", 1)[1]), tag)
-    for commit in reversed(_git("log", "--format=%H", "--", about).split()):
-        text = _git("show", f"{commit}:{about}")
+    # Newest first. A version is represented by the last commit that still carried it: HEAD for the
+    # current one, else the parent of the commit that moved __about__.py on to the next version.
+    superseded_by = "HEAD"
+    for commit in _git("log", "--format=%H", "--", about).split():
         ns: dict[str, str] = {}
-        exec(text, ns)  # noqa: S102 - our own two-line __about__.py
-        candidates.setdefault(Version(ns["__version__"]), commit)
+        exec(_git("show", f"{commit}:{about}"), ns)  # noqa: S102 - our own two-line __about__.py
+        version = Version(ns["__version__"])
+        candidates.setdefault(version, superseded_by if superseded_by == "HEAD" else f"{superseded_by}^")
+        superseded_by = commit
     admitted = sorted(v for v in candidates if v in spec)
     if not admitted:
         raise RuntimeError(f"no version of {dist} in git history satisfies {specifier!r}: saw {sorted(candidates)}")
@@ -210,6 +214,7 @@ def lint(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the mkdocs site with --strict (a broken link or docstring reference fails)."""
     _install(session, "mkdocs-material", "mkdocstrings-python", "mkdocs-static-i18n")
+    session.env["NO_MKDOCS_2_WARNING"] = "1"
     session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs)
 
 
