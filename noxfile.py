@@ -96,8 +96,18 @@ def tests(session: nox.Session, package: str) -> None:
     session.run("pytest", str(_pkg_dir(dist) / "tests"), *session.posargs)
 
 
+def _hatch(session: nox.Session) -> str:
+    """hatch from a tools venv of its own, so it never lands in the venv under test."""
+    env = ROOT / ".nox" / "_hatch"
+    exe = env / "bin" / "hatch"
+    if not exe.exists():
+        session.run(sys.executable, "-m", "venv", str(env), external=True)
+        session.run(str(env / "bin" / "python"), "-m", "pip", "install", "-q", "-c", CONSTRAINTS, "hatch", external=True)
+    return str(exe)
+
+
 def _build_wheels(session: nox.Session, outdir: pathlib.Path, targets: tuple[str, ...] = ("wheel",)) -> None:
-    _install(session, "hatch")
+    hatch = _hatch(session)
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
     for dist in PACKAGES.values():
@@ -105,7 +115,7 @@ def _build_wheels(session: nox.Session, outdir: pathlib.Path, targets: tuple[str
             args = []
             for target in targets:
                 args += ["-t", target]
-            session.run("hatch", "build", *args, str(outdir), silent=True)
+            session.run(hatch, "build", *args, str(outdir), silent=True, external=True)
 
 
 @nox.session(python=PYTHON)
@@ -115,18 +125,17 @@ def integration(session: nox.Session, scenario: str) -> None:
 
     ``ops-only`` installs ann2snn-ops alone (a transformer project's view); ``full`` installs all four.
     """
-    wheels = pathlib.Path(session.create_tmp()) / "wheels"
+    wheels = pathlib.Path(session.create_tmp()).resolve() / "wheels"
     _build_wheels(session, wheels)
+    # Install by file, so a same-named release on an index can never stand in for the wheels just built.
+    built = {dist: next(wheels.glob(dist.replace("-", "_") + "-*.whl")) for dist in PACKAGES.values()}
     if scenario == "ops-only":
-        _install(session, "--find-links", str(wheels), "ann2snn-ops", "pytest")
-        session.run("python", "-m", "pip", "uninstall", "-y", "hatch", "hatchling", silent=True)
+        _install(session, str(built["ann2snn-ops"]), "pytest")
         session.run("pytest", str(ROOT / "tests-integration" / "ops_only"), *session.posargs)
     else:
         _install(
             session,
-            "--find-links",
-            str(wheels),
-            *(d for d in PACKAGES.values()),
+            *(str(w) for w in built.values()),
             "pytest",
             "numpy",
             "scikit-learn",
@@ -181,7 +190,7 @@ def minimums(session: nox.Session) -> None:
     """Each package against the lowest versions of its siblings that its ranges allow."""
     _install(session, "packaging")
     names = set(PACKAGES.values())
-    src = pathlib.Path(session.create_tmp()) / "minimums"
+    src = pathlib.Path(session.create_tmp()).resolve() / "minimums"
     shutil.rmtree(src, ignore_errors=True)
     for dist in PACKAGES.values():
         pins = []
