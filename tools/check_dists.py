@@ -33,7 +33,9 @@ def main() -> int:
     problems = []
     artifacts = sorted(outdir.iterdir())
     if len(artifacts) != 2 * len(expected):
-        problems.append(f"expected {2 * len(expected)} artifacts, found {len(artifacts)}: {[a.name for a in artifacts]}")
+        problems.append(
+            f"expected {2 * len(expected)} artifacts, found {len(artifacts)}: {[a.name for a in artifacts]}"
+        )
     for dist, deps in expected.items():
         prefix = dist.replace("-", "_") + "-"
         mine = [a for a in artifacts if a.name.startswith(prefix)]
