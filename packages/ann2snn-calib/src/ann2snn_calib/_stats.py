@@ -1,0 +1,182 @@
+"""Per-batch and dataset-level statistics over rows, locally or across a torch.distributed process group.
+
+A statistic is computed per *row* of a 2-D ``(C, M)`` view of the activation: ``C == 1`` for one
+per-tensor scale, ``C`` channels for per-channel scales. Across ranks the rows are concatenated along ``M``
+(the data of every rank is one big batch), so every rank obtains the statistic of the union:
+
+* maxima by an all-reduce with ``MAX``;
+* percentiles by gathering, from every rank, its ``k`` largest (or smallest) values per row, where ``k`` is
+  the number of order statistics above (below) the wanted one in the *global* row; the top ``k`` of the
+  union is in the union of the per-rank top ``k``. Above ``_GATHER_LIMIT`` values per rank the exact
+  radix selection of :mod:`ann2snn_calib._select` runs instead, all-reducing 256-bin histograms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ann2snn_calib._select import (
+    _radix_kth_smallest,
+    has_nan,
+    lerp,
+    percentile_flat,
+    positions,
+    top_values,
+)
+
+# Largest number of candidate values (rows x k) one rank sends in a percentile all-gather.
+_GATHER_LIMIT = 1 << 22
+
+
+def world_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def global_max(rows_max: Tensor, group: Any) -> Tensor:
+    """All-reduce of per-row maxima with MAX (identity without a group)."""
+    if group is not None:
+        rows_max = rows_max.clone()
+        dist.all_reduce(rows_max, op=dist.ReduceOp.MAX, group=group)
+    return rows_max
+
+
+def gather_counts(count: int, rows: int, device: torch.device, group: Any) -> list[tuple[int, int]]:
+    """Every rank's ``(elements per row, number of rows)``; checks that the row counts agree."""
+    if group is None:
+        return [(count, rows)]
+    mine = torch.tensor([count, rows], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    pairs = [(int(t[0].item()), int(t[1].item())) for t in everyone]
+    if len({r for _, r in pairs}) != 1:
+        raise ValueError(
+            f"VoltageHook: the ranks of the process group observed different numbers of channels: "
+            f"{[r for _, r in pairs]}."
+        )
+    return pairs
+
+
+def _rows_top(rows: Tensor, k: int, largest: bool) -> Tensor:
+    """The ``min(k, M)`` largest (smallest) values of each row of ``rows`` (C, M), unordered."""
+    c, m = rows.shape
+    k = min(k, m)
+    if k == m:
+        return rows
+    if c == 1:
+        flat = rows[0]
+        vals = top_values(flat, k) if largest else -top_values(-flat, k)
+        return vals.unsqueeze(0)
+    return torch.topk(rows, k, dim=1, largest=largest, sorted=False).values
+
+
+def rows_percentile(
+    rows: Tensor,
+    quantile: float,
+    dtype: torch.dtype,
+    group: Any,
+    *,
+    counts: list[tuple[int, int]] | None = None,
+    side: str | None = None,
+) -> Tensor:
+    """Exact linear-method quantile of each row of ``rows`` over every rank's rows, shape ``(C,)``.
+
+    ``rows`` is ``(C, m)`` and, with ``counts`` given, holds only the extreme values of a larger local row
+    (the dataset-level mode): ``counts[r][0]`` is the true element count of rank ``r``'s rows and ``side``
+    says which end (``"top"`` or ``"bottom"``) ``rows`` keeps. The caller guarantees that every rank keeps
+    at least as many values as are needed.
+    """
+    c, m = rows.shape
+    if counts is None:
+        counts = gather_counts(m, c, rows.device, group)
+    total = sum(n for n, _ in counts)
+    if total == 0:
+        raise ValueError("VoltageHook received only empty tensors: a percentile needs at least one element.")
+    if group is None and c == 1 and m == total:
+        # The common case, with its NaN check folded into the selection.
+        return percentile_flat(rows[0], quantile, dtype).reshape(1)
+    nan_rows = (
+        torch.isnan(rows).any(dim=1) if rows.dtype.is_floating_point else rows.new_zeros(c, dtype=torch.bool)
+    )
+    if group is not None:
+        flags = nan_rows.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        nan_rows = flags.bool()
+    lo, hi, gamma = positions(total, quantile)
+    k_up, k_down = total - lo, hi + 1
+    if side is None:
+        side = "top" if k_up <= k_down else "bottom"
+
+    if group is None and m == total:
+        # Every value is here: plain per-row selection.
+        full = rows.to(dtype)
+        a = torch.kthvalue(full, lo + 1, dim=1).values
+        b = a if hi == lo else torch.kthvalue(full, hi + 1, dim=1).values
+        out = torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
+    else:
+        k = k_up if side == "top" else k_down
+        if k * c > _GATHER_LIMIT and m == counts[_rank(group)][0]:
+            out = _radix_rows(rows, lo, hi, gamma, dtype, group)
+        else:
+            out = _gathered_rows(rows, k, lo, hi, total, gamma, dtype, side, group)
+    if bool(nan_rows.any().item()):
+        out = torch.where(nan_rows, torch.full_like(out, float("nan")), out)
+    return out
+
+
+def _rank(group: Any) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _gathered_rows(
+    rows: Tensor,
+    k: int,
+    lo: int,
+    hi: int,
+    total: int,
+    gamma: float,
+    dtype: torch.dtype,
+    side: str,
+    group: Any,
+) -> Tensor:
+    largest = side == "top"
+    c = rows.shape[0]
+    local = _rows_top(rows, k, largest).to(dtype)
+    pad = float("-inf") if largest else float("inf")
+    if local.shape[1] < k:
+        local = torch.cat([local, local.new_full((c, k - local.shape[1]), pad)], dim=1)
+    if group is not None:
+        everyone = [torch.empty_like(local) for _ in range(world_size(group))]
+        dist.all_gather(everyone, local.contiguous(), group=group)
+        local = torch.cat(everyone, dim=1)
+    ordered = torch.topk(local, k, dim=1, largest=largest, sorted=True).values
+    if largest:
+        # ordered[:, j] is the element of ascending index total - 1 - j.
+        a, b = ordered[:, total - 1 - lo], ordered[:, total - 1 - hi]
+    else:
+        a, b = ordered[:, lo], ordered[:, hi]
+    return torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
+
+
+def _radix_rows(rows: Tensor, lo: int, hi: int, gamma: float, dtype: torch.dtype, group: Any) -> Tensor:
+    out = []
+    for row in rows:
+        a = _radix_kth_smallest(row, lo, group).to(dtype)
+        b = a
+        if hi != lo:
+            below = (row.to(dtype) <= a).sum().reshape(1)
+            above_min = row[row.to(dtype) > a]
+            nxt = above_min.min().to(dtype) if above_min.numel() else torch.tensor(float("inf"), dtype=dtype)
+            nxt = nxt.reshape(1).to(rows.device)
+            if group is not None:
+                dist.all_reduce(below, op=dist.ReduceOp.SUM, group=group)
+                dist.all_reduce(nxt, op=dist.ReduceOp.MIN, group=group)
+            b = a if int(below.item()) > hi else nxt[0]
+        out.append(lerp(a, b, gamma))
+    return torch.stack(out)
+
+
+__all__ = ["gather_counts", "global_max", "has_nan", "rows_percentile", "world_size"]
