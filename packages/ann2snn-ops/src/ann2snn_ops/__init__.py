@@ -1,5 +1,32 @@
-"""Temporal-difference (TD) operators that make transformer blocks spiking-equivalent."""
+"""Temporal-difference (TD) operators that make transformer blocks spiking-equivalent.
+
+Every operator takes complete time sequences ``[T, ...]`` (time at dimension 0) and returns the temporal
+difference of the ANN op applied to the cumulative input: ``Y.cumsum(0)[t] == f(X.cumsum(0)[t])``.
+``set_streaming(True)`` switches an operator to one-step-at-a-time input; ``reset()`` clears its state.
+"""
 
 from ann2snn_ops.__about__ import __version__
+from ann2snn_ops._base import TDModule
+from ann2snn_ops.attention import TDMultiheadAttention, TDScaledDotProductAttention
+from ann2snn_ops.elementwise import TDGELU, TDSiLU, TDSoftmax
+from ann2snn_ops.generic import TDFunction
+from ann2snn_ops.linear import TDConv2d, TDLinear
+from ann2snn_ops.norm import TDLayerNorm, TDRMSNorm
+from ann2snn_ops.products import TDMatMul, TDMul
 
-__all__ = ["__version__"]
+__all__ = [
+    "TDGELU",
+    "TDConv2d",
+    "TDFunction",
+    "TDLayerNorm",
+    "TDLinear",
+    "TDMatMul",
+    "TDModule",
+    "TDMul",
+    "TDMultiheadAttention",
+    "TDRMSNorm",
+    "TDScaledDotProductAttention",
+    "TDSiLU",
+    "TDSoftmax",
+    "__version__",
+]

@@ -1,0 +1,239 @@
+"""TD normalisation layers: ``TDLayerNorm`` and ``TDRMSNorm``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ann2snn_ops._base import TDModule, as_shape_tuple, copy_module_state, reject_lazy
+
+__all__ = ["TDLayerNorm", "TDRMSNorm"]
+
+_ShapeArg = int | Sequence[int] | torch.Size
+
+
+def _check_trailing(op: str, x_seq: torch.Tensor, normalized_shape: tuple[int, ...]) -> None:
+    n = len(normalized_shape)
+    trailing = tuple(x_seq.shape[1:]) if n > x_seq.dim() - 1 else tuple(x_seq.shape[-n:])
+    if trailing != normalized_shape:
+        raise ValueError(
+            f"{op} expects the trailing shape of x_seq to match normalized_shape={normalized_shape}, "
+            f"but got {trailing}."
+        )
+
+
+def _dtype_of(x: object) -> torch.dtype:
+    # The checks in _unary_forward reject non-tensors with a clear message; this only must not fail first.
+    return x.dtype if isinstance(x, torch.Tensor) else torch.float32
+
+
+def _param_for(p: torch.Tensor | None, x_cum: torch.Tensor, in_dtype: torch.dtype) -> torch.Tensor | None:
+    # Half inputs are accumulated in float32; their (half or float) params follow. Other dtypes are left
+    # alone so that mismatches raise exactly like the torch op.
+    if p is None or x_cum.dtype == in_dtype:
+        return p
+    return p.to(x_cum.dtype)
+
+
+class TDLayerNorm(TDModule):
+    """Temporal-difference LayerNorm: ``Y.cumsum(0)[t] == layer_norm(X.cumsum(0)[t])``.
+
+    Same arguments, parameters (``weight``, ``bias``) and initialisation as ``nn.LayerNorm``. The
+    normalised shape covers trailing dimensions only, never the time axis.
+
+    Args:
+        normalized_shape: Trailing shape to normalise over (int, sequence or ``torch.Size``); stored as a tuple.
+        eps: Added to the variance.
+        elementwise_affine: Whether to learn ``weight`` (ones) and ``bias`` (zeros).
+        bias: Whether to learn ``bias`` when ``elementwise_affine`` is True.
+        device: Device of the parameters.
+        dtype: Dtype of the parameters.
+
+    Shape:
+        - Input: ``[T, *, *normalized_shape]`` (one step ``[*, *normalized_shape]`` in streaming mode).
+        - Output: the same shape as the input.
+
+    Example:
+        >>> op = TDLayerNorm(4)
+        >>> x = torch.randn(3, 2, 4)
+        >>> torch.allclose(op(x).cumsum(0), F.layer_norm(x.cumsum(0), (4,)), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        normalized_shape: _ShapeArg,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = as_shape_tuple(normalized_shape, "TDLayerNorm: normalized_shape")
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set ``weight`` to ones and ``bias`` to zeros (when present)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @classmethod
+    def from_module(cls, module: nn.LayerNorm) -> TDLayerNorm:
+        """Build from an ``nn.LayerNorm``: copies the configuration, parameters (values, dtype, device,
+        ``requires_grad``) and the training flag.
+
+        Raises:
+            TypeError: If ``module`` is not an ``nn.LayerNorm``.
+        """
+        if not isinstance(module, nn.LayerNorm):
+            raise TypeError(
+                f"TDLayerNorm.from_module expects an nn.LayerNorm, but got {type(module).__name__}."
+            )
+        reject_lazy(module, "TDLayerNorm")
+        ref = module.weight
+        td = cls(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            bias=module.bias is not None,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None else ref.dtype,
+        )
+        copy_module_state(module, td, ("weight", "bias"))
+        return td
+
+    def _check_sequence(self, x_seq: torch.Tensor) -> None:
+        _check_trailing("TDLayerNorm", x_seq, self.normalized_shape)
+
+    def _fn(
+        self,
+        in_dtype: torch.dtype,
+        x_cum: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return F.layer_norm(
+            x_cum,
+            self.normalized_shape,
+            _param_for(weight, x_cum, in_dtype),
+            _param_for(bias, x_cum, in_dtype),
+            self.eps,
+        )
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Apply TD LayerNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
+        return self._unary_forward(x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class TDRMSNorm(TDModule):
+    """Temporal-difference RMSNorm: ``Y.cumsum(0)[t] == rms_norm(X.cumsum(0)[t])``.
+
+    Same arguments, parameter (``weight``) and initialisation as ``nn.RMSNorm``. With ``eps=None`` the
+    machine epsilon of the input dtype is used, as in ``nn.RMSNorm`` (also for half inputs, which are
+    accumulated in float32 internally).
+
+    Args:
+        normalized_shape: Trailing shape to normalise over (int, sequence or ``torch.Size``); stored as a tuple.
+        eps: Added to the mean square; None means ``torch.finfo(x.dtype).eps``.
+        elementwise_affine: Whether to learn ``weight`` (ones).
+        device: Device of the parameter.
+        dtype: Dtype of the parameter.
+
+    Shape:
+        - Input: ``[T, *, *normalized_shape]`` (one step ``[*, *normalized_shape]`` in streaming mode).
+        - Output: the same shape as the input.
+
+    Example:
+        >>> op = TDRMSNorm(4)
+        >>> x = torch.randn(3, 2, 4)
+        >>> torch.allclose(op(x).cumsum(0), F.rms_norm(x.cumsum(0), (4,)), atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        normalized_shape: _ShapeArg,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = as_shape_tuple(normalized_shape, "TDRMSNorm: normalized_shape")
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or eps < 0):
+            raise ValueError(f"TDRMSNorm: eps must be None or a non-negative number, but got {eps!r}.")
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.weight: nn.Parameter | None
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set ``weight`` to ones (when present)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    @classmethod
+    def from_module(cls, module: nn.RMSNorm) -> TDRMSNorm:
+        """Build from an ``nn.RMSNorm``: copies the configuration, the weight (values, dtype, device,
+        ``requires_grad``) and the training flag.
+
+        Raises:
+            TypeError: If ``module`` is not an ``nn.RMSNorm``.
+        """
+        if not isinstance(module, nn.RMSNorm):
+            raise TypeError(f"TDRMSNorm.from_module expects an nn.RMSNorm, but got {type(module).__name__}.")
+        reject_lazy(module, "TDRMSNorm")
+        ref = module.weight
+        td = cls(
+            module.normalized_shape,
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None else ref.dtype,
+        )
+        copy_module_state(module, td, ("weight",))
+        return td
+
+    def _check_sequence(self, x_seq: torch.Tensor) -> None:
+        _check_trailing("TDRMSNorm", x_seq, self.normalized_shape)
+
+    def _fn(self, in_dtype: torch.dtype, x_cum: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        eps = torch.finfo(in_dtype).eps if self.eps is None else self.eps
+        return F.rms_norm(x_cum, self.normalized_shape, _param_for(weight, x_cum, in_dtype), eps)
+
+    def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Apply TD RMSNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
+        return self._unary_forward(x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
