@@ -21,7 +21,6 @@ from torch import Tensor
 
 from ann2snn_calib._select import (
     _radix_kth_smallest,
-    has_nan,
     lerp,
     percentile_flat,
     positions,
@@ -60,7 +59,7 @@ def gather_counts(count: int, rows: int, device: torch.device, group: Any) -> li
     return pairs
 
 
-def _rows_top(rows: Tensor, k: int, largest: bool) -> Tensor:
+def rows_top(rows: Tensor, k: int, largest: bool) -> Tensor:
     """The ``min(k, M)`` largest (smallest) values of each row of ``rows`` (C, M), unordered."""
     c, m = rows.shape
     k = min(k, m)
@@ -144,7 +143,7 @@ def _gathered_rows(
 ) -> Tensor:
     largest = side == "top"
     c = rows.shape[0]
-    local = _rows_top(rows, k, largest).to(dtype)
+    local = rows_top(rows, k, largest).to(dtype)
     pad = float("-inf") if largest else float("inf")
     if local.shape[1] < k:
         local = torch.cat([local, local.new_full((c, k - local.shape[1]), pad)], dim=1)
@@ -179,4 +178,4 @@ def _radix_rows(rows: Tensor, lo: int, hi: int, gamma: float, dtype: torch.dtype
     return torch.stack(out)
 
 
-__all__ = ["gather_counts", "global_max", "has_nan", "rows_percentile", "world_size"]
+__all__ = ["gather_counts", "global_max", "rows_percentile", "rows_top", "world_size"]

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ann2snn_calib._select import stat_dtype
-from ann2snn_calib._stats import gather_counts, global_max, rows_percentile
+from ann2snn_calib._select import positions, stat_dtype
+from ann2snn_calib._stats import gather_counts, global_max, rows_percentile, rows_top
 
 __all__ = ["VoltageHook", "VoltageScaler"]
 
@@ -130,6 +130,8 @@ class VoltageHook(nn.Module):
     scale: Tensor
     num_batches_tracked: Tensor
     num_samples_tracked: Tensor
+    candidates: Tensor  # only with momentum=None and a percentile mode
+    elements_seen: Tensor  # idem
 
     def __init__(
         self,
@@ -265,9 +267,9 @@ class VoltageHook(nn.Module):
         kept = self.candidates.to(device=x.device, dtype=dtype)
         if kept.numel() == 0 or kept.shape[0] != rows.shape[0]:
             kept = rows.new_empty(rows.shape[0], 0)
-        merged = torch.cat([kept, rows], dim=1)
+        merged = torch.cat([kept, rows_top(rows, self.max_candidates, largest)], dim=1)
         if merged.shape[1] > self.max_candidates:
-            merged = torch.topk(merged, self.max_candidates, dim=1, largest=largest, sorted=False).values
+            merged = rows_top(merged, self.max_candidates, largest)
         self.candidates = merged
         self.elements_seen = self.elements_seen.to(x.device) + rows.shape[1]
         seen = int(self.elements_seen.item())
@@ -277,8 +279,8 @@ class VoltageHook(nn.Module):
             raise ValueError(
                 "VoltageHook received only empty tensors: a percentile needs at least one element."
             )
-        vi = (total - 1) * self.value
-        needed = total - int(vi) if largest else min(int(vi) + 1, total - 1) + 1
+        lo, hi, _ = positions(total, self.value)
+        needed = total - lo if largest else hi + 1
         if needed > self.max_candidates and any(n > self.max_candidates for n, _ in counts):
             raise RuntimeError(
                 f"VoltageHook(mode={self.mode!r}, momentum=None) needs the {needed} most extreme values of the "
