@@ -1,0 +1,132 @@
+"""Build TD operators from ANN modules, with the seed's validation of attention configurations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import fx
+
+from ann2snn_ops import (
+    TDGELU,
+    TDConv2d,
+    TDFunction,
+    TDLayerNorm,
+    TDLinear,
+    TDMultiheadAttention,
+    TDRMSNorm,
+    TDSiLU,
+    TDSoftmax,
+)
+
+__all__ = [
+    "MHA_DEFAULTS",
+    "build_td_module",
+    "check_mha_call",
+    "check_mha_module",
+    "read_arg",
+    "shift_dim",
+]
+
+# name -> (positional index, default) of nn.MultiheadAttention.forward after query/key/value.
+MHA_DEFAULTS: dict[str, tuple[int, Any]] = {
+    "key_padding_mask": (3, None),
+    "need_weights": (4, True),
+    "attn_mask": (5, None),
+    "average_attn_weights": (6, True),
+    "is_causal": (7, False),
+}
+
+
+def read_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    """The keyword if given, else the positional argument at ``index``, else ``default``."""
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > index:
+        return args[index]
+    return default
+
+
+def shift_dim(dim: int) -> int:
+    """Move a non-negative dim of the ANN past the leading time axis; negative dims stay."""
+    return dim + 1 if dim >= 0 else dim
+
+
+def check_mha_module(module: nn.MultiheadAttention) -> None:
+    """Reject MultiheadAttention configurations TDMultiheadAttention cannot express (seed messages)."""
+    if module.dropout != 0.0:
+        raise ValueError("TD MHA conversion only supports dropout=0.0.")
+    if not module.batch_first:
+        raise ValueError("TD MHA conversion only supports batch_first=True.")
+    if module.kdim != module.embed_dim or module.vdim != module.embed_dim:
+        raise ValueError("TD MHA conversion only supports kdim == vdim == embed_dim.")
+    if module.bias_k is not None or module.bias_v is not None:
+        raise ValueError("TD MHA conversion does not support add_bias_kv.")
+    if module.add_zero_attn:
+        raise ValueError("TD MHA conversion does not support add_zero_attn.")
+    if module.in_proj_weight is None:
+        raise ValueError("TD MHA conversion requires packed in_proj_weight.")
+
+
+def check_mha_call(node: fx.Node | None) -> None:
+    """Reject call-site arguments of a MultiheadAttention call that TD attention cannot honour."""
+    if node is None:
+        raise ValueError("TD MHA conversion requires an FX node.")
+    check_mha_call_args(node.args, dict(node.kwargs))
+
+
+def check_mha_call_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Call-site checks of :func:`check_mha_call` on plain argument tuples (seed order and messages)."""
+    need_weights = read_arg(args, kwargs, 4, "need_weights", True)
+    if need_weights is not False:
+        raise ValueError("TD MHA conversion requires need_weights=False.")
+    key_padding_mask = read_arg(args, kwargs, 3, "key_padding_mask", None)
+    if key_padding_mask is not None:
+        raise ValueError("TD MHA conversion does not support key_padding_mask.")
+    average = read_arg(args, kwargs, 6, "average_attn_weights", True)
+    if average is not True:
+        raise ValueError("TD MHA conversion does not support average_attn_weights=False.")
+
+
+_FROM_MODULE: dict[type[nn.Module], Any] = {
+    nn.Linear: TDLinear,
+    nn.LayerNorm: TDLayerNorm,
+    nn.GELU: TDGELU,
+    nn.MultiheadAttention: TDMultiheadAttention,
+    nn.Softmax: TDSoftmax,
+    nn.SiLU: TDSiLU,
+    nn.RMSNorm: TDRMSNorm,
+    nn.Conv2d: TDConv2d,
+}
+
+
+def build_td_module(module: nn.Module) -> nn.Module | None:
+    """The TD operator equivalent to ``module`` (parameters, requires_grad and mode copied), or None.
+
+    Types are matched exactly, as in the seed: a subclass may override ``forward`` and is left alone.
+    ``nn.MultiheadAttention`` configurations the TD operator cannot express raise ``ValueError``.
+    ``nn.Softmax(dim=None)`` (implicit dim) is left alone.
+    """
+    kind = type(module)
+    if kind is nn.MultiheadAttention:
+        assert isinstance(module, nn.MultiheadAttention)
+        check_mha_module(module)
+    if kind is nn.Softmax and getattr(module, "dim", None) is None:
+        return None
+    td: nn.Module
+    if kind in _FROM_MODULE:
+        td = _FROM_MODULE[kind].from_module(module)
+    elif kind in _ELEMENTWISE_MODULES:
+        td = TDFunction(_ELEMENTWISE_MODULES[kind], name=f"TD{kind.__name__}")
+    else:
+        return None
+    td.train(module.training)
+    return td
+
+
+_ELEMENTWISE_MODULES: dict[type[nn.Module], Any] = {
+    nn.Tanh: torch.tanh,
+    nn.Sigmoid: torch.sigmoid,
+    nn.ReLU: torch.relu,
+}
