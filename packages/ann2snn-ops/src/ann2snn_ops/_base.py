@@ -353,7 +353,7 @@ class TDModule(nn.Module):
 
 def as_shape_tuple(shape: int | Sequence[int] | torch.Size, name: str) -> tuple[int, ...]:
     """Normalise an int / sequence / ``torch.Size`` to a tuple of positive ints."""
-    if isinstance(shape, bool):
+    if isinstance(shape, bool | str):
         raise TypeError(f"{name} must be an int or a sequence of ints, but got {shape!r}.")
     if isinstance(shape, int):
         dims: tuple[Any, ...] = (shape,)
