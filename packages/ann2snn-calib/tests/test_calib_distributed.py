@@ -16,7 +16,9 @@ import ann2snn_calib._stats as stats
 from ann2snn_calib import VoltageHook
 
 pytestmark = pytest.mark.skipif(
-    not dist.is_available() or sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
+    not dist.is_available()
+    or sys.platform == "win32"
+    or "fork" not in multiprocessing.get_all_start_methods(),
     reason="needs torch.distributed with gloo and the fork start method",
 )
 
@@ -76,7 +78,8 @@ def _run(world: int, tmp_path: pathlib.Path, gather_limit: int) -> list[list[dic
     ctx = multiprocessing.get_context("fork")
     init_file = str(tmp_path / "init")
     procs = [
-        ctx.Process(target=_worker, args=(r, world, init_file, str(tmp_path), gather_limit)) for r in range(world)
+        ctx.Process(target=_worker, args=(r, world, init_file, str(tmp_path), gather_limit))
+        for r in range(world)
     ]
     for p in procs:
         p.start()

@@ -43,7 +43,7 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_floating_point:
         return torch.float32
     if dtype.is_complex:
-        raise TypeError(f"VoltageHook statistics need a real tensor, got dtype {dtype}.")
+        raise TypeError(f"A percentile or scale statistic needs a real tensor, got dtype {dtype}.")
     return torch.float64
 
 
