@@ -51,7 +51,5 @@ class TDFunction(TDModule):
         return self._unary_forward(x_seq, self.fn)
 
     def extra_repr(self) -> str:
-        fn_name = (
-            getattr(self.fn, "__qualname__", None) or getattr(self.fn, "__name__", None) or repr(self.fn)
-        )
+        fn_name = getattr(self.fn, "__name__", None) or repr(self.fn)
         return f"fn={fn_name}, name={self.name!r}"
