@@ -56,21 +56,28 @@ class _FoldMode(TorchFunctionMode):
     def __init__(self, steps: int) -> None:
         super().__init__()
         self.steps = steps
-        self._time: dict[int, weakref.ReferenceType[Tensor]] = {}
+        # id -> (weak ref, dim holding the time-folded batch; 0 except after a permute that moved it)
+        self._time: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
         self.converted: Counter[tuple[str, str]] = Counter()
         self.issues: Counter[tuple[str, str]] = Counter()
 
     # ---- bookkeeping -------------------------------------------------------------------------
-    def is_time(self, value: Any) -> bool:
+    def batch_dim(self, value: Any) -> int | None:
+        """The dim holding the time-folded batch if ``value`` is time-varying, else None."""
         if not isinstance(value, Tensor):
-            return False
-        ref = self._time.get(id(value))
-        return ref is not None and ref() is value
+            return None
+        entry = self._time.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        return entry[1]
 
-    def mark(self, value: Any) -> Any:
+    def is_time(self, value: Any) -> bool:
+        return self.batch_dim(value) is not None
+
+    def mark(self, value: Any, batch_dim: int = 0) -> Any:
         for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, Tensor):
-                self._time[id(leaf)] = weakref.ref(leaf)
+            if isinstance(leaf, Tensor) and not self.is_time(leaf):
+                self._time[id(leaf)] = (weakref.ref(leaf), batch_dim)
         return value
 
     def issue(self, func: Any, detail: str) -> None:
@@ -117,6 +124,8 @@ class _FoldMode(TorchFunctionMode):
         leaves = pytree.tree_leaves((args, kwargs))
         if not any(self.is_time(leaf) for leaf in leaves):
             return func(*args, **kwargs)
+        if any(self.batch_dim(leaf) not in (None, 0) for leaf in leaves):
+            return self.displaced(func, args, kwargs)
         handler = _HANDLERS.get(func)
         if handler is None:
             if func in _META:
@@ -131,6 +140,40 @@ class _FoldMode(TorchFunctionMode):
         except _Unsupported as error:
             self.issue(func, str(error))
             return self.mark(func(*args, **kwargs))
+
+    def displaced(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Ops on a tensor whose folded batch was moved off dim 0 (``qkv.permute(2, 0, 3, 1, 4)``).
+
+        Only taking slices along a leading dim (``unbind(0)``, ``x[i]``, ``select(0, i)``) is
+        understood; it moves the batch dim back towards 0.
+        """
+        if func in _META:
+            return func(*args, **kwargs)
+        x = args[0]
+        position = self.batch_dim(x)
+        if position is None:  # the displaced tensor is another argument
+            self.issue(func, "op on a tensor whose time-folded batch dim was moved off dim 0")
+            return self.mark(func(*args, **kwargs))
+        removed: int | None = None
+        if func is Tensor.unbind or func is torch.unbind:
+            removed = read_arg(args, kwargs, 1, "dim", 0) % x.dim()
+        elif func is Tensor.select or func is torch.select:
+            removed = read_arg(args, kwargs, 1, "dim", None) % x.dim()
+        elif func is Tensor.__getitem__ and isinstance(args[1], int):
+            removed = 0
+        elif func in (Tensor.permute, torch.permute):
+            order = _permutation(args)
+            return self.mark(func(*args, **kwargs), order.index(position))
+        if removed is None or removed >= position:
+            self.issue(func, "op on a tensor whose time-folded batch dim was moved off dim 0")
+            return self.mark(func(*args, **kwargs))
+        return self.mark(func(*args, **kwargs), position - 1)
+
+
+def _permutation(args: tuple[Any, ...]) -> list[int]:
+    dims = args[1:]
+    flat = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+    return [d % args[0].dim() for d in flat]
 
 
 class _Unsupported(Exception):
@@ -175,11 +218,8 @@ def _getitem(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
 
 
 def _permute(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    dims = args[1:] if func is Tensor.permute else (args[1],)
-    flat = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
-    if not flat or flat[0] % args[0].dim() != 0:
-        raise _Unsupported("permute that moves the time-folded batch dim")
-    return func(*args, **kwargs)
+    order = _permutation(args)
+    return mode.mark(func(*args, **kwargs), order.index(0))
 
 
 def _cat(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -662,8 +702,11 @@ class TDTimeFolded(nn.Module):
         def unfold(value: Any) -> Any:
             if not isinstance(value, Tensor):
                 return value
-            if mode.is_time(value):
+            if mode.batch_dim(value) == 0:
                 return mode.unfold(value)
+            if mode.is_time(value):
+                mode.issue(type(self.model), "output whose time-folded batch dim was moved off dim 0")
+                return value
             if value.dim() >= 1 and value.shape[0] == steps * batch:
                 return mode.unfold(mode.impulse(value, value))
             mode.issue(type(self.model), f"constant output of shape {tuple(value.shape)} has no time axis")

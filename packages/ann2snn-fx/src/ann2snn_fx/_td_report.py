@@ -35,8 +35,11 @@ class TDEquivalenceError(ValueError):
     def __init__(self, issues: list[TDNodeRecord], where: str = "replace_by_td_operators") -> None:
         self.issues = list(issues)
         lines = "\n".join(f"  - {issue}" for issue in self.issues)
+        what = (
+            "node(s) left in the graph" if where == "replace_by_td_operators" else "op(s) met in the forward"
+        )
         super().__init__(
-            f"{where}(strict=True): {len(self.issues)} node(s) left in the graph break the cumulative "
+            f"{where}(strict=True): {len(self.issues)} {what} break the cumulative "
             f"equivalence (sum over time of the output == ANN on the cumulative input):\n{lines}"
         )
 
