@@ -154,13 +154,12 @@ class TDLayerNorm(TDModule):
 class TDRMSNorm(TDModule):
     """Temporal-difference RMSNorm: ``Y.cumsum(0)[t] == rms_norm(X.cumsum(0)[t])``.
 
-    Same arguments, parameter (``weight``) and initialisation as ``nn.RMSNorm``. With ``eps=None`` the
-    machine epsilon of the input dtype is used, as in ``nn.RMSNorm`` (also for half inputs, which are
-    accumulated in float32 internally).
+    Same arguments, parameter (``weight``) and initialisation as ``nn.RMSNorm``. With ``eps=None`` torch's
+    default applies (the machine epsilon of the op-math dtype: float32 for half inputs).
 
     Args:
         normalized_shape: Trailing shape to normalise over (int, sequence or ``torch.Size``); stored as a tuple.
-        eps: Added to the mean square; None means ``torch.finfo(x.dtype).eps``.
+        eps: Added to the mean square; None means torch's default.
         elementwise_affine: Whether to learn ``weight`` (ones).
         device: Device of the parameter.
         dtype: Dtype of the parameter.
@@ -228,8 +227,8 @@ class TDRMSNorm(TDModule):
         _check_trailing("TDRMSNorm", x_seq, self.normalized_shape)
 
     def _fn(self, in_dtype: torch.dtype, x_cum: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        eps = torch.finfo(in_dtype).eps if self.eps is None else self.eps
-        return F.rms_norm(x_cum, self.normalized_shape, _param_for(weight, x_cum, in_dtype), eps)
+        # eps=None: torch uses the epsilon of the op-math dtype (float32 for half inputs), which is x_cum's.
+        return F.rms_norm(x_cum, self.normalized_shape, _param_for(weight, x_cum, in_dtype), self.eps)
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD RMSNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
