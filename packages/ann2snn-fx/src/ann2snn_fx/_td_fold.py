@@ -33,6 +33,8 @@ _Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
 def _name(func: Any) -> str:
+    if isinstance(func, type):
+        return func.__name__
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     qualname = qualname.replace("_TensorBase.", "Tensor.").replace("TensorBase.", "Tensor.")
     qualname = qualname.replace("_VariableFunctionsClass.", "")
@@ -124,6 +126,10 @@ class _FoldMode(TorchFunctionMode):
         leaves = pytree.tree_leaves((args, kwargs))
         if not any(self.is_time(leaf) for leaf in leaves):
             return func(*args, **kwargs)
+        if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
+            return func(*args, **kwargs)  # uses only the shape/dtype of its time-varying argument
+        if func in _FACTORIES:
+            return func(*args, **kwargs)  # new tensors that take only shape/dtype/device from the input
         if any(self.batch_dim(leaf) not in (None, 0) for leaf in leaves):
             return self.displaced(func, args, kwargs)
         handler = _HANDLERS.get(func)
@@ -313,19 +319,31 @@ def _gelu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
     return TDGELU(approximate=read_arg(args, kwargs, 1, "approximate", "none"))
 
 
-def _layer_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
-    shape, weight, bias, eps = (read_arg(args, kwargs, i, n, d) for i, n, d in _LAYER_NORM)
-    return TDFunction(lambda z: F.layer_norm(z, shape, weight, bias, eps))
+def _norm(kind: str) -> _Handler:
+    """layer_norm/rms_norm: the normalisation as a TD op, then the affine part on the folded steps.
 
+    The affine part is linear (weight on every step, bias at t = 0), and keeping it outside the TD
+    op lets gradients reach the model's own weight and bias.
+    """
 
-def _rms_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
-    shape = read_arg(args, kwargs, 1, "normalized_shape", None)
-    weight = read_arg(args, kwargs, 2, "weight", None)
-    eps = read_arg(args, kwargs, 3, "eps", None)
-    return TDFunction(lambda z: F.rms_norm(z, shape, weight, eps))
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        shape = read_arg(args, kwargs, 1, "normalized_shape", None)
+        weight = read_arg(args, kwargs, 2, "weight", None)
+        bias = read_arg(args, kwargs, 3, "bias", None) if kind == "layer" else None
+        eps = read_arg(args, kwargs, 4 if kind == "layer" else 3, "eps", 1e-5 if kind == "layer" else None)
+        if mode.is_time(weight) or mode.is_time(bias):
+            raise _Unsupported("a time-varying weight or bias")
+        if kind == "layer":
+            td = TDFunction(lambda z: F.layer_norm(z, shape, None, None, eps), name="TDLayerNorm")
+        else:
+            td = TDFunction(lambda z: F.rms_norm(z, shape, None, eps), name="TDRMSNorm")
+        mode.done(func, f"-> {td.name}")
+        out = mode.td(td, args[0])
+        if weight is not None:
+            out = out * weight
+        return out if bias is None else mode.add_at_t0(out, bias)
 
-
-_LAYER_NORM = ((1, "normalized_shape", None), (2, "weight", None), (3, "bias", None), (4, "eps", 1e-5))
+    return handler
 
 
 def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
@@ -492,8 +510,8 @@ _HANDLERS.update(
         Tensor.softmax: _softmax,
         F.gelu: _unary(_gelu),
         F.silu: _unary(lambda args, kwargs: TDSiLU()),
-        F.layer_norm: _unary(_layer_norm),
-        F.rms_norm: _unary(_rms_norm),
+        F.layer_norm: _norm("layer"),
+        F.rms_norm: _norm("rms"),
         F.scaled_dot_product_attention: _sdpa,
         F.dropout: _dropout,
         Tensor.masked_fill: _masked_fill,
@@ -524,6 +542,18 @@ _META: set[Any] = {
     Tensor.__len__,
     Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
     Tensor.is_nested.__get__,  # type: ignore[attr-defined]
+}
+_SELF_ONLY: set[Any] = {Tensor.expand_as, Tensor.view_as, Tensor.reshape_as, Tensor.type_as, Tensor.to}
+_FACTORIES: set[Any] = {
+    Tensor.new_tensor,
+    Tensor.new_zeros,
+    Tensor.new_ones,
+    Tensor.new_full,
+    Tensor.new_empty,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.empty_like,
 }
 _NONLINEAR: set[Any] = {
     torch.exp,
@@ -702,10 +732,10 @@ class TDTimeFolded(nn.Module):
         def unfold(value: Any) -> Any:
             if not isinstance(value, Tensor):
                 return value
-            if mode.batch_dim(value) == 0:
+            if mode.batch_dim(value) == 0 and value.dim() >= 1 and value.shape[0] % steps == 0:
                 return mode.unfold(value)
             if mode.is_time(value):
-                mode.issue(type(self.model), "output whose time-folded batch dim was moved off dim 0")
+                mode.issue(type(self.model), "output without the time-folded batch as its leading dim")
                 return value
             if value.dim() >= 1 and value.shape[0] == steps * batch:
                 return mode.unfold(mode.impulse(value, value))

@@ -1,0 +1,133 @@
+"""TDTimeFolded: input handling, what it converts, what it reports, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ann2snn_fx.td import TDEquivalenceError, TDTimeFolded
+
+
+class Fn(nn.Module):
+    def __init__(self, fn: Callable[..., object]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.w = nn.Parameter(torch.randn(5))
+
+    def forward(self, *xs: torch.Tensor) -> object:
+        return self.fn(self, *xs)
+
+
+def _equivalent(ann: nn.Module, x: torch.Tensor, atol: float = 1e-9) -> TDTimeFolded:
+    snn = TDTimeFolded(ann, strict=True)
+    out = snn(x)
+    for t, c in enumerate(x.cumsum(0)):
+        torch.testing.assert_close(out.cumsum(0)[t], ann(c), atol=atol, rtol=atol)
+    return snn
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda m, x: 1.0 - x * m.w,
+        lambda m, x: m.w - x,
+        lambda m, x: torch.sub(x, m.w, alpha=2.0) + 3,
+        lambda m, x: x.masked_fill(x.new_tensor([True, False, True, False, False]).bool(), -2.0),
+        lambda m, x: F.layer_norm(x, (5,), m.w, None) + F.rms_norm(x, (5,), m.w),
+        lambda m, x: torch.stack([x, m.w.expand_as(x)], dim=1).sum(1),
+        lambda m, x: F.softmax(x.unsqueeze(1).expand(-1, 3, -1), dim=2).mean(1),
+        lambda m, x: x.reshape(-1, 5).view(x.shape).flatten(1),
+        lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),
+    ],
+)
+def test_ops_are_time_equivalent(fn: Callable[..., torch.Tensor]) -> None:
+    torch.manual_seed(0)
+    _equivalent(Fn(fn).double(), torch.randn(4, 3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("fn", "fragment"),
+    [
+        (lambda m, x: x.sum(0), "dim=0 mixes the time-folded batch"),
+        (lambda m, x: torch.cat([x, x], dim=0), "concatenation along the time-folded batch"),
+        (lambda m, x: x[0], "indexing the time-folded batch"),
+        (lambda m, x: x.softmax(0), "softmax over dim=0"),
+        (lambda m, x: x.transpose(0, 1), "dim=0 mixes"),
+        (lambda m, x: x.reshape(5, -1), "reshape that does not keep"),
+        (lambda m, x: torch.exp(x), "unconverted nonlinearity"),
+        (lambda m, x: torch.cumsum(x, -1), "not known to be time-transparent"),
+        (lambda m, x: 1.0 / x, "not known to be time-transparent"),
+        (lambda m, x: m.w / x, "division by a time-varying tensor"),
+        (lambda m, x: F.dropout(x, 0.5, True), "dropout in training mode"),
+        (lambda m, x: x.permute(1, 0).sum(-1), "moved off dim 0"),
+        (lambda m, x: (x, m.w), "constant output of shape (5,)"),
+    ],
+)
+def test_breaking_ops_are_reported(fn: Callable[..., object], fragment: str) -> None:
+    torch.manual_seed(0)
+    snn = TDTimeFolded(Fn(fn))
+    snn(torch.randn(4, 3, 5))
+    assert not snn.report.equivalent
+    assert fragment in " ".join(r.detail for r in snn.report.issues)
+    with pytest.raises(TDEquivalenceError, match=r"TDTimeFolded\(strict=True\): [12] op\(s\)"):
+        TDTimeFolded(Fn(fn), strict=True)(torch.randn(4, 3, 5))
+
+
+def test_static_inputs_are_repeated_over_time() -> None:
+    class Biased(nn.Module):
+        def forward(self, x: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+            return torch.tanh(x + bias) * scale
+
+    torch.manual_seed(0)
+    ann = Biased()
+    snn = TDTimeFolded(ann, time_inputs={0}, strict=True)
+    x, bias = torch.randn(6, 2, 4), torch.randn(2, 4)
+    out = snn(x, bias, scale=2.0)
+    torch.testing.assert_close(out.sum(0), ann(x.sum(0), bias, 2.0))
+
+
+def test_gradients_match_the_ann_on_the_summed_input() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(5, 5), nn.GELU(), nn.LayerNorm(5)).double()
+    snn = TDTimeFolded(ann)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    snn(x).sum().backward()
+    ann(x.sum(0)).sum().backward()
+    for (name, p), q in zip(snn.model.named_parameters(), ann.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_input_errors() -> None:
+    snn = TDTimeFolded(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="at least one time-sequence tensor input"):
+        snn(torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \[T, B, \.\.\.\] and a non-empty time dimension"):
+        snn(torch.randn(3))
+    with pytest.raises(ValueError, match=r"shape \[T, B, \.\.\.\] and a non-empty time dimension"):
+        snn(torch.randn(0, 2, 3))
+    with pytest.raises(ValueError, match=r"share \[T, B\]"):
+        TDTimeFolded(Fn(lambda m, a, b: a + b))(torch.randn(2, 3, 5), torch.randn(3, 3, 5))
+    with pytest.raises(TypeError, match=r"expects an nn\.Module"):
+        TDTimeFolded("model")  # type: ignore[arg-type]
+
+
+def test_multihead_attention_checks() -> None:
+    with pytest.raises(ValueError, match=r"only supports dropout=0\.0"):
+        TDTimeFolded(nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True))
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x)[0]
+
+    with pytest.raises(ValueError, match="requires need_weights=False"):
+        TDTimeFolded(Attn())(torch.randn(2, 1, 3, 4))
+    ann = Attn()
+    assert type(ann.attn) is nn.MultiheadAttention
