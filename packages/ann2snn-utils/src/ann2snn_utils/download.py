@@ -172,6 +172,7 @@ class _Download:
         self.failures = 0
         self.restarts = 0
         self.total: int | None = None  # remote size, once known
+        self.validator: str | None = None  # strong ETag or Last-Modified of the last response, for If-Range
         self.hasher: hashlib._Hash | None = None  # digest of the first `hashed` bytes of the part
         self.hashed = 0
         self.bar: tqdm | None = None
@@ -252,7 +253,12 @@ class _Download:
 
     def _attempt(self) -> _Step:
         offset = self._part_size()
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if self.validator is not None:
+                # Within this call: a changed remote file then answers 200 (start over), not a mixed range.
+                headers["If-Range"] = self.validator
         with self.session.get(self.url, headers=headers, stream=True, timeout=self.timeout) as resp:
             status = resp.status_code
             if status == 416 and offset:
@@ -270,23 +276,37 @@ class _Download:
                         f"download of {self.url} failed: 206 Partial Content to a request without Range",
                         self.url,
                     )
-                value = resp.headers.get("Content-Range", "")
-                span = _content_range(value)
-                length = _content_length(resp)
-                if (
-                    span is None
-                    or span[0] != offset
-                    or (span[2] is not None and span[1] + 1 > span[2])
-                    or (length is not None and length != span[1] - span[0] + 1)
-                ):
-                    return self._restart(f"Content-Range {value!r} does not answer a resume at byte {offset}")
+                problem = self._range_problem(resp, offset)
+                if problem is not None:
+                    return self._restart(problem)
+                span = _content_range(resp.headers["Content-Range"])
+                assert span is not None  # checked by _range_problem
                 end = span[1] + 1
                 if span[2] is not None:
                     self.total = span[2]
+            self.validator = _validator(resp)
             self._stream(resp, offset, end)
         if self.total is not None and self._part_size() < self.total:
             return _Step.AGAIN  # the server sent a shorter range than asked; ask for the rest
         return _Step.DONE
+
+    def _range_problem(self, resp: requests.Response, offset: int) -> str | None:
+        """Why a 206 answer cannot continue a part of ``offset`` bytes, or None when it can."""
+        value = resp.headers.get("Content-Range", "")
+        span = _content_range(value)
+        if span is None:
+            return f"Content-Range {value!r} is not a byte range"
+        first, last, total = span
+        if first != offset:
+            return f"Content-Range {value!r} does not start at byte {offset}, where the partial file ends"
+        if total is not None and last + 1 > total:
+            return f"Content-Range {value!r} ends beyond the file's size"
+        length = _content_length(resp)
+        if length is not None and length != last - first + 1:
+            return f"Content-Length {length} disagrees with Content-Range {value!r}"
+        if total is not None and self.total is not None and total != self.total:
+            return f"the remote file changed size from {self.total} to {total} bytes during the download"
+        return None
 
     def _stream(self, resp: requests.Response, offset: int, end: int | None) -> None:
         """Write the body at ``offset`` of the part; ``end`` is where the server says it stops."""
@@ -430,6 +450,14 @@ class _Download:
 def _content_length(resp: requests.Response) -> int | None:
     value = resp.headers.get("Content-Length", "").strip()
     return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _validator(resp: requests.Response) -> str | None:
+    """A validator for ``If-Range``: a strong ETag, else Last-Modified (weak ETags are not allowed there)."""
+    etag = resp.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified") or None
 
 
 def _content_range(value: str) -> tuple[int, int, int | None] | None:
