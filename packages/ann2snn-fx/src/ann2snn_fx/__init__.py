@@ -1,5 +1,36 @@
 """torch.fx converters: ReLU -> IF neurons with calibration, and transformers -> TD operators."""
 
 from ann2snn_fx.__about__ import __version__
+from ann2snn_fx.converter import Converter
+from ann2snn_fx.factories import HookFactory, NeuronFactory
+from ann2snn_fx.neuron import IFNode, SigmoidSurrogate, reset_net
+from ann2snn_fx.observers import ActivationStatsHook
+from ann2snn_fx.report import ConversionReport, ConvertedActivation, LeftActivation
+from ann2snn_fx.rules import ActivationRule, ClippedReLURule, FunctionalReLURule, ReLURule, all_rules
+from ann2snn_fx.runner import MultiStepSNN, run_snn
+from ann2snn_fx.threshold import ThresholdOptimizer
+from ann2snn_fx.tracing import ModelTraceError, trace_model
 
-__all__ = ["__version__"]
+__all__ = [
+    "ActivationRule",
+    "ActivationStatsHook",
+    "ClippedReLURule",
+    "ConversionReport",
+    "ConvertedActivation",
+    "Converter",
+    "FunctionalReLURule",
+    "HookFactory",
+    "IFNode",
+    "LeftActivation",
+    "ModelTraceError",
+    "MultiStepSNN",
+    "NeuronFactory",
+    "ReLURule",
+    "SigmoidSurrogate",
+    "ThresholdOptimizer",
+    "__version__",
+    "all_rules",
+    "reset_net",
+    "run_snn",
+    "trace_model",
+]

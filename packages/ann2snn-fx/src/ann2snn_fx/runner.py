@@ -1,0 +1,194 @@
+"""Running a converted SNN for T steps: the step loop, and a multi-step execution of the same graph."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_arg
+
+from ann2snn_fx.neuron import reset_net
+
+__all__ = ["MultiStepSNN", "run_snn"]
+
+
+def _is_stateful(module: nn.Module) -> bool:
+    return callable(getattr(module, "multi_step_forward", None))
+
+
+class _MultiStepInterpreter(fx.Interpreter):
+    """Runs stateless nodes once on ``[T*B, ...]`` (or once on ``[B, ...]`` while nothing upstream depends on
+    time) and neurons over ``[T, B, ...]`` with their ``multi_step_forward``."""
+
+    def __init__(self, gm: fx.GraphModule, time_steps: int) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.time_steps = time_steps
+        self.temporal: dict[fx.Node, bool] = {}
+        self.batch: dict[fx.Node, bool] = {}
+        self.expanded: dict[fx.Node, Any] = {}
+
+    def _expand(self, value: torch.Tensor) -> torch.Tensor:
+        t = self.time_steps
+        return value.unsqueeze(0).expand(t, *value.shape).reshape(t * value.shape[0], *value.shape[1:])
+
+    def _fetch(self, node: fx.Node, expand: bool) -> Any:
+        value = self.env[node]
+        if (
+            expand
+            and not self.temporal.get(node, False)
+            and self.batch.get(node, False)
+            and isinstance(value, torch.Tensor)
+            and value.dim() > 0
+        ):
+            if node not in self.expanded:
+                self.expanded[node] = self._expand(value)
+            return self.expanded[node]
+        return value
+
+    def run_node(self, n: fx.Node) -> Any:
+        inputs = n.all_input_nodes
+        temporal_in = any(self.temporal.get(a, False) for a in inputs)
+        self.batch[n] = n.op == "placeholder" or any(self.batch.get(a, False) for a in inputs)
+        if n.op in ("placeholder", "get_attr", "output"):
+            self.temporal[n] = temporal_in
+            return super().run_node(n)
+        args = map_arg(n.args, lambda a: self._fetch(a, temporal_in))
+        kwargs = map_arg(n.kwargs, lambda a: self._fetch(a, temporal_in))
+        assert isinstance(args, tuple)
+        assert isinstance(kwargs, dict)
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            if _is_stateful(module):
+                if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+                    raise TypeError(
+                        f"neuron {n.target!r} must be called with one tensor, got {args!r}, {kwargs!r}."
+                    )
+                x = args[0]
+                t = self.time_steps
+                if temporal_in:
+                    x_seq = x.reshape(t, x.shape[0] // t, *x.shape[1:])
+                else:
+                    x_seq = x.unsqueeze(0).expand(t, *x.shape)
+                self.temporal[n] = True
+                return module.multi_step_forward(x_seq).flatten(0, 1)
+        self.temporal[n] = temporal_in
+        return getattr(self, n.op)(n.target, args, kwargs)
+
+
+class MultiStepSNN(nn.Module):
+    """Multi-step execution of a converted SNN: one call runs all ``T`` steps.
+
+    Stateless layers see one ``[T*B, ...]`` batch (layers before the first neuron, which see the same input
+    at every step, run once on ``[B, ...]``), and only the neurons (modules with a ``multi_step_forward``,
+    such as :class:`~ann2snn_fx.IFNode`) loop over time. The outputs equal those of calling the SNN once per
+    step, up to floating-point reassociation in the batched layers. The wrapped SNN's modules are shared,
+    not copied. Layers must treat samples independently (no batch statistics, no hard-coded batch size).
+
+    Args:
+        snn: A converted SNN (``fx.GraphModule``) taking one input tensor and returning one tensor.
+
+    Shape:
+        - Input: ``[B, *]`` (the same input is fed at every step).
+        - Output: ``[T, B, *]``, the output of every step.
+
+    Example:
+        >>> from ann2snn_fx import IFNode
+        >>> snn = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), IFNode(v_reset=None)))
+        >>> MultiStepSNN(snn)(torch.ones(1, 2), time_steps=3).shape
+        torch.Size([3, 1, 2])
+    """
+
+    def __init__(self, snn: fx.GraphModule) -> None:
+        super().__init__()
+        if not isinstance(snn, fx.GraphModule):
+            raise TypeError(
+                f"MultiStepSNN needs an fx.GraphModule (a converted SNN), but got {type(snn).__name__}."
+            )
+        self.snn = snn
+
+    def forward(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
+        _check_steps(time_steps)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise TypeError(f"MultiStepSNN expects a batched input tensor [B, *], but got {_shape(x)}.")
+        interpreter = _MultiStepInterpreter(self.snn, time_steps)
+        out = interpreter.run(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"MultiStepSNN supports models returning one tensor, but got {type(out).__name__}."
+            )
+        output_node = next(n for n in reversed(self.snn.graph.nodes) if n.op == "output")
+        if interpreter.temporal.get(output_node, False):
+            return out.reshape(time_steps, out.shape[0] // time_steps, *out.shape[1:])
+        return out.unsqueeze(0).expand(time_steps, *out.shape).clone()
+
+
+def _check_steps(time_steps: Any) -> None:
+    if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+        raise ValueError(f"time_steps must be a positive int, but got {time_steps!r}.")
+
+
+def _shape(x: Any) -> str:
+    return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def run_snn(
+    snn: nn.Module,
+    x: torch.Tensor,
+    time_steps: int,
+    *,
+    multi_step: bool = False,
+    reset: bool = True,
+    running_mean: bool = True,
+) -> torch.Tensor:
+    """Run ``snn`` for ``time_steps`` steps on the constant input ``x``, under ``torch.no_grad()``.
+
+    Resets the network first (``reset_net``), feeds ``x`` at every step, and returns the output of every
+    step, by default as the running mean ``out[t] = mean(y_0 .. y_t)``, which approximates the ANN's output
+    and is what accuracy-against-T curves are computed from (``out[t].argmax(-1)`` is the prediction after
+    ``t + 1`` steps).
+
+    Args:
+        snn: The converted SNN (one step per call).
+        x: The input batch ``[B, *]``.
+        time_steps: Number of steps ``T``.
+        multi_step: Use :class:`MultiStepSNN` (batched layers, neurons loop over time) instead of calling
+            ``snn`` once per step; same outputs. Needs an ``fx.GraphModule``.
+        reset: Reset the neurons before running.
+        running_mean: Return running means (default) instead of the raw per-step outputs.
+
+    Returns:
+        Tensor ``[T, B, *]``.
+
+    Example:
+        >>> from ann2snn_fx import IFNode
+        >>> snn = fx.symbolic_trace(nn.Sequential(IFNode(v_reset=None)))
+        >>> run_snn(snn, torch.tensor([[0.5]]), 4).flatten().tolist()
+        [0.0, 0.5, 0.3333333432674408, 0.5]
+    """
+    if not isinstance(snn, nn.Module):
+        raise TypeError(f"snn must be an nn.Module, but got {type(snn).__name__}.")
+    _check_steps(time_steps)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, but got {type(x).__name__}.")
+    with torch.no_grad():
+        if reset:
+            reset_net(snn)
+        if multi_step:
+            if not isinstance(snn, fx.GraphModule):
+                raise TypeError(f"multi_step=True needs an fx.GraphModule, but got {type(snn).__name__}.")
+            outputs = MultiStepSNN(snn)(x, time_steps)
+        else:
+            steps = []
+            for _ in range(time_steps):
+                y = snn(x)
+                if not isinstance(y, torch.Tensor):
+                    raise TypeError(
+                        f"run_snn supports models returning one tensor, but got {type(y).__name__}."
+                    )
+                steps.append(y)
+            outputs = torch.stack(steps)
+        if not running_mean:
+            return outputs
+        counts = torch.arange(1, time_steps + 1, device=outputs.device, dtype=outputs.dtype)
+        return outputs.cumsum(0) / counts.view(-1, *([1] * (outputs.dim() - 1)))

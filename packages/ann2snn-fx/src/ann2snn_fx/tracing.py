@@ -1,0 +1,117 @@
+"""Symbolic tracing with caller-supplied options and errors that say what to do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx, nn
+from torch.fx.proxy import TraceError
+
+__all__ = ["ModelTraceError", "trace_model"]
+
+
+class ModelTraceError(TraceError):
+    """Raised when torch.fx cannot trace the model; the message says how to get around it.
+
+    A subclass of :class:`torch.fx.proxy.TraceError` (itself a ``ValueError``), so existing handlers keep working.
+    """
+
+
+_ADVICE = (
+    "torch.fx symbolic tracing cannot follow Python control flow that depends on tensor values (an `if` on a "
+    "tensor, a loop over a tensor's size, len() of a tensor, ...). To convert this model: pass concrete_args= to "
+    "fix the inputs the control flow depends on; pass leaf_modules= (module classes or module paths) to keep the "
+    "offending submodules untraced (they run as a whole and activations inside them are not converted); pass a "
+    "custom tracer= (a torch.fx.Tracer); or trace the model yourself and pass the resulting fx.GraphModule."
+)
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _split_leaves(leaf_modules: Iterable[Any] | None) -> tuple[tuple[type, ...], frozenset[str]]:
+    if leaf_modules is None:
+        return (), frozenset()
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = [leaf_modules]
+    types: list[type] = []
+    names: set[str] = set()
+    for item in leaf_modules:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        elif isinstance(item, str):
+            names.add(item)
+        else:
+            raise TypeError(
+                f"leaf_modules must hold nn.Module subclasses or module paths (str), but got {item!r}."
+            )
+    return tuple(types), frozenset(names)
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    tracer: fx.Tracer | type[fx.Tracer] | None = None,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[Any] | None = None,
+) -> fx.GraphModule:
+    """Trace ``model`` into an ``fx.GraphModule`` (returned as is when it already is one and no option is given).
+
+    Args:
+        model: The module to trace. It is not copied: the GraphModule shares its leaf modules.
+        tracer: A ``torch.fx.Tracer`` instance or subclass to use instead of the default one.
+        concrete_args: Inputs to specialise on, forwarded to ``Tracer.trace``.
+        leaf_modules: Module classes or module paths to keep as opaque ``call_module`` nodes (only with the
+            default tracer).
+
+    Returns:
+        The traced GraphModule.
+
+    Raises:
+        ModelTraceError: when tracing fails, with advice on the options above.
+        TypeError: for a ``tracer`` or ``leaf_modules`` of the wrong type.
+
+    Example:
+        >>> gm = trace_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> [n.op for n in gm.graph.nodes]
+        ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module to trace, but got {type(model).__name__}.")
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    if (
+        isinstance(model, fx.GraphModule)
+        and tracer is None
+        and concrete_args is None
+        and leaf_modules is None
+    ):
+        return model
+    if tracer is None:
+        active: fx.Tracer = _LeafTracer(leaf_types, leaf_names)
+    else:
+        if leaf_types or leaf_names:
+            raise TypeError(
+                "leaf_modules= only applies to the default tracer; make your tracer= decide leaves."
+            )
+        if isinstance(tracer, type) and issubclass(tracer, fx.Tracer):
+            active = tracer()
+        elif isinstance(tracer, fx.Tracer):
+            active = tracer
+        else:
+            raise TypeError(f"tracer must be a torch.fx.Tracer instance or subclass, but got {tracer!r}.")
+    name = type(model).__name__
+    try:
+        graph = active.trace(model, concrete_args=concrete_args)
+    except TraceError as exc:
+        raise ModelTraceError(f"Could not trace {name}: {exc}. {_ADVICE}") from exc
+    return fx.GraphModule(active.root, graph, name)
