@@ -15,7 +15,9 @@ def test_nothing_else_is_installed(absent: str) -> None:
 
 def test_declares_torch_only() -> None:
     requires = importlib.metadata.requires("ann2snn-ops") or []
-    names = {r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].split("~")[0].strip() for r in requires}
+    names = {
+        r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].split("~")[0].strip() for r in requires
+    }
     assert names == {"torch"}
 
 
