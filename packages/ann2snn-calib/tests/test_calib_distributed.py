@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, gather_limit: i
         # Uneven shards along the batch dimension; with 3 ranks the 2-sample batch leaves one rank empty.
         shards = [torch.tensor_split(x, world)[rank] for x in _batches()]
         torch.save(_calibrate(shards), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -119,6 +120,7 @@ def test_sync_false_keeps_local_statistics(tmp_path: pathlib.Path) -> None:
             hook = VoltageHook(mode="Max", sync=False)
             hook(torch.tensor([float(rank + 1)]))
             torch.save(hook.scale, tmp_path / f"local{rank}.pt")
+            dist.barrier()  # no rank leaves the store before every rank has used it
         finally:
             dist.destroy_process_group()
 

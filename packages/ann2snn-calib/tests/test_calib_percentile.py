@@ -87,24 +87,35 @@ def test_nan_and_inf_follow_numpy(n: int) -> None:
 
 
 def test_every_selection_path_is_exercised_and_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = {"radix": 0, "blocks": 0}
-    radix, gather = select._radix_kth_smallest, select._gather_candidates
+    blocks: list[int] = []
+    central: list[int] = []
+    block_size, pair_central = select._block_size, select.pair_central
 
-    def count_radix(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["radix"] += 1
-        return radix(*args, **kwargs)
+    def record_blocks(n: int, k: int) -> int:
+        blocks.append(block_size(n, k))
+        return blocks[-1]
 
-    def count_blocks(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["blocks"] += 1
-        return gather(*args, **kwargs)
+    def record_central(x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        central.append(x.numel())
+        return pair_central(x, lo, hi)
 
-    monkeypatch.setattr(select, "_radix_kth_smallest", count_radix)
-    monkeypatch.setattr(select, "_gather_candidates", count_blocks)
+    monkeypatch.setattr(select, "_block_size", record_blocks)
+    monkeypatch.setattr(select, "pair_central", record_central)
     x = _data("normal", 500_000, seed=6)
-    for p in [0.05, 50, 99.95]:
+    for p in [0.05, 0.5, 2, 50, 97, 99.5, 99.95]:
         assert percentile(x, p).item() == _ref(x, p)
-    assert calls["radix"] >= 1
-    assert calls["blocks"] >= 2
+    assert {64, 32, 8} <= set(blocks)
+    assert 0 in blocks
+    assert central
+
+
+def test_central_selection_survives_a_misleading_sample() -> None:
+    # The strided sample sees only the shifted elements; the counts reject its bracket.
+    n = 200_000
+    x = _data("normal", n, seed=9)
+    x[:: n // select._SAMPLE] += 100
+    for p in [30, 50, 70]:
+        assert percentile(x, p).item() == _ref(x, p)
 
 
 @pytest.mark.slow

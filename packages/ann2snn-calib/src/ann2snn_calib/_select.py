@@ -7,17 +7,21 @@ dtype (float32 for float16/bfloat16/float32 input, float64 for float64 and integ
 
 How the two order statistics are found (no sort of the whole tensor, no host copy):
 
-* **Tail ranks** (the ``k`` wanted elements are a small share of ``n``, e.g. the 99.9th percentile):
-  the tensor is viewed as blocks of ``_BLOCK`` elements and reduced to its block maxima, one pass as cheap
-  as ``x.max()``. The k-th largest block maximum ``t`` is a guaranteed lower bound of the k-th largest
-  element (k blocks hold at least one element >= t each), and every element above ``t`` lives in a block
-  whose maximum is at least ``t``. So gathering those blocks and keeping the elements ``>= t`` leaves a few
-  more than ``k`` candidates that provably contain the k largest values; an exact selection on that small
-  set finishes the job. The k-th largest block maximum is found by the same method, recursively.
-* **Central ranks** (e.g. the median), where no bound can discard much: an exact radix selection over the
-  order-preserving integer image of the floats, four (float32) or eight (float64) passes of 256-bin
-  histograms over a shrinking candidate set. The histograms are plain sums, so the same code selects over
-  the union of the data of every rank of a process group by all-reducing them.
+* **Tail ranks** (the ``k`` wanted elements are at most ``n / 16`` of ``n``, e.g. the 99.9th or the 1st
+  percentile): the tensor is viewed as blocks of ``B`` elements (64 down to 8, the largest that keeps
+  ``2 k B <= n``) and reduced to its block maxima, one pass close to the cost of ``x.max()``. The k-th
+  largest block maximum ``t`` is a guaranteed lower bound of the k-th largest element (k blocks hold at
+  least one element ``>= t`` each), and every element ``>= t`` lives in a block whose maximum is ``>= t``.
+  Gathering those blocks and keeping their elements ``>= t`` leaves a few more than ``k`` candidates that
+  provably contain the k largest values; an exact ``topk`` on that small set finishes. The k-th largest
+  block maximum is found by the same method, recursively. No fallback is needed: the bound always holds.
+  Low ranks run the same method on ``-x``.
+* **Central ranks** (e.g. the median): a strided sample brackets the ranks, one pass counts and keeps the
+  elements inside the bracket, and the counts verify it (an exact ``kthvalue`` over everything is the
+  fallback when they do not); see :func:`pair_central`.
+* **Across ranks of a process group** with very many candidates: an exact radix selection over the
+  order-preserving integer image of the floats, 256-bin histograms all-reduced per byte
+  (:func:`_radix_kth_smallest`).
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ from torch import Tensor
 
 __all__ = ["percentile"]
 
-# Elements per block of the tail method; 64 float32 values are one or two cache lines.
-_BLOCK = 64
+# Elements per block of the tail method: at most 64 float32 values (one or two cache lines), at least 8.
+_MAX_BLOCK = 64
+_MIN_BLOCK = 8
 # Below this size a plain sort is the cheapest exact method.
 _SMALL = 4096
+# Up to this size a plain topk finds a k-th largest element faster than bracketing does.
+_TOPK_MAX = 1 << 18
+# Size of the strided sample that brackets central ranks.
+_SAMPLE = 1 << 16
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,55 +79,65 @@ def lerp(a: Tensor, b: Tensor, gamma: float) -> Tensor:
 # local exact selection
 
 
-def kth_largest(x: Tensor, k: int) -> Tensor:
-    """The k-th largest value (1-based) of the 1-D tensor ``x``, exactly, as a 0-dim tensor of x's dtype."""
-    n = x.numel()
+def _block_size(n: int, k: int) -> int:
+    """Block length for pruning to the ``k`` largest of ``n`` values, or 0 when blocks cannot prune.
+
+    ``k`` blocks of ``B`` elements are gathered, so ``k * B`` must stay well below ``n``; 64 elements
+    (one or two cache lines) per block is the most worth it, 8 the least.
+    """
     if n <= _SMALL:
-        return torch.topk(x, k).values[k - 1]
-    if k * _BLOCK * 4 > n:
-        return _radix_kth_smallest(x, n - k)
-    nb = n // _BLOCK
-    blocks = x[: nb * _BLOCK].view(nb, _BLOCK)
-    bmax = blocks.amax(dim=1)
-    t = kth_largest(bmax, k)
-    cand = _gather_candidates(x, blocks, bmax, t)
-    return torch.topk(cand, k, sorted=False).values.min()
+        return 0
+    b = _MAX_BLOCK
+    while b >= _MIN_BLOCK:
+        if 2 * k * b <= n:
+            return b
+        b //= 2
+    return 0
+
+
+def kth_largest(x: Tensor, k: int) -> Tensor:
+    """The k-th largest value (1-based) of the NaN-free 1-D tensor ``x``, exactly, in x's dtype."""
+    return torch.topk(_top_values(x, k)[0], k, sorted=False).values.min() if k < x.numel() else x.min()
 
 
 def top_values(x: Tensor, k: int) -> Tensor:
     """The ``k`` largest values of the 1-D tensor ``x`` (exact multiset, unordered); ``k <= x.numel()``."""
-    return _top_values(x, k)[0]
+    vals = _top_values(x, k)[0]
+    return vals if vals.numel() == k else torch.topk(vals, k, sorted=False).values
 
 
 def _top_values(x: Tensor, k: int) -> tuple[Tensor, bool]:
-    """:func:`top_values` and whether ``x`` holds a NaN (found at little cost from the block maxima)."""
+    """Candidates for :func:`top_values` and whether ``x`` holds a NaN.
+
+    The first item holds at least ``k`` values and always contains the ``k`` largest; callers finish with a
+    ``topk`` of it. The NaN check is nearly free on the block path (the block maxima propagate NaN).
+    """
     n = x.numel()
     if k >= n:
         return x, has_nan(x)
-    if n <= _SMALL or k * _BLOCK * 4 > n:
+    b = _block_size(n, k)
+    if b == 0:
         if has_nan(x):
             return x[:k], True
-        t = kth_largest(x, k)
+        if n <= _TOPK_MAX:
+            return torch.topk(x, k, sorted=False).values, False
+        t = pair_central(x, n - k, n - k)[0]
         above = x[x > t]
         return torch.cat([above, t.to(x.dtype).expand(k - above.numel())]), False
-    nb = n // _BLOCK
-    blocks = x[: nb * _BLOCK].view(nb, _BLOCK)
+    nb = n // b
+    blocks = x[: nb * b].view(nb, b)
     bmax = blocks.amax(dim=1)
-    if has_nan(bmax) or has_nan(x[nb * _BLOCK :]):
+    if has_nan(bmax) or has_nan(x[nb * b :]):
         return x[:k], True
-    tb = kth_largest(bmax, k)
-    cand = _gather_candidates(x, blocks, bmax, tb)
-    return torch.topk(cand, k, sorted=False).values, False
-
-
-def _gather_candidates(x: Tensor, blocks: Tensor, bmax: Tensor, t: Tensor) -> Tensor:
-    """Every element ``>= t`` of the blocks whose maximum is ``>= t``, plus the ragged tail's."""
+    # k blocks have a maximum >= t, so the k-th largest element is >= t, and every element >= t lies in
+    # a block whose maximum is >= t: those blocks' elements >= t contain the k largest.
+    t = kth_largest(bmax, k)
     idx = (bmax >= t).nonzero().squeeze(1)
     cand = blocks.index_select(0, idx).reshape(-1)
     tail = x[blocks.numel() :]
     if tail.numel():
         cand = torch.cat([cand, tail])
-    return cand[cand >= t]
+    return cand[cand >= t], False
 
 
 def _order_keys(x: Tensor) -> tuple[Tensor, int]:
@@ -177,16 +196,11 @@ def pair_local(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, bool]:
         return s[lo], s[hi], has_nan(s[-1:])
     k_up = n - lo
     k_down = hi + 1
-    if min(k_up, k_down) * _BLOCK * 4 > n:
+    if _block_size(n, min(k_up, k_down)) == 0:
         if has_nan(x):
             return x[0], x[0], True
-        v_lo = _radix_kth_smallest(x, lo).to(x.dtype)
-        if hi == lo:
-            return v_lo, v_lo, False
-        # x[hi] is v_lo again when more than `hi` elements are <= v_lo, else the smallest element above it.
-        if int((x <= v_lo).sum().item()) > hi:
-            return v_lo, v_lo, False
-        return v_lo, x[x > v_lo].min(), False
+        a, b = pair_central(x, lo, hi)
+        return a, b, False
     if k_up <= k_down:
         vals, nan = _top_values(x, k_up)
         top = torch.topk(vals, k_up).values  # descending; x[lo] is the last
@@ -194,6 +208,58 @@ def pair_local(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, bool]:
     vals, nan = _top_values(-x, k_down)
     bottom = -torch.topk(vals, k_down).values  # ascending
     return bottom[lo], bottom[hi], nan
+
+
+def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Ascending order statistics ``x[lo]``, ``x[hi]`` of a NaN-free 1-D ``x``, for any ranks.
+
+    A strided sample brackets the wanted ranks between two values ``t_lo <= t_hi`` with a wide safety
+    margin. Counting the elements below ``t_lo``, equal to either bound and strictly inside places every
+    rank: a rank that falls on a bound is that bound (heavy ties, such as the zeros after a ReLU, cost
+    nothing more), one inside is found by an exact selection among the few inside elements. A sample that
+    misses only costs the fallback, an exact ``kthvalue`` over the whole tensor.
+    """
+    n = x.numel()
+    if n <= _SMALL:
+        s = torch.sort(x).values
+        return s[lo], s[hi]
+    stride = max(1, n // _SAMPLE)
+    sample = x[::stride]
+    m = sample.numel()
+    r_lo, r_hi = lo * (m - 1) / (n - 1), hi * (m - 1) / (n - 1)
+    q = min(max(r_lo / max(m - 1, 1), 0.0), 1.0)
+    margin = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16
+    a, b = max(math.floor(r_lo - margin), 0), min(math.ceil(r_hi + margin), m - 1)
+    # Two quickselects on the sample: sorting it would cost more than the pass over x.
+    t_lo = torch.kthvalue(sample, a + 1).values
+    t_hi = torch.kthvalue(sample, b + 1).values
+    below = int(torch.count_nonzero(x < t_lo).item())
+    at_lo = int(torch.count_nonzero(x == t_lo).item())
+    inside = x[(x > t_lo) & (x < t_hi)] if bool(t_hi > t_lo) else x[:0]
+    at_hi = int(torch.count_nonzero(x == t_hi).item()) if bool(t_hi > t_lo) else 0
+
+    def lookup(r: int) -> Tensor | None:
+        if r < below:
+            return None
+        r -= below
+        if r < at_lo:
+            return t_lo
+        r -= at_lo
+        if r < inside.numel():
+            return (
+                torch.kthvalue(inside, r + 1).values
+                if inside.numel() > _SMALL
+                else torch.sort(inside).values[r]
+            )
+        r -= inside.numel()
+        return t_hi if r < at_hi else None
+
+    v_lo, v_hi = lookup(lo), lookup(hi)
+    if v_lo is None or v_hi is None:
+        # The sample misled us (an adversarial order): exact selection over everything.
+        v_lo = torch.kthvalue(x, lo + 1).values
+        v_hi = v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
+    return v_lo, v_hi
 
 
 def has_nan(x: Tensor) -> bool:
