@@ -85,7 +85,12 @@ def download_url(
     - **Resume.** An existing ``<dst>.part`` is continued with a ``Range`` request. A ``206`` answer is used
       only when its ``Content-Range`` starts where the part ends; a server that ignores ``Range`` (``200``)
       makes the download start over from byte 0 instead of appending; ``416`` on a part whose size equals the
-      remote size means the part is complete; a part larger than the remote file is discarded.
+      remote size means the part is complete; a part larger than the remote file is discarded. A server that
+      sends a shorter range than asked is asked again for the rest. Within one call, a resume after a network
+      failure carries ``If-Range`` (the first answer's strong ETag or Last-Modified), and a ``Content-Range``
+      total that differs from the size seen before also starts the download over, so a file that changes on
+      the server mid-download is never stitched from two versions. A ``.part`` left by an earlier call has no
+      such check: give ``sha256`` to have the result verified.
     - **Nothing downloaded twice.** An existing ``dst`` whose SHA-256 equals ``sha256`` is returned without
       contacting the server. Without ``sha256``, an existing ``dst`` whose size equals the remote size is
       returned; the remote size comes from ``HEAD`` (or, where ``HEAD`` fails, a ``Range: bytes=0-0``
