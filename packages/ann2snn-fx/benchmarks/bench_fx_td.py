@@ -1,0 +1,115 @@
+"""Benchmark: a TD-converted ViT-tiny encoder on [T, B, ...] against the ANN on [T*B, ...].
+
+Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_td.py [--quick] [--markdown PATH]``.
+
+The floor is the ANN itself applied to the T*B inputs (what any TD model must at least compute). Both
+conversion paths are timed side by side in the same run: ``replace_by_td_operators`` (fx graph on
+``[T, B, L, E]``) and ``TDTimeFolded`` (the model's own forward on time folded into the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from ann2snn_fx.td import TDTimeFolded, replace_by_td_operators
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, width: int, heads: int, depth: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(x))
+
+
+def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Medians of interleaved timings (one warm-up each), so every path sees the same machine state."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def run(quick: bool) -> str:
+    torch.manual_seed(0)
+    width, heads, depth, tokens, batch = (48, 3, 1, 17, 2) if quick else (192, 3, 4, 65, 2)
+    steps_list, repeats = ((2,), 1) if quick else ((4, 16, 32), 3)
+    ann = Encoder(width, heads, depth).eval()
+    graph = replace_by_td_operators(ann, strict=True)
+    folded = TDTimeFolded(ann, strict=True)
+    rows = []
+    with torch.inference_mode():
+        for steps in steps_list:
+            x = torch.randn(steps, batch, tokens, width)
+            flat = x.flatten(0, 1)
+            times = _median_times(
+                {"ann": lambda: ann(flat), "fx": lambda: graph(x), "folded": lambda: folded(x)}, repeats
+            )
+            reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (steps, batch))
+            error = max(float((model(x).cumsum(0) - reference).abs().max()) for model in (graph, folded))
+            rows.append(
+                f"| {steps} | {times['ann'] * 1e3:.1f} | {times['fx'] / times['ann']:.2f}x "
+                f"| {times['folded'] / times['ann']:.2f}x | {error:.1e} |"
+            )
+    title = "## ann2snn-fx: TD-converted ViT-tiny encoder"
+    shape = f"width {width}, {heads} heads, {depth} blocks, {tokens} tokens, batch {batch}"
+    lines = [
+        title,
+        "",
+        f"Forward time of the TD-converted encoder ({shape}) on a `[T, B, ...]` sequence, as a ratio to the "
+        f"ANN's forward on the same data folded to `[T*B, ...]` (the floor; float32, CPU, "
+        f"{torch.get_num_threads()} threads, median of {repeats}). `fx`: `replace_by_td_operators`; `folded`: "
+        "`TDTimeFolded`. Last column: max abs error of the cumulative output against the ANN on the "
+        "cumulative input (both paths).",
+        "",
+        "| T | ANN on [T*B] (ms) | fx / ANN | folded / ANN | max error |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
+    parser.add_argument("--markdown", help="write the markdown section to this path")
+    args = parser.parse_args()
+    text = run(args.quick)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
