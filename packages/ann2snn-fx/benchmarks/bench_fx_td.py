@@ -71,9 +71,12 @@ def run(quick: bool) -> str:
         for steps in steps_list:
             x = torch.randn(steps, batch, tokens, width)
             flat = x.flatten(0, 1)
-            times = _median_times(
-                {"ann": lambda: ann(flat), "fx": lambda: graph(x), "folded": lambda: folded(x)}, repeats
-            )
+            paths: dict[str, Callable[[], object]] = {
+                "ann": lambda flat=flat: ann(flat),
+                "fx": lambda x=x: graph(x),
+                "folded": lambda x=x: folded(x),
+            }
+            times = _median_times(paths, repeats)
             reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (steps, batch))
             error = max(float((model(x).cumsum(0) - reference).abs().max()) for model in (graph, folded))
             rows.append(
