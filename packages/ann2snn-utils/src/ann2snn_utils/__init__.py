@@ -1,8 +1,9 @@
 """Resumable, verified downloads for ANN-to-SNN workflows.
 
-The package's one job is :func:`download_url`: fetch a file over HTTP(S) into place, resuming an interrupted
-download and verifying its size and (optionally) SHA-256. Its failures are the exceptions of
-:mod:`ann2snn_utils.errors`, all subclasses of :class:`DownloadError` (a :class:`RuntimeError`).
+The package's one job is [`download_url`][ann2snn_utils.download_url]: fetch a file over HTTP(S) into
+place, resuming an interrupted download and verifying its size and (optionally) SHA-256. Its failures are
+the exceptions of `ann2snn_utils.errors`, all subclasses of [`DownloadError`][ann2snn_utils.DownloadError]
+(a `RuntimeError`).
 """
 
 from ann2snn_utils.__about__ import __version__

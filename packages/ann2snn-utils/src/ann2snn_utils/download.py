@@ -1,4 +1,4 @@
-"""Resumable, verified HTTP(S) downloads: :func:`download_url`."""
+"""Resumable, verified HTTP(S) downloads: [`download_url`][ann2snn_utils.download_url]."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def download_url(
     """Download ``url`` to ``dst``, resuming an interrupted download, and return the file's size in bytes.
 
     The body is streamed into ``<dst>.part`` beside the destination, and moved into place with
-    :func:`os.replace` only when it is complete and verified, so a failed or interrupted download never
+    `os.replace` only when it is complete and verified, so a failed or interrupted download never
     leaves a file at ``dst`` (an existing ``dst`` stays as it was until the new file replaces it).
 
     - **Resume.** An existing ``<dst>.part`` is continued with a ``Range`` request. A ``206`` answer is used
@@ -95,18 +95,19 @@ def download_url(
       contacting the server. Without ``sha256``, an existing ``dst`` whose size equals the remote size is
       returned; the remote size comes from ``HEAD`` (or, where ``HEAD`` fails, a ``Range: bytes=0-0``
       request), never from transferring the body.
-    - **Errors.** An HTTP error raises :class:`~ann2snn_utils.errors.HTTPStatusError` naming the URL and the
-      status. A refused or dropped connection, a timeout or a body cut short is retried up to ``retries``
+    - **Errors.** An HTTP error raises [`HTTPStatusError`][ann2snn_utils.HTTPStatusError] naming the URL and
+      the status. A refused or dropped connection, a timeout or a body cut short is retried up to ``retries``
       times in all, with exponential backoff (0.5 s, 1 s, 2 s, ... at most 8 s), each retry resuming; then
-      :class:`~ann2snn_utils.errors.TransferError` is raised and the ``.part`` is kept, so calling again
+      [`TransferError`][ann2snn_utils.TransferError] is raised and the ``.part`` is kept, so calling again
       resumes. Redirects are followed.
     - **Verification.** The byte count is checked against ``Content-Length``/``Content-Range`` when the server
-      announces one (without it the body is read to its end), and the SHA-256 against ``sha256`` when given.
-      A mismatch raises an :class:`~ann2snn_utils.errors.IntegrityError` and deletes the bad part, so the next
-      call starts from scratch.
-    - **Requests.** One :class:`requests.Session` per call; every request carries the same ``User-Agent``
-      (:data:`USER_AGENT`) and ``Accept-Encoding: identity`` (so sizes are raw bytes), and every response is
-      closed. ``timeout`` applies to connecting and to each wait for data, not to the whole transfer.
+      announces one (without it the body is read to its end), and the SHA-256 against ``sha256`` when given. A
+      mismatch raises an [`IntegrityError`][ann2snn_utils.IntegrityError] and deletes the bad part, so the
+      next call starts from scratch.
+    - **Requests.** One `requests.Session` per call; every request carries the same ``User-Agent``
+      ([`USER_AGENT`][ann2snn_utils.USER_AGENT]) and ``Accept-Encoding: identity`` (so sizes are raw bytes),
+      and every response is closed. ``timeout`` applies to connecting and to each wait for data, not to the
+      whole transfer.
 
     Two calls must not download to the same ``dst`` at the same time (they would share the ``.part``).
 
@@ -152,7 +153,7 @@ def download_url(
 
 
 class _Download:
-    """The state of one :func:`download_url` call."""
+    """The state of one [`download_url`][ann2snn_utils.download_url] call."""
 
     def __init__(
         self,

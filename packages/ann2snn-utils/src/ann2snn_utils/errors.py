@@ -1,7 +1,7 @@
-"""Exceptions raised by :func:`ann2snn_utils.download_url`.
+"""Exceptions raised by [`download_url`][ann2snn_utils.download_url].
 
-Every failure of a download is a :class:`DownloadError`, itself a :class:`RuntimeError`, so one ``except``
-clause catches them all::
+Every failure of a download is a [`DownloadError`][ann2snn_utils.DownloadError], itself a `RuntimeError`,
+so one ``except`` clause catches them all:
 
     RuntimeError
     └── DownloadError              any failed download; .url
@@ -12,8 +12,8 @@ clause catches them all::
             ├── SizeMismatchError      more bytes than announced; .expected, .actual
             └── ChecksumMismatchError  SHA-256 differs from ``sha256=``; .expected, .actual
 
-Invalid arguments raise :class:`ValueError` or :class:`TypeError` before any request is sent, and local
-file-system errors (a full disk, a read-only folder) propagate as :class:`OSError`.
+Invalid arguments raise `ValueError` or `TypeError` before any request is sent, and local
+file-system errors (a full disk, a read-only folder) propagate as `OSError`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ class InvalidResponseError(DownloadError):
 class TransferError(DownloadError):
     """The connection failed, dropped or timed out on every allowed attempt.
 
-    The partial file is kept, so calling :func:`~ann2snn_utils.download_url` again resumes where it stopped.
+    The partial file is kept, so calling [`download_url`][ann2snn_utils.download_url] again resumes where it
+    stopped.
 
     Args:
         message: What went wrong, naming the URL and the last network error.
