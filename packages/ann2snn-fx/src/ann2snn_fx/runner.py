@@ -93,8 +93,8 @@ class MultiStepSNN(nn.Module):
         - Output: ``[T, B, *]``, the output of every step.
 
     Example:
-        >>> from ann2snn_fx import IFNode
-        >>> snn = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2), IFNode(v_reset=None)))
+        >>> from ann2snn_fx import IFNode, trace_model
+        >>> snn = trace_model(nn.Sequential(nn.Linear(2, 2), IFNode(v_reset=None)))
         >>> MultiStepSNN(snn)(torch.ones(1, 2), time_steps=3).shape
         torch.Size([3, 1, 2])
     """
@@ -161,8 +161,8 @@ def run_snn(
         Tensor ``[T, B, *]``.
 
     Example:
-        >>> from ann2snn_fx import IFNode
-        >>> snn = fx.symbolic_trace(nn.Sequential(IFNode(v_reset=None)))
+        >>> from ann2snn_fx import IFNode, trace_model
+        >>> snn = trace_model(nn.Sequential(IFNode(v_reset=None)))
         >>> run_snn(snn, torch.tensor([[0.5]]), 4).flatten().tolist()
         [0.0, 0.5, 0.3333333432674408, 0.5]
     """

@@ -8,6 +8,9 @@ from typing import Any
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
+from ann2snn_calib import VoltageHook, VoltageScaler
+from ann2snn_fx.neuron import IFNode
+
 __all__ = ["ModelTraceError", "trace_model"]
 
 
@@ -27,6 +30,10 @@ _ADVICE = (
 )
 
 
+# Stateful neurons and the calibration modules stay call_module nodes when a converted model is traced again.
+_ALWAYS_LEAVES = (IFNode, VoltageHook, VoltageScaler)
+
+
 class _LeafTracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
         super().__init__()
@@ -34,6 +41,8 @@ class _LeafTracer(fx.Tracer):
         self.leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _ALWAYS_LEAVES):
+            return True
         if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -72,7 +81,7 @@ def trace_model(
         tracer: A ``torch.fx.Tracer`` instance or subclass to use instead of the default one.
         concrete_args: Inputs to specialise on, forwarded to ``Tracer.trace``.
         leaf_modules: Module classes or module paths to keep as opaque ``call_module`` nodes (only with the
-            default tracer).
+            default tracer, which also keeps ``IFNode``, ``VoltageHook`` and ``VoltageScaler`` as leaves).
 
     Returns:
         The traced GraphModule.
