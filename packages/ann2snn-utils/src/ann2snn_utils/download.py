@@ -352,7 +352,8 @@ class _Download:
             logger.info("%s is already complete (%d bytes)", self.part, offset)
             self.total = total
             return _Step.DONE
-        return self._restart(f"the partial file has {offset} bytes but the remote file has {total}")
+        remote = "an unknown size" if total is None else f"{total} bytes"
+        return self._restart(f"the partial file has {offset} bytes but the remote file has {remote}")
 
     def _restart(self, reason: str) -> _Step:
         self.restarts += 1
