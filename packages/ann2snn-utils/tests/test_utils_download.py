@@ -486,18 +486,21 @@ def test_416_on_a_complete_part_is_done(server: Server, tmp_path: Path, with_hea
     assert sum(h.sent for h in server.hits) == 0
 
 
-def test_part_larger_than_remote_starts_over(server: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_header", [True, False], ids=["content-range", "head-probe"])
+def test_part_larger_than_remote_starts_over(server: Server, tmp_path: Path, with_header: bool) -> None:
     data = payload(SIZE, seed=8)
-    url = server.add("/file.bin", data)
+    url = server.add("/file.bin", data, unsatisfied_header=with_header)
     dst = tmp_path / "file.bin"
     (tmp_path / "file.bin.part").write_bytes(data + b"stale tail")
 
     assert download_url(url, dst, progress=False) == SIZE
 
     assert_file(dst, data)
-    assert [(h.headers.get("Range"), h.status) for h in server.hits] == [
-        (f"bytes={SIZE + 10}-", 416),
-        (None, 200),
+    probe = [] if with_header else [("HEAD", None, 200)]
+    assert [(h.method, h.headers.get("Range"), h.status) for h in server.hits] == [
+        ("GET", f"bytes={SIZE + 10}-", 416),
+        *probe,
+        ("GET", None, 200),
     ]
 
 
