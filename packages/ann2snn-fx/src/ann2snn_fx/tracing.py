@@ -35,7 +35,8 @@ _ALWAYS_LEAVES = (IFNode, VoltageHook, VoltageScaler)
 
 
 class _LeafTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+    # Default arguments: torch.fx re-instantiates the tracer class without arguments when unpickling.
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
