@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"digits: {len(data.y_train)} training and {len(data.y_test)} test images of 8x8 pixels")
 
     print("\n## 1. CNN: ReLU -> IF neurons\n")
+    section = time.perf_counter()
     ann_accuracy, results = cnn.run_cnn_tutorial(
         data, epochs=cnn_epochs, steps=steps, num_batches=num_batches, seed=args.seed, progress=progress
     )
@@ -58,13 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     print(cnn_table)
     plot = cnn.plot_accuracy(ann_accuracy, results, str(args.out / "cnn_accuracy_vs_T.png"))
     print(f"\nplot written to {plot}")
+    print(f"(training, 6 conversions and simulations: {time.perf_counter() - section:.0f} s)")
 
     print("\n## 2. Transformer: TD operators\n")
+    section = time.perf_counter()
     td = transformer.run_transformer_tutorial(
         data, epochs=tf_epochs, steps=tf_steps, seed=args.seed, progress=progress
     )
     td_table = transformer.format_table(td)
-    print(td_table)
+    print(f"\n{td_table}")
+    print(f"(training, conversion and comparison: {time.perf_counter() - section:.0f} s)")
 
     (args.out / "cnn_table.md").write_text(cnn_table + "\n")
     (args.out / "transformer_table.md").write_text(td_table + "\n")

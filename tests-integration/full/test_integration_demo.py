@@ -80,4 +80,4 @@ def test_transformer_td_model_reproduces_the_ann(demo_run) -> None:
     assert td["max_abs_difference"] < 1e-4
     assert td["td_accuracy"] == td["ann_accuracy"]
     assert td["naive_max_abs_difference"] > 100 * td["max_abs_difference"]
-    assert "max |cumulative output - ANN output|" in result.stdout
+    assert "largest abs(cumulative output - ANN output)" in result.stdout
