@@ -204,3 +204,20 @@ def test_unknown_module_and_softmax_without_dim_are_reported() -> None:
     issues = replace_by_td_operators(ann).td_report.issues
     assert [r.node for r in issues] == ["_1", "_2"]
     assert "Hardswish" in issues[1].detail
+
+
+def test_tensor_attributes_and_shape_queries() -> None:
+    gm = replace_by_td_operators(
+        Fn(lambda x: x.mT.sum(-1) + x.shape[0] + x.ndim + x.size(1) + x.shape[1:][0])
+    )
+    assert [r.detail for r in gm.td_report.issues] == [
+        "attribute 'mT' of a [T, ...] time sequence",
+        "shape[0] of a [T, ...] time sequence counts the time axis",
+        "the rank/size of a [T, ...] time sequence includes the time axis",
+        "size(1) of a [T, ...] time sequence counts the time axis",
+        "shape[1:] of a [T, ...] time sequence counts the time axis",
+    ]
+    ann = Fn(lambda x: x.sum(-1, keepdim=True) * x.size(-1) + x.shape[-1])
+    shape_only = replace_by_td_operators(ann, strict=True)
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(shape_only(x).sum(0), ann(x.sum(0)))

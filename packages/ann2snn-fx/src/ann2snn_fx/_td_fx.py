@@ -32,6 +32,7 @@ class _Kind(enum.Enum):
     CONST = "const"  # does not depend on the time-sequence inputs (parameters, literals, shapes)
     TIME = "time"  # a [T, ...] differential sequence
     TIME_SEQ = "time_seq"  # a tuple/list holding [T, ...] sequences (MHA output, split, chunk)
+    SHAPE = "shape"  # the shape of a time sequence: constant, but its leading entries count T
 
 
 def td_impulse(constant: Any, reference: torch.Tensor) -> torch.Tensor:
@@ -141,6 +142,7 @@ _META = {
     len,
     torch.numel,
 }
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_floating_point"}
 # op -> (index, keyword, default) of each dim argument
 _DIMS: dict[Any, tuple[tuple[int, str, Any], ...]] = {
     torch.transpose: ((1, "dim0", None), (2, "dim1", None)),
@@ -210,6 +212,13 @@ _NONLINEAR = {
 }
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, "dropout"}
 _SDPA = F.scaled_dot_product_attention
+
+
+def _index_repr(index: Any) -> str:
+    if isinstance(index, slice):
+        parts = ["" if v is None else str(v) for v in (index.start, index.stop)]
+        return f"[{parts[0]}:{parts[1]}]"
+    return f"[{index!r}]"
 
 
 def _dims_of(value: Any) -> list[int] | None:
@@ -326,7 +335,7 @@ class _Pass:
             return self.kinds.get(value, _Kind.CONST)
         if isinstance(value, (tuple, list)):
             kinds = [self.kind(v) for v in value]
-            return _Kind.TIME_SEQ if any(k is not _Kind.CONST for k in kinds) else _Kind.CONST
+            return _Kind.TIME_SEQ if any(k in (_Kind.TIME, _Kind.TIME_SEQ) for k in kinds) else _Kind.CONST
         if isinstance(value, dict):
             return self.kind(list(value.values()))
         if isinstance(value, slice):
@@ -335,6 +344,37 @@ class _Pass:
 
     def is_time(self, value: Any) -> bool:
         return self.kind(value) is _Kind.TIME
+
+    def visit_shape(self, node: fx.Node) -> bool:
+        """Shape queries on a time sequence; True when ``node`` was one (and has been classified)."""
+        key, args, kwargs = node.target, node.args, dict(node.kwargs)
+        x = args[0] if args else None
+        if key is operator.getitem and isinstance(x, fx.Node) and self.kinds.get(x) is _Kind.SHAPE:
+            index = args[1]
+            bounds = [index.start, index.stop] if isinstance(index, slice) else [index]
+            if not all(b is None or (isinstance(b, int) and b < 0) for b in bounds):
+                self.issue(
+                    node, f"shape{_index_repr(index)} of a [T, ...] time sequence counts the time axis"
+                )
+            self.kinds[node] = _Kind.CONST
+            return True
+        if not self.is_time(x):
+            return False
+        if key == "size" or (key is getattr and args[1] == "shape"):
+            dim = read_arg(args, kwargs, 1, "dim", None) if key == "size" else None
+            if dim is None:
+                self.kinds[node] = _Kind.SHAPE
+                return True
+            if not (isinstance(dim, int) and dim < 0):
+                self.issue(node, f"size({dim!r}) of a [T, ...] time sequence counts the time axis")
+        elif key in ("dim", "ndimension", "numel", "nelement", len, torch.numel) or (
+            key is getattr and args[1] == "ndim"
+        ):
+            self.issue(node, "the rank/size of a [T, ...] time sequence includes the time axis")
+        else:
+            return False
+        self.kinds[node] = _Kind.CONST
+        return True
 
     def swap(
         self, node: fx.Node, op_name: str, prefix: str, module: nn.Module, inputs: Iterable[Any]
@@ -400,6 +440,8 @@ class _Pass:
             )
 
     def visit_call(self, node: fx.Node) -> None:
+        if self.visit_shape(node):
+            return
         key = _key(node)
         args, kwargs = node.args, dict(node.kwargs)
         in_kind = self.kind((args, kwargs))
@@ -409,7 +451,9 @@ class _Pass:
         self.kinds[node] = _Kind.TIME
         op_name = _describe(node, self.gm)
         x = args[0] if args else None
-        if key in _META:
+        if key is getattr and args[1] not in _META_ATTRS:
+            self.issue(node, f"attribute {args[1]!r} of a [T, ...] time sequence")
+        elif key in _META:
             self.kinds[node] = _Kind.CONST
         elif key is operator.getitem:
             if self.kind(x) is _Kind.TIME_SEQ:
