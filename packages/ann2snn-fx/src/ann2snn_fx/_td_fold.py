@@ -107,6 +107,15 @@ class _FoldMode(TorchFunctionMode):
         tail = steps[1:].expand(self.steps - 1, *head.shape)
         return torch.cat([head.unsqueeze(0), tail], dim=0).flatten(0, 1)
 
+    def add_at_t0_(self, fresh: Tensor, constant: Any) -> Tensor:
+        """:meth:`add_at_t0` in place, for a tensor this mode just created (no other user sees it)."""
+        head = self.unfold(fresh)[0]
+        step = self.step_constant(constant, fresh)
+        if torch.broadcast_shapes(head.shape, getattr(step, "shape", ())) != head.shape:
+            return self.add_at_t0(fresh, constant)
+        head.add_(step)
+        return fresh
+
     def impulse(self, constant: Tensor, reference: Tensor) -> Tensor:
         """A folded constant as a differential sequence: itself at t = 0, zeros after."""
         if constant.dim() != reference.dim() or constant.shape[0] != reference.shape[0]:
@@ -341,7 +350,7 @@ def _norm(kind: str) -> _Handler:
         out = mode.td(td, args[0])
         if weight is not None:
             out = out * weight
-        return out if bias is None else mode.add_at_t0(out, bias)
+        return out if bias is None else mode.add_at_t0_(out, bias)
 
     return handler
 
@@ -363,7 +372,7 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
         mode.done(func, "bias added at t = 0 only")
         if channel_dims is not None:
             bias = bias.reshape(-1, *([1] * (out.dim() - 2)))
-        return mode.add_at_t0(out, bias)
+        return mode.add_at_t0_(out, bias)
 
     return handler
 
