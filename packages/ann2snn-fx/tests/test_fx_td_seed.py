@@ -266,3 +266,24 @@ def test_new_names_never_collide() -> None:
 def test_type_errors() -> None:
     with pytest.raises(TypeError, match=r"expects an nn\.Module"):
         replace_by_td_operators(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_mha_query_key_value_by_keyword() -> None:
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, key=m, value=m, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    ann = Keywords().eval()
+    _cumulative_close(replace_by_td_operators(ann), ann, torch.randn(3, 2, 4, 8), torch.randn(3, 2, 5, 8))
+
+
+def test_mha_call_check_needs_a_node() -> None:
+    from ann2snn_fx._td_build import check_mha_call
+
+    with pytest.raises(ValueError, match=r"TD MHA conversion requires an FX node\."):
+        check_mha_call(None)

@@ -270,12 +270,14 @@ class _Pass:
                 # The seed validated only the first call site of a shared attention module.
                 if target in mha_targets:
                     check_mha_call(node)
+                    _positional_qkv(node)
                 continue
             module = self.gm.get_submodule(target)
             if type(module) is nn.MultiheadAttention:
                 mha_targets.add(target)
                 check_mha_module(module)
                 check_mha_call(node)
+                _positional_qkv(node)
             replacement = build_td_module(module)
             built[target] = replacement
             if replacement is None:
@@ -592,6 +594,19 @@ class _Pass:
             else:
                 node.update_arg(0, new_tensors)
             self.converted(node, _describe(node, self.gm), "constant members placed at t = 0 only")
+
+
+def _positional_qkv(node: fx.Node) -> None:
+    """nn.MultiheadAttention names its inputs query/key/value, TDMultiheadAttention query_seq/...: pass them
+    by position so keyword calls keep working."""
+    kwargs = dict(node.kwargs)
+    if not any(name in kwargs for name in ("query", "key", "value")):
+        return
+    qkv = [read_arg(node.args, kwargs, i, name, None) for i, name in enumerate(("query", "key", "value"))]
+    for name in ("query", "key", "value"):
+        kwargs.pop(name, None)
+    node.args = (*qkv, *node.args[3:])
+    node.kwargs = kwargs
 
 
 def _resolve_device(ann: nn.Module, device: torch.device | str | None) -> torch.device:
