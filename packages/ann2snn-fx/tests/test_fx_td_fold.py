@@ -131,3 +131,25 @@ def test_multihead_attention_checks() -> None:
         TDTimeFolded(Attn())(torch.randn(2, 1, 3, 4))
     ann = Attn()
     assert type(ann.attn) is nn.MultiheadAttention
+
+
+def test_wrapper_mode_and_deepcopy() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True)).eval()
+
+    class Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = ann
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner[0](x, x, x, need_weights=False)[0]
+
+    snn = TDTimeFolded(Call().eval())
+    assert not snn.training
+    x = torch.randn(3, 2, 5, 4)
+    twin = copy.deepcopy(snn)
+    torch.testing.assert_close(twin(x), snn(x))
+    torch.testing.assert_close(snn(x).sum(0), Call()(x.sum(0)), atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import weakref
 from collections import Counter
@@ -586,19 +587,20 @@ _NONLINEAR: set[Any] = {
 }
 
 
+_CURRENT_MODE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_mode", default=None)
+
+
 class _FoldedMultiheadAttention(nn.Module):
     """Stands in for an ``nn.MultiheadAttention`` inside :class:`TDTimeFolded` (unfolds, runs TD, folds)."""
 
-    def __init__(self, td: nn.Module, owner: TDTimeFolded) -> None:
+    def __init__(self, td: nn.Module) -> None:
         super().__init__()
         self.td = td
-        self._owner = weakref.ref(owner)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, None]:
-        owner = self._owner()
-        mode = owner._mode if owner is not None else None
+        mode = _CURRENT_MODE.get()
         check_mha_call_args((query, key, value, *args), kwargs)
         if mode is None or not all(mode.is_time(t) for t in (query, key, value)):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
@@ -680,14 +682,14 @@ class TDTimeFolded(nn.Module):
         self.time_inputs = None if time_inputs is None else set(time_inputs)
         self.strict = strict
         self.report = TDConversionReport()
-        self._mode: _FoldMode | None = None
+        self.training = ann.training
         for name, module in list(self.model.named_modules()):
             if type(module) is nn.MultiheadAttention:
                 td = build_td_module(module)
                 assert td is not None
                 parent_name, _, attr = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                wrapper = _FoldedMultiheadAttention(td, self)
+                wrapper = _FoldedMultiheadAttention(td)
                 wrapper.train(module.training)
                 setattr(parent, attr, wrapper)
 
@@ -731,12 +733,12 @@ class TDTimeFolded(nn.Module):
 
         folded_args = [fold(i, v) for i, v in enumerate(args)]
         folded_kwargs = {k: fold(k, v) for k, v in kwargs.items()}
-        self._mode = mode
+        token = _CURRENT_MODE.set(mode)
         try:
             with mode:
                 out = self.model(*folded_args, **folded_kwargs)
         finally:
-            self._mode = None
+            _CURRENT_MODE.reset(token)
 
         def unfold(value: Any) -> Any:
             if not isinstance(value, Tensor):
