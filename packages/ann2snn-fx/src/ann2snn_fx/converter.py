@@ -115,7 +115,7 @@ class Converter:
         >>> loader = [torch.randn(16, 4) for _ in range(2)]
         >>> snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)
         >>> [name for name, _ in snn.named_children()]
-        ['0', 'spiking_0', '2']
+        ['0', '2', 'spiking_0']
         >>> print(snn.conversion_report)
         converted 1 activation(s), left 0
           converted _1 (nn.ReLU '1') by ReLURule -> spiking_0

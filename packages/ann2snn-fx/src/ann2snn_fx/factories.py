@@ -30,8 +30,8 @@ class NeuronFactory:
         **kwargs: Further keyword arguments for the neuron constructor.
 
     Example:
-        >>> NeuronFactory(v_init=0.5).create(scale=3.0)
-        IFNode(v_threshold=1.0, v_reset=None, detach_reset=False, step_mode=s, backend=torch, v_init=0.5)
+        >>> NeuronFactory(v_init=0.5).create(scale=3.0).extra_repr()
+        'v_threshold=1.0, v_reset=None, detach_reset=False, step_mode=s, backend=torch, v_init=0.5'
     """
 
     def __init__(
