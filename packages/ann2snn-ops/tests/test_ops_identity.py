@@ -398,3 +398,25 @@ def test_products_gradcheck_and_same_operand() -> None:
 def test_integer_input_raises_from_torch() -> None:
     with pytest.raises((NotImplementedError, RuntimeError)):
         TDGELU()(torch.ones(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("t", [1, 5, 7, 9])
+def test_inference_path_equals_autograd_path(t: int) -> None:
+    """Without autograd, attention and products run a few steps at a time; the values must not change."""
+    q, k, v = _x((t, 2, 3, 4), 0), _x((t, 2, 5, 4), 1), _x((t, 2, 5, 3), 2)
+    timed_mask = torch.rand((t, 2, 3, 5), generator=torch.Generator().manual_seed(t)) > 0.3
+    timed_mask[..., 0] = True
+    cases = [
+        (TDScaledDotProductAttention(), (q, k, v, timed_mask)),
+        (TDScaledDotProductAttention(is_causal=True), (q, q, q)),
+        (TDMatMul(), (q, k.transpose(-1, -2))),
+        (TDMul(), (q, q)),
+        (TDMul(), (k, v[..., :1])),
+    ]
+    for op, args in cases:
+        with torch.no_grad():
+            fast = op(*args)
+        leaves = [a.detach().clone().requires_grad_(a.is_floating_point()) for a in args]
+        slow = op(*leaves)
+        assert slow.requires_grad
+        torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)

@@ -22,6 +22,8 @@ __all__ = [
     "cumsum_time",
     "cumulative",
     "difference",
+    "needs_grad",
+    "td_chunked",
     "td_unary",
 ]
 
@@ -87,14 +89,69 @@ def cumulative(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return out
 
 
-def _reverse_cumulative_(g: torch.Tensor) -> torch.Tensor:
+def _cumulative_from(x: torch.Tensor, start: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Like :func:`cumulative`, continuing from ``start`` (the running sum before ``x[0]``), same arithmetic."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if start is None:
+        out[0].copy_(x[0])
+    else:
+        torch.add(start, x[0], out=out[0])
+    for t in range(1, x.shape[0]):
+        torch.add(out[t - 1], x[t], out=out[t])
+    return out
+
+
+def td_chunked(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    out_dtype: torch.dtype,
+    chunks: int = 4,
+    time_sliced: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """``diff(fn(*cumsums))`` without autograd, a few time steps at a time (inference memory).
+
+    Only one chunk of each cumulative input is alive at a time, so several-input ops (attention, products)
+    do not hold ``len(inputs)`` full-size cumulative copies. The running sums carry across chunks with the
+    same additions as :func:`cumulative`, so the result equals the one-shot computation. Each chunk calls
+    ``fn`` once on its ``[k, ...]`` block (``k = ceil(T / chunks)``); tensors in ``time_sliced`` are passed
+    after the cumulative blocks, cut to the same time steps.
+    """
+    t_len = inputs[0].shape[0]
+    acc = accumulation_dtype(inputs[0].dtype)
+    k = -(-t_len // chunks)
+    carry: list[torch.Tensor | None] = [None] * len(inputs)
+    prev_y: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    for t0 in range(0, t_len, k):
+        t1 = min(t_len, t0 + k)
+        cums: list[torch.Tensor] = []
+        for i, x in enumerate(inputs):
+            same = next((j for j in range(i) if inputs[j] is x), None)  # shared operand: accumulate once
+            cums.append(cums[same] if same is not None else _cumulative_from(x[t0:t1], carry[i], acc))
+        y = fn(*cums, *(a[t0:t1] for a in time_sliced))
+        if out is None:
+            out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
+        if prev_y is None:
+            out[t0].copy_(y[0])
+        else:
+            torch.sub(y[0], prev_y, out=out[t0])
+        if t1 - t0 > 1:
+            torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
+        carry = [c[-1].clone() for c in cums]
+        prev_y = y[-1].clone()
+    if out is None:
+        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
+    return out
+
+
+def reverse_cumulative_(g: torch.Tensor) -> torch.Tensor:
     """In place: ``g[t] = sum(g[t:])`` (the adjoint of the cumulative sum)."""
     for t in range(g.shape[0] - 2, -1, -1):
         g[t].add_(g[t + 1])
     return g
 
 
-def _difference_into(y_cum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def difference_into(y_cum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out[0] = y_cum[0]``, ``out[t] = y_cum[t] - y_cum[t-1]``; ``out`` must not overlap ``y_cum``."""
     out[0].copy_(y_cum[0])
     if y_cum.shape[0] > 1:
@@ -102,14 +159,14 @@ def _difference_into(y_cum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _difference_(y_cum: torch.Tensor) -> torch.Tensor:
+def difference_(y_cum: torch.Tensor) -> torch.Tensor:
     """In place, from the last step backwards (so each step still sees its unmodified predecessor)."""
     for t in range(y_cum.shape[0] - 1, 0, -1):
         y_cum[t].sub_(y_cum[t - 1])
     return y_cum
 
 
-def _difference_adjoint(g: torch.Tensor) -> torch.Tensor:
+def difference_adjoint(g: torch.Tensor) -> torch.Tensor:
     """The adjoint of differencing: ``out[t] = g[t] - g[t+1]``, ``out[T-1] = g[T-1]`` (a new tensor)."""
     out = torch.empty_like(g)
     out[-1].copy_(g[-1])
@@ -121,13 +178,13 @@ def _difference_adjoint(g: torch.Tensor) -> torch.Tensor:
 class _Difference(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y_cum: torch.Tensor) -> torch.Tensor:
-        return _difference_into(y_cum, torch.empty_like(y_cum))
+        return difference_into(y_cum, torch.empty_like(y_cum))
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # double backward: stay differentiable
             return torch.cat([g[:-1] - g[1:], g[-1:]], dim=0)
-        return _difference_adjoint(g)
+        return difference_adjoint(g)
 
 
 def difference(y_cum: torch.Tensor) -> torch.Tensor:
@@ -139,7 +196,7 @@ def difference(y_cum: torch.Tensor) -> torch.Tensor:
     if y_cum.requires_grad and torch.is_grad_enabled():
         out: torch.Tensor = _Difference.apply(y_cum)
         return out
-    return _difference_into(y_cum, torch.empty_like(y_cum))
+    return difference_into(y_cum, torch.empty_like(y_cum))
 
 
 class _Cumulative(torch.autograd.Function):
@@ -151,7 +208,7 @@ class _Cumulative(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reverse_cumulative_(g.clone()).to(ctx.in_dtype), None
+        return reverse_cumulative_(g.clone()).to(ctx.in_dtype), None
 
 
 def cumsum_time(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -195,7 +252,7 @@ class _TDUnary(torch.autograd.Function):
         y_cum = fn(x_cum, *params)
         if _shares_memory(y_cum, x_cum):  # fn returned a view of (or wrote into) x_cum, which backward needs
             y_cum = y_cum.clone()
-        out = _difference_(y_cum)
+        out = difference_(y_cum)
         ctx.save_for_backward(x_cum, *[p for p in params if p is not None])
         ctx.fn = fn
         ctx.elementwise_backward = elementwise_backward
@@ -207,7 +264,7 @@ class _TDUnary(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_cum, *present = ctx.saved_tensors
-        grad_y_cum = _difference_adjoint(grad_out.to(x_cum.dtype))
+        grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
         it = iter(present)
         params = [next(it) if m else None for m in ctx.param_mask]
         param_grads: list[torch.Tensor | None] = [None] * len(params)
@@ -227,7 +284,7 @@ class _TDUnary(torch.autograd.Function):
                 param_grads[i] = g
         grad_x = None
         if ctx.needs_input_grad[0] and grad_x_cum is not None:
-            grad_x = _reverse_cumulative_(grad_x_cum).to(ctx.in_dtype)
+            grad_x = reverse_cumulative_(grad_x_cum).to(ctx.in_dtype)
         return (grad_x, None, None, *param_grads)
 
 
@@ -260,10 +317,15 @@ def td_unary(
         x_cum = cumulative(x, accumulation_dtype(x.dtype))
         y_cum = fn(x_cum, *params)
         if y_cum.shape == x_cum.shape and y_cum.dtype == x_cum.dtype and not _shares_memory(y_cum, x_cum):
-            out = _difference_into(y_cum, x_cum)  # x_cum is dead: reuse its memory
+            out = difference_into(y_cum, x_cum)  # x_cum is dead: reuse its memory
         else:
-            out = _difference_(y_cum)
+            out = difference_(y_cum)
         return out.to(x.dtype)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -338,8 +400,13 @@ class TDModule(nn.Module):
         fn: CumFn,
         *params: torch.Tensor | None,
         elementwise_backward: ElementwiseBackward | None = None,
+        grad_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Full-sequence or streaming forward of a one-input operator."""
+        """Full-sequence or streaming forward of a one-input operator.
+
+        ``grad_path(x_seq)``, when given, replaces :func:`td_unary` when autograd records (an operator's own
+        autograd node with a cheaper backward).
+        """
         name = self._op_name()
         if self.streaming:
             check_step(x, name)
@@ -348,6 +415,8 @@ class TDModule(nn.Module):
             return self._stream_unary(x_seq, fn, *params)[0]
         check_time_sequence(x, name)
         self._check_sequence(x)
+        if grad_path is not None and needs_grad(x, *params):
+            return grad_path(x)
         return td_unary(x, fn, *params, elementwise_backward=elementwise_backward)
 
 

@@ -20,6 +20,8 @@ from ann2snn_ops._base import (
     check_time_sequence,
     cumsum_time,
     difference,
+    needs_grad,
+    td_chunked,
 )
 from ann2snn_ops.linear import TDLinear
 
@@ -171,6 +173,8 @@ class TDScaledDotProductAttention(TDModule):
             )
         if self.streaming:
             return self._stream(query_seq, key_seq, value_seq, attn_mask)[0]
+        if not needs_grad(query_seq, key_seq, value_seq):
+            return self._inference(query_seq, key_seq, value_seq, attn_mask)
         acc = accumulation_dtype(query_seq.dtype)
         q_cum = cumsum_time(query_seq, acc)
         k_cum = q_cum if key_seq is query_seq else cumsum_time(key_seq, acc)
@@ -181,6 +185,24 @@ class TDScaledDotProductAttention(TDModule):
         )
         y_cum = _sdpa_on_cumulative(q_cum, k_cum, v_cum, attn_mask, self.is_causal, self.scale)
         return difference(y_cum).to(query_seq.dtype)
+
+    def _inference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """No-autograd path: a few time steps at a time, so the three cumulative inputs are never all alive."""
+        timed_mask = (
+            attn_mask is not None and attn_mask.dim() == q.dim() and attn_mask.shape[0] != 1
+        )  # the mask has its own time axis: cut it with the chunks
+
+        def attend(
+            q_cum: torch.Tensor, k_cum: torch.Tensor, v_cum: torch.Tensor, *mask: torch.Tensor
+        ) -> torch.Tensor:
+            m = mask[0] if timed_mask else attn_mask
+            return _sdpa_on_cumulative(q_cum, k_cum, v_cum, m, self.is_causal, self.scale)
+
+        with torch.no_grad():
+            sliced = (attn_mask,) if timed_mask and attn_mask is not None else ()
+            return td_chunked(attend, (q, k, v), q.dtype, time_sliced=sliced)
 
     def _stream(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_ops._base import TDModule
+from ann2snn_ops._base import (
+    TDModule,
+    accumulation_dtype,
+    cumulative,
+    difference_adjoint,
+    difference_into,
+    reverse_cumulative_,
+)
 
 __all__ = ["TDGELU", "TDSiLU", "TDSoftmax"]
 
@@ -17,6 +24,28 @@ def _check_dim_arg(dim: object, owner: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{owner}: dim must be an int, but got {dim!r} ({type(dim).__name__}).")
     return dim
+
+
+class _TDSoftmaxFn(torch.autograd.Function):
+    """Softmax's backward needs its output, not its input: keep ``y_cum`` and difference into ``x_cum``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dim: int) -> torch.Tensor:  # type: ignore[override]
+        x_cum = cumulative(x, accumulation_dtype(x.dtype))
+        y_cum = torch.softmax(x_cum, dim)
+        out = difference_into(y_cum, x_cum)
+        ctx.save_for_backward(y_cum)
+        ctx.dim = dim
+        ctx.in_dtype = x.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (y_cum,) = ctx.saved_tensors
+        grad_y_cum = difference_adjoint(grad_out.to(y_cum.dtype))
+        grad_x_cum = torch._softmax_backward_data(grad_y_cum, y_cum, ctx.dim, y_cum.dtype)
+        return reverse_cumulative_(grad_x_cum).to(ctx.in_dtype), None
 
 
 class TDSoftmax(TDModule):
@@ -83,7 +112,11 @@ class TDSoftmax(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD softmax to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, self._fn)
+        return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path)
+
+    def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _TDSoftmaxFn.apply(x_seq, self.dim)
+        return out
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_ops._base import TDModule, as_shape_tuple, copy_module_state, reject_lazy
+from ann2snn_ops._base import (
+    TDModule,
+    accumulation_dtype,
+    as_shape_tuple,
+    copy_module_state,
+    cumulative,
+    difference_,
+    difference_adjoint,
+    reject_lazy,
+    reverse_cumulative_,
+)
 
 __all__ = ["TDLayerNorm", "TDRMSNorm"]
 
@@ -37,6 +48,48 @@ def _param_for(p: torch.Tensor | None, x_cum: torch.Tensor, in_dtype: torch.dtyp
     if p is None or x_cum.dtype == in_dtype:
         return p
     return p.to(x_cum.dtype)
+
+
+class _TDLayerNormFn(torch.autograd.Function):
+    """Keeps ``x_cum`` and the per-row statistics, and calls torch's layer-norm backward kernel directly."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        normalized_shape: tuple[int, ...],
+        eps: float,
+    ) -> torch.Tensor:
+        x_cum = cumulative(x, accumulation_dtype(x.dtype))
+        w = _param_for(weight, x_cum, x.dtype)
+        b = _param_for(bias, x_cum, x.dtype)
+        y_cum, mean, rstd = torch.native_layer_norm(x_cum, list(normalized_shape), w, b, eps)
+        out = difference_(y_cum)
+        ctx.save_for_backward(x_cum, mean, rstd, w, b)
+        ctx.normalized_shape = normalized_shape
+        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_cum, mean, rstd, w, b = ctx.saved_tensors
+        grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
+        mask = [
+            ctx.needs_input_grad[0],
+            w is not None and ctx.needs_input_grad[1],
+            b is not None and ctx.needs_input_grad[2],
+        ]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            grad_y_cum, x_cum, list(ctx.normalized_shape), mean, rstd, w, b, mask
+        )
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = None if gx is None else reverse_cumulative_(gx).to(x_dtype)
+        grad_w = None if gw is None else gw.to(w_dtype)
+        grad_b = None if gb is None else gb.to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
 
 
 class TDLayerNorm(TDModule):
@@ -142,7 +195,15 @@ class TDLayerNorm(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD LayerNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, self.bias)
+        return self._unary_forward(
+            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, self.bias, grad_path=self._grad_path
+        )
+
+    def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _TDLayerNormFn.apply(
+            x_seq, self.weight, self.bias, self.normalized_shape, self.eps
+        )
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -18,6 +18,8 @@ from ann2snn_ops._base import (
     check_time_sequence,
     cumsum_time,
     difference,
+    needs_grad,
+    td_chunked,
 )
 
 __all__ = ["TDMatMul", "TDMul"]
@@ -66,6 +68,9 @@ class _TDBinary(TDModule):
             self._state = {"a": a_cum, "b": b_cum, "y": y_cum}
             return out[0].to(a.dtype)
         self._check_pair(a, b)
+        if not needs_grad(a, b):
+            with torch.no_grad():
+                return td_chunked(op, (a, b), a.dtype)
         acc = accumulation_dtype(a.dtype)
         a_cum = cumsum_time(a, acc)
         b_cum = a_cum if b is a else cumsum_time(b, acc)
