@@ -253,13 +253,14 @@ def test_momentum_none_percentile_over_everything_seen(p: float) -> None:
     assert hook.elements_seen.item() == 6 * 3 * 7 * 11
 
 
-def test_momentum_none_percentile_keeps_only_the_memory_bound() -> None:
-    hook = VoltageHook(momentum=None, mode="99%", max_candidates=50)
+@pytest.mark.parametrize("p", [99, 1])
+def test_momentum_none_percentile_keeps_only_the_memory_bound(p: float) -> None:
+    hook = VoltageHook(momentum=None, mode=f"{p}%", max_candidates=50)
     batches = [torch.randn(1000, generator=_gen(i)) for i in range(4)]
-    for b in batches:
+    for i, b in enumerate(batches):
         hook(b)
+        assert hook.scale.item() == np.percentile(torch.cat(batches[: i + 1]).numpy(), p)
     assert hook.candidates.shape == (1, 50)
-    assert hook.scale.item() == np.percentile(torch.cat(batches).numpy(), 99)
     # 4000 elements need 41 order statistics; 5000 need 51 > 50.
     with pytest.raises(RuntimeError, match="more than max_candidates=50"):
         hook(torch.randn(1000, generator=_gen(9)))

@@ -223,6 +223,10 @@ def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     if n <= _SMALL:
         s = torch.sort(x).values
         return s[lo], s[hi]
+    if n <= 2 * _SAMPLE:
+        # A sample would be the whole tensor: select directly.
+        v_lo = torch.kthvalue(x, lo + 1).values
+        return v_lo, v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
     stride = max(1, n // _SAMPLE)
     sample = x[::stride]
     m = sample.numel()

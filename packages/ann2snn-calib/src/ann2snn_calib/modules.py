@@ -145,7 +145,7 @@ class VoltageHook(nn.Module):
         sync: bool = True,
     ) -> None:
         super().__init__()
-        self.kind, self.value = _parse_mode(mode)
+        self._kind, self._value = _parse_mode(mode)
         self.mode = mode
         self.momentum = _check_momentum(momentum)
         if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
@@ -168,7 +168,7 @@ class VoltageHook(nn.Module):
 
     @property
     def _dataset_percentile(self) -> bool:
-        return self.momentum is None and self.kind == "percentile"
+        return self.momentum is None and self._kind == "percentile"
 
     def extra_repr(self) -> str:
         parts = [f"mode={self.mode!r}", f"momentum={self.momentum}"]
@@ -210,8 +210,8 @@ class VoltageHook(nn.Module):
         return self.channel_dim % x.dim()
 
     def _batch_stat(self, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
-        if self.kind == "percentile":
-            return rows_percentile(self._rows(x), self.value, dtype, group)
+        if self._kind == "percentile":
+            return rows_percentile(self._rows(x), self._value, dtype, group)
         if x.numel() == 0:
             # Only reachable in a process group: this rank contributes nothing to the maximum.
             rows = 1 if self.channel_dim is None else x.shape[self._channel_dim(x)]
@@ -225,7 +225,7 @@ class VoltageHook(nn.Module):
         s = global_max(local, group)
         if group is not None and bool(torch.isinf(s).any().item()) and x.numel() == 0:
             raise ValueError("VoltageHook received only empty tensors across the process group.")
-        return s * self.value if self.kind == "fraction" else s
+        return s * self._value if self._kind == "fraction" else s
 
     def _observe(self, x: Tensor) -> None:
         group = self._group()
@@ -251,25 +251,42 @@ class VoltageHook(nn.Module):
             s = self._batch_stat(x, dtype, group)
         if self.channel_dim is None:
             s = s.reshape(())
-        first = self.num_batches_tracked.to(x.device) == 0
-        old = self.scale.to(x.device)
+        device = x.device
+        if self.num_batches_tracked.device != device:
+            self.num_batches_tracked = self.num_batches_tracked.to(device)
+            self.num_samples_tracked = self.num_samples_tracked.to(device)
+        first = self.num_batches_tracked == 0  # a tensor: no host sync on accelerators
+        old = self.scale.to(device)
         if self.momentum is None:
             new = s if self._dataset_percentile else torch.maximum(old.to(dtype), s)
         else:
             new = (1 - self.momentum) * old + self.momentum * s
-        self.scale = torch.where(first, s, new.to(dtype) if new.dtype != dtype else new)
-        self.num_batches_tracked = self.num_batches_tracked.to(x.device) + 1
-        self.num_samples_tracked = self.num_samples_tracked.to(x.device) + (x.shape[0] if x.dim() else 1)
+        new = torch.where(first, s, new.to(dtype))
+        if new.shape == self.scale.shape and new.dtype == self.scale.dtype and self.scale.device == device:
+            self.scale.copy_(new)
+        else:
+            # The first statistic fixes the state's dtype, device and (per channel) shape.
+            self.scale = new
+        self.num_batches_tracked.add_(1)
+        self.num_samples_tracked.add_(x.shape[0] if x.dim() else 1)
 
     def _dataset_percentile_stat(self, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
         rows = self._rows(x).to(dtype)
-        largest = self.value >= 0.5
+        largest = self._value >= 0.5
         kept = self.candidates.to(device=x.device, dtype=dtype)
         if kept.numel() == 0 or kept.shape[0] != rows.shape[0]:
             kept = rows.new_empty(rows.shape[0], 0)
-        merged = torch.cat([kept, rows_top(rows, self.max_candidates, largest)], dim=1)
-        if merged.shape[1] > self.max_candidates:
-            merged = rows_top(merged, self.max_candidates, largest)
+        cap = self.max_candidates
+        if kept.shape[1] == cap and rows.shape[0] == 1:
+            # The buffer is full: only values beyond its least extreme one can enter (equal ones would
+            # replace an equal value), and after the first batches those are few.
+            row = rows[0]
+            fresh = row[row > kept.min()] if largest else row[row < kept.max()]
+            merged = torch.cat([kept, fresh.unsqueeze(0)], dim=1)
+        else:
+            merged = torch.cat([kept, rows_top(rows, cap, largest)], dim=1)
+        if merged.shape[1] > cap:
+            merged = rows_top(merged, cap, largest)
         self.candidates = merged
         self.elements_seen = self.elements_seen.to(x.device) + rows.shape[1]
         seen = int(self.elements_seen.item())
@@ -279,7 +296,7 @@ class VoltageHook(nn.Module):
             raise ValueError(
                 "VoltageHook received only empty tensors: a percentile needs at least one element."
             )
-        lo, hi, _ = positions(total, self.value)
+        lo, hi, _ = positions(total, self._value)
         needed = total - lo if largest else hi + 1
         if needed > self.max_candidates and any(n > self.max_candidates for n, _ in counts):
             raise RuntimeError(
@@ -288,7 +305,7 @@ class VoltageHook(nn.Module):
                 "max_candidates or use an EMA (momentum=0.1)."
             )
         return rows_percentile(
-            merged, self.value, dtype, group, counts=counts, side="top" if largest else "bottom"
+            merged, self._value, dtype, group, counts=counts, side="top" if largest else "bottom"
         )
 
     def _load_from_state_dict(
