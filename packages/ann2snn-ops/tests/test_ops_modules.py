@@ -346,3 +346,40 @@ def test_meta_device() -> None:
     op = TDLinear(4, 3, device="meta")
     assert op(torch.empty(3, 2, 4, device="meta")).device.type == "meta"
     assert TDGELU()(torch.empty(3, 2, 4, device="meta")).shape == (3, 2, 4)
+
+
+class _Block(nn.Module):
+    """A pre-norm ViT block; with TD submodules it is the TD block (the residual sums are linear)."""
+
+    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def test_transformer_block_built_with_from_module_equals_the_ann_block() -> None:
+    torch.manual_seed(0)
+    ann = _Block(
+        nn.LayerNorm(16),
+        nn.MultiheadAttention(16, 4, batch_first=True),
+        nn.RMSNorm(16),
+        nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)),
+    ).eval()
+    td = _Block(
+        TDLayerNorm.from_module(ann.norm1),
+        TDMultiheadAttention.from_module(ann.attn),
+        TDRMSNorm.from_module(ann.norm2),
+        nn.Sequential(*(cls.from_module(m) for cls, m in zip((TDLinear, TDGELU, TDLinear), ann.mlp))),
+    )
+    x = _x((6, 2, 5, 16), 0)
+    with torch.no_grad():
+        y = td(x)
+        for t in range(6):
+            torch.testing.assert_close(y.cumsum(0)[t], ann(x.cumsum(0)[t]), atol=1e-4, rtol=1e-4)
+        td.apply(lambda m: m.set_streaming(True) if isinstance(m, ann2snn_ops.TDModule) else None)
+        steps = torch.stack([td(x[t]) for t in range(6)])
+    torch.testing.assert_close(steps, y, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,36 @@
+"""The docstring examples of every public class run and hold."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "ann2snn_ops.attention",
+    "ann2snn_ops.elementwise",
+    "ann2snn_ops.generic",
+    "ann2snn_ops.linear",
+    "ann2snn_ops.norm",
+    "ann2snn_ops.products",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_every_public_class_has_an_example() -> None:
+    import ann2snn_ops
+
+    for name in ann2snn_ops.__all__:
+        obj = getattr(ann2snn_ops, name)
+        if isinstance(obj, type) and name != "TDModule":
+            assert obj.__doc__ is not None
+            assert "Example:" in obj.__doc__, name
+            assert "Shape:" in obj.__doc__, name
