@@ -258,12 +258,12 @@ def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         r -= inside.numel()
         return t_hi if r < at_hi else None
 
-    v_lo, v_hi = lookup(lo), lookup(hi)
-    if v_lo is None or v_hi is None:
-        # The sample misled us (an adversarial order): exact selection over everything.
-        v_lo = torch.kthvalue(x, lo + 1).values
-        v_hi = v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
-    return v_lo, v_hi
+    found_lo, found_hi = lookup(lo), lookup(hi)
+    if found_lo is not None and found_hi is not None:
+        return found_lo, found_hi
+    # The sample misled us (an adversarial order): exact selection over everything.
+    v_lo = torch.kthvalue(x, lo + 1).values
+    return v_lo, v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
 
 
 def has_nan(x: Tensor) -> bool:
