@@ -114,31 +114,41 @@ def td_chunked(
     do not hold ``len(inputs)`` full-size cumulative copies. The running sums carry across chunks with the
     same additions as :func:`cumulative`, so the result equals the one-shot computation. Each chunk calls
     ``fn`` once on its ``[k, ...]`` block (``k = ceil(T / chunks)``); tensors in ``time_sliced`` are passed
-    after the cumulative blocks, cut to the same time steps.
+    after the cumulative blocks, cut to the same time steps. ``fn`` must return a new tensor (not a view of
+    its inputs, whose buffers are reused).
     """
     t_len = inputs[0].shape[0]
     acc = accumulation_dtype(inputs[0].dtype)
     k = -(-t_len // chunks)
-    carry: list[torch.Tensor | None] = [None] * len(inputs)
+    # One [k, ...] buffer per distinct input, reused by every chunk: step 0 of a chunk continues from the
+    # last step of the previous chunk, which is still in the buffer.
+    distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
+    buffers: dict[int, torch.Tensor] = {
+        i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
+    }
     prev_y: torch.Tensor | None = None
     out: torch.Tensor | None = None
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
-        cums: list[torch.Tensor] = []
-        for i, x in enumerate(inputs):
-            same = next((j for j in range(i) if inputs[j] is x), None)  # shared operand: accumulate once
-            cums.append(cums[same] if same is not None else _cumulative_from(x[t0:t1], carry[i], acc))
-        y = fn(*cums, *(a[t0:t1] for a in time_sliced))
+        n = t1 - t0
+        for i, buf in buffers.items():
+            x = inputs[i]
+            if t0 == 0:
+                buf[0].copy_(x[0])
+            else:
+                torch.add(buf[k - 1], x[t0], out=buf[0])
+            for t in range(1, n):
+                torch.add(buf[t - 1], x[t0 + t], out=buf[t])
+        y = fn(*(buffers[j][:n] for j in distinct), *(a[t0:t1] for a in time_sliced))
         if out is None:
             out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
         if prev_y is None:
             out[t0].copy_(y[0])
         else:
             torch.sub(y[0], prev_y, out=out[t0])
-        if t1 - t0 > 1:
+        if n > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
-        carry = [c[-1].clone() for c in cums]
-        prev_y = y[-1].clone()
+        prev_y = y[-1]
     if out is None:
         raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
     return out
