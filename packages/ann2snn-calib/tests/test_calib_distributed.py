@@ -36,6 +36,7 @@ CONFIGS: list[dict] = [
     {"mode": "Max", "momentum": None},
     {"mode": "99.9%", "momentum": None},
     {"mode": "20%", "momentum": None},
+    {"mode": "99%", "momentum": None, "max_candidates": 300},  # every rank sees more than it keeps
     {"mode": "Max", "channel_dim": 1},
     {"mode": "99%", "channel_dim": 1},
     {"mode": "50%", "channel_dim": 1, "momentum": None},
@@ -69,7 +70,18 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, gather_limit: i
     try:
         # Uneven shards along the batch dimension; with 3 ranks the 2-sample batch leaves one rank empty.
         shards = [torch.tensor_split(x, world)[rank] for x in _batches()]
-        torch.save(_calibrate(shards), os.path.join(out_dir, f"rank{rank}.pt"))
+        results = _calibrate(shards)
+        # Past the memory bound every rank raises (none waits forever in a collective).
+        hook = VoltageHook(mode="99%", momentum=None, max_candidates=100)
+        raised = []
+        for x in shards:
+            try:
+                hook(x)
+            except RuntimeError as err:
+                raised.append("more than max_candidates=100" in str(err))
+                break
+        results.append({"raised": torch.tensor(raised == [True])})
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -102,10 +114,11 @@ def _run(world: int, tmp_path: pathlib.Path, gather_limit: int) -> list[list[dic
 def test_ranks_agree_with_one_process_on_concatenated_batches(
     world: int, gather_limit: int, tmp_path: pathlib.Path
 ) -> None:
-    expected = _calibrate(_batches())
+    expected = [*_calibrate(_batches()), {"raised": torch.tensor(True)}]
     per_rank = _run(world, tmp_path, gather_limit)
     for rank, results in enumerate(per_rank):
-        for kwargs, got, want in zip(CONFIGS, results, expected):
+        assert bool(results[-1]["raised"]), rank
+        for kwargs, got, want in zip(CONFIGS, results[:-1], expected[:-1], strict=True):
             assert torch.equal(got["scale"], want["scale"]), (rank, kwargs, got["scale"], want["scale"])
 
 

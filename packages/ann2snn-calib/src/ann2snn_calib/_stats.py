@@ -89,6 +89,7 @@ def rows_percentile(
     at least as many values as are needed.
     """
     c, m = rows.shape
+    complete = counts is None  # rows hold all of this rank's data (not the kept extremes)
     if counts is None:
         counts = gather_counts(m, c, rows.device, group)
     total = sum(n for n, _ in counts)
@@ -117,17 +118,14 @@ def rows_percentile(
         out = torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
     else:
         k = k_up if side == "top" else k_down
-        if k * c > _GATHER_LIMIT and m == counts[_rank(group)][0]:
+        # The same decision on every rank: k, c and `complete` agree across the group.
+        if k * c > _GATHER_LIMIT and complete:
             out = _radix_rows(rows, lo, hi, gamma, dtype, group)
         else:
             out = _gathered_rows(rows, k, lo, hi, total, gamma, dtype, side, group)
     if bool(nan_rows.any().item()):
         out = torch.where(nan_rows, torch.full_like(out, float("nan")), out)
     return out
-
-
-def _rank(group: Any) -> int:
-    return 0 if group is None else dist.get_rank(group)
 
 
 def _gathered_rows(
