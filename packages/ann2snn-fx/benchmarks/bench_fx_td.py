@@ -62,7 +62,7 @@ def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[st
 def run(quick: bool) -> str:
     torch.manual_seed(0)
     width, heads, depth, tokens, batch = (48, 3, 1, 17, 2) if quick else (192, 3, 4, 65, 2)
-    steps_list, repeats = ((2,), 1) if quick else ((4, 16, 32), 3)
+    steps_list, repeats = ((2,), 1) if quick else ((4, 16, 32), 5)
     ann = Encoder(width, heads, depth).eval()
     graph = replace_by_td_operators(ann, strict=True)
     folded = TDTimeFolded(ann, strict=True)
