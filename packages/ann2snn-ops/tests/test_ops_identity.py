@@ -420,3 +420,40 @@ def test_inference_path_equals_autograd_path(t: int) -> None:
         slow = op(*leaves)
         assert slow.requires_grad
         torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("cls", [TDLayerNorm, TDRMSNorm])
+def test_norm_gradients_multi_dim_shape(cls: type, affine: bool) -> None:
+    op = cls((3, 4), elementwise_affine=affine).double()
+    _randomise(op, 0)
+    x = _x((4, 2, 3, 4), 0, torch.float64).requires_grad_(True)
+    if cls is TDLayerNorm:
+        ref = td_reference(lambda xc: F.layer_norm(xc, (3, 4), op.weight, op.bias), x)
+    else:
+        ref = td_reference(lambda xc: F.rms_norm(xc, (3, 4), op.weight), x)
+    y = op(x)
+    torch.testing.assert_close(y, ref)
+    g = _x(tuple(y.shape), 1, torch.float64)
+    params = [x, *op.parameters()]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [TDLayerNorm, TDRMSNorm])
+def test_norm_half_gradients_match_float32(cls: type) -> None:
+    op = cls(8)
+    _randomise(op, 2)
+    x = _x((6, 3, 8), 2)
+    half = cls(8, dtype=torch.bfloat16)
+    half.load_state_dict(op.state_dict())
+    xh = x.bfloat16().requires_grad_(True)
+    xf = xh.detach().float().requires_grad_(True)
+    g = _x((6, 3, 8), 3)
+    (gh, *gph) = torch.autograd.grad(half(xh), [xh, *half.parameters()], g.bfloat16())
+    (gf, *gpf) = torch.autograd.grad(op(xf), [xf, *op.parameters()], g.bfloat16().float())
+    assert gh.dtype == torch.bfloat16
+    torch.testing.assert_close(gh.float(), gf, atol=2e-2, rtol=2e-2)
+    for a, b in zip(gph, gpf):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=2e-2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -90,6 +91,52 @@ class _TDLayerNormFn(torch.autograd.Function):
         grad_w = None if gw is None else gw.to(w_dtype)
         grad_b = None if gb is None else gb.to(b_dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+_HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # returns (output, rstd); recent torch
+
+
+class _TDRMSNormFn(torch.autograd.Function):
+    """Keeps ``x_cum`` and the per-row ``rstd``; the backward is written out in a few in-place passes."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        normalized_shape: tuple[int, ...],
+        eps: float | None,
+    ) -> torch.Tensor:
+        x_cum = cumulative(x, accumulation_dtype(x.dtype))
+        w = _param_for(weight, x_cum, x.dtype)
+        y_cum, rstd = torch.ops.aten._fused_rms_norm(x_cum, list(normalized_shape), w, eps)
+        out = difference_(y_cum)
+        ctx.save_for_backward(x_cum, rstd, w)
+        ctx.normalized_shape = normalized_shape
+        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_cum, rstd, w = ctx.saved_tensors
+        d = math.prod(ctx.normalized_shape)
+        g = difference_adjoint(grad_out.to(x_cum.dtype)).view(-1, d)
+        r = rstd.reshape(-1, 1)
+        n = x_cum.view(-1, d) * r  # the normalised input
+        x_dtype, w_dtype = ctx.dtypes
+        grad_w = None
+        if w is not None:
+            if ctx.needs_input_grad[1]:
+                grad_w = (g * n).sum(0).view(w.shape).to(w_dtype)
+            g.mul_(w.reshape(1, d))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # d/dx [x * rstd] applied to g: rstd * (g - n * mean(g * n))
+            dot = torch.linalg.vecdot(g, n).unsqueeze(1).div_(d)
+            g.sub_(n.mul_(dot)).mul_(r)
+            grad_x = reverse_cumulative_(g.view(x_cum.shape)).to(x_dtype)
+        return grad_x, grad_w, None, None
 
 
 class TDLayerNorm(TDModule):
@@ -293,7 +340,21 @@ class TDRMSNorm(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD RMSNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight)
+        grad_path = None
+        if _HAS_FUSED_RMS_NORM and isinstance(x_seq, torch.Tensor):
+            acc = accumulation_dtype(x_seq.dtype)
+            if self.weight is None or self.weight.dtype in (
+                acc,
+                x_seq.dtype,
+            ):  # else torch's mixed-dtype path
+                grad_path = self._grad_path
+        return self._unary_forward(
+            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, grad_path=grad_path
+        )
+
+    def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _TDRMSNormFn.apply(x_seq, self.weight, self.normalized_shape, self.eps)
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
