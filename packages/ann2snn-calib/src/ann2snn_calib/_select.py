@@ -97,7 +97,13 @@ def _block_size(n: int, k: int) -> int:
 
 def kth_largest(x: Tensor, k: int) -> Tensor:
     """The k-th largest value (1-based) of the NaN-free 1-D tensor ``x``, exactly, in x's dtype."""
-    return torch.topk(_top_values(x, k)[0], k, sorted=False).values.min() if k < x.numel() else x.min()
+    n = x.numel()
+    if k >= n:
+        return x.min()
+    if _block_size(n, k) == 0:
+        # One quickselect; this is the path of the block maxima, a small share of the data.
+        return torch.kthvalue(x, n - k + 1).values
+    return torch.topk(_top_values(x, k)[0], k, sorted=False).values.min()
 
 
 def top_values(x: Tensor, k: int) -> Tensor:
@@ -202,12 +208,27 @@ def pair_local(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, bool]:
         a, b = pair_central(x, lo, hi)
         return a, b, False
     if k_up <= k_down:
+        # The candidates' k_up largest are x's k_up largest: x[lo] has ascending rank c - k_up among them.
         vals, nan = _top_values(x, k_up)
-        top = torch.topk(vals, k_up).values  # descending; x[lo] is the last
-        return top[k_up - 1], top[k_up - 1 - (hi - lo)], nan
-    vals, nan = _top_values(-x, k_down)
-    bottom = -torch.topk(vals, k_down).values  # ascending
-    return bottom[lo], bottom[hi], nan
+        r = vals.numel() - k_up
+    else:
+        # Mirrored: the candidates of -x hold x's k_down smallest as their smallest; x[lo] has rank lo.
+        vals, nan = _top_values(-x, k_down)
+        vals = -vals
+        r = lo
+    if nan:
+        return vals[0], vals[0], True
+    a, b = _two_ranks(vals, r, r + (hi - lo))
+    return a, b, False
+
+
+def _two_ranks(x: Tensor, r_lo: int, r_hi: int) -> tuple[Tensor, Tensor]:
+    """Ascending order statistics ``r_lo`` and ``r_hi`` of a small candidate set."""
+    if x.numel() <= _SMALL:
+        s = torch.sort(x).values
+        return s[r_lo], s[r_hi]
+    a = torch.kthvalue(x, r_lo + 1).values
+    return a, a if r_hi == r_lo else torch.kthvalue(x, r_hi + 1).values
 
 
 def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
