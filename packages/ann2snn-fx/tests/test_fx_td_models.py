@@ -178,3 +178,20 @@ def test_bert_in_training_mode_reports_dropout() -> None:
     assert any("dropout in training mode" in r.detail for r in snn.report.issues)
     with pytest.raises(TDEquivalenceError, match="dropout in training mode"):
         TDTimeFolded(bert, time_inputs={"inputs_embeds"}, strict=True)(inputs_embeds=torch.randn(2, 1, 4, 32))
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_hugging_face_gpt2_causal(attn_implementation: str) -> None:
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, attn_implementation=attn_implementation
+    )
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2Model(config).double().eval()
+    snn = TDTimeFolded(gpt2, time_inputs={"inputs_embeds"}, strict=True)
+    embeds = torch.randn(3, 2, 6, 32, dtype=torch.float64)
+    out = snn(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    refs = [gpt2(inputs_embeds=c, use_cache=False).last_hidden_state for c in embeds.cumsum(0)]
+    _assert_cumulative(out, refs, torch.float64)
+    converted = " ".join(r.op for r in snn.report.converted)
+    assert "torch.addmm" in converted  # GPT-2's Conv1D
+    assert "torch.pow" in converted  # its tanh-GELU written by hand

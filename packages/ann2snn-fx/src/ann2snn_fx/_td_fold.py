@@ -426,6 +426,27 @@ def _masked_fill(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict
     return mode.add_at_t0(zeroed, filled)
 
 
+def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A pointwise function of its first argument; the others must be constants that need no gradient."""
+    x, rest = args[0], args[1:]
+    if not mode.is_time(x) or any(
+        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad)
+        for a in pytree.tree_leaves((rest, kwargs))
+    ):
+        raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
+    mode.done(func, "-> TDFunction")
+    return mode.td(TDFunction(lambda z: func(z, *rest, **kwargs), name=f"TD({_name(func)})"), x)
+
+
+def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``addmm(bias, x, w)`` (e.g. GPT-2's Conv1D): the product on every step, the bias at t = 0."""
+    bias, x, weight = args[:3]
+    if mode.is_time(bias) or mode.is_time(weight) or not mode.is_time(x) or args[3:] or kwargs:
+        raise _Unsupported("addmm other than bias + time-varying input @ constant weight")
+    mode.done(func, "bias added at t = 0 only")
+    return mode.add_at_t0_(torch.mm(x, weight), bias)
+
+
 def _elementwise(fn: Callable[[Tensor], Tensor]) -> _Handler:
     return _unary(lambda args, kwargs: TDFunction(fn))
 
@@ -455,6 +476,7 @@ for _f in (
     Tensor.half,
     Tensor.bfloat16,
     Tensor.type_as,
+    Tensor.type,
     Tensor.detach,
     Tensor.neg,
     Tensor.__neg__,
@@ -525,6 +547,7 @@ _HANDLERS.update(
         F.scaled_dot_product_attention: _sdpa,
         F.dropout: _dropout,
         Tensor.masked_fill: _masked_fill,
+        torch.addmm: _addmm,
         torch.masked_fill: _masked_fill,
     }
 )
@@ -565,7 +588,8 @@ _FACTORIES: set[Any] = {
     torch.full_like,
     torch.empty_like,
 }
-_NONLINEAR: set[Any] = {
+# Pointwise functions of one time-varying tensor (further arguments constant): TDFunction makes them exact.
+_POINTWISE: set[Any] = {
     torch.exp,
     Tensor.exp,
     torch.log,
@@ -580,11 +604,25 @@ _NONLINEAR: set[Any] = {
     torch.abs,
     Tensor.abs,
     torch.erf,
+    Tensor.erf,
+    torch.sin,
+    torch.cos,
+    torch.clamp,
+    Tensor.clamp,
     F.elu,
     F.leaky_relu,
-    F.batch_norm,
-    F.group_norm,
+    F.relu6,
+    F.hardtanh,
+    F.hardswish,
+    F.hardsigmoid,
+    F.mish,
+    F.softplus,
+    F.selu,
+    F.celu,
 }
+for _f in _POINTWISE:
+    _HANDLERS[_f] = _pointwise
+_NONLINEAR: set[Any] = {F.batch_norm, F.group_norm, F.instance_norm}
 
 
 _CURRENT_MODE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_mode", default=None)
