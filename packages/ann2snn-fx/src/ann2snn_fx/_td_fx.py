@@ -179,7 +179,8 @@ _SPLIT: dict[Any, tuple[int, str, Any]] = {
     "tensor_split": (1, "dim", 0),
 }
 _SHAPE_WITH_SIZES = {"view", "reshape", "expand", "permute", "repeat", torch.reshape, torch.permute}
-_NONLINEAR = {
+# Pointwise in their first argument: with literal extra arguments, TDFunction makes them exact.
+_POINTWISE = {
     torch.exp,
     "exp",
     torch.log,
@@ -193,23 +194,22 @@ _NONLINEAR = {
     "rsqrt",
     torch.abs,
     "abs",
-    torch.max,
-    "max",
-    torch.min,
-    "min",
-    torch.amax,
-    "amax",
-    F.layer_norm,
-    F.rms_norm,
-    F.conv2d,
+    torch.erf,
+    "erf",
+    torch.clamp,
+    "clamp",
     F.elu,
     F.leaky_relu,
+    F.relu6,
+    F.hardtanh,
     F.mish,
     F.softplus,
     F.hardswish,
-    torch.erf,
-    "erf",
+    F.hardsigmoid,
+    F.selu,
+    F.celu,
 }
+_NONLINEAR = {torch.max, "max", torch.min, "min", torch.amax, "amax", F.layer_norm, F.rms_norm, F.conv2d}
 _DROPOUT = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, "dropout"}
 _SDPA = F.scaled_dot_product_attention
 
@@ -535,7 +535,14 @@ class _Pass:
             value = read_arg(args, kwargs, 3, "value", None)
             if value not in (None, 0, 0.0):
                 self.issue(node, f"padding with the constant {value!r} adds it at every time step")
-        elif key in _NONLINEAR:
+        elif key in _POINTWISE and self.is_time(x):
+            rest = (args[1:], kwargs)
+            if self.kind(rest) is not _Kind.CONST or any(isinstance(a, fx.Node) for a in _leaves(rest)):
+                self.issue(node, "pointwise op with non-literal extra arguments is not converted")
+                return
+            function = _BoundPointwise(key, args[1:], kwargs)
+            self.swap(node, op_name, "td_function", TDFunction(function, name=f"TD({function})"), [x])
+        elif key in _NONLINEAR or key in _POINTWISE:
             self.issue(node, "unconverted nonlinearity")
         else:
             self.issue(node, "op not known to be time-transparent")
@@ -607,6 +614,31 @@ def _positional_qkv(node: fx.Node) -> None:
         kwargs.pop(name, None)
     node.args = (*qkv, *node.args[3:])
     node.kwargs = kwargs
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return _leaves(list(value.values()))
+    return [value]
+
+
+class _BoundPointwise:
+    """``z -> target(z, *args, **kwargs)`` (or the method ``z.target(...)``) with literal extra arguments."""
+
+    def __init__(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.target, self.args, self.kwargs = target, tuple(args), dict(kwargs)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.target, str):
+            return getattr(z, self.target)(*self.args, **self.kwargs)  # type: ignore[no-any-return]
+        return self.target(z, *self.args, **self.kwargs)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        name = self.target if isinstance(self.target, str) else _fn_name(self.target)
+        extra = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{name}({', '.join(['x', *extra])})"
 
 
 def _resolve_device(ann: nn.Module, device: torch.device | str | None) -> torch.device:
