@@ -134,6 +134,22 @@ def test_multi_step_equals_single_step_loop(v_reset: float | None) -> None:
     torch.testing.assert_close(multi.v_seq[-1], single.v)
 
 
+@pytest.mark.parametrize("v_init", [None, 0.5])
+def test_multi_step_inference_fast_path_equals_loop(v_init: float | None) -> None:
+    torch.manual_seed(2)
+    x_seq = torch.rand(5, 2, 3) * 1.5
+    single = IFNode(v_reset=None, v_init=v_init).eval()
+    multi = IFNode(v_reset=None, v_init=v_init, step_mode="m").eval()
+    with torch.no_grad():
+        expected = torch.stack([single(x) for x in x_seq])
+        out = multi(x_seq)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(multi.v, single.v)
+        torch.testing.assert_close(
+            multi(x_seq), torch.stack([single(x) for x in x_seq])
+        )  # state carries over
+
+
 def test_multi_step_rejects_empty_time() -> None:
     with pytest.raises(ValueError, match="non-empty leading time dimension"):
         IFNode(step_mode="m")(torch.zeros(0, 2))

@@ -8,6 +8,14 @@ from ann2snn_fx.observers import ActivationStatsHook
 from ann2snn_fx.report import ConversionReport, ConvertedActivation, LeftActivation
 from ann2snn_fx.rules import ActivationRule, ClippedReLURule, FunctionalReLURule, ReLURule, all_rules
 from ann2snn_fx.runner import MultiStepSNN, run_snn
+from ann2snn_fx.td import (
+    TDConversionReport,
+    TDEquivalenceError,
+    TDNodeRecord,
+    TDTimeFolded,
+    replace_by_td_operators,
+    td_impulse,
+)
 from ann2snn_fx.threshold import ThresholdOptimizer
 from ann2snn_fx.tracing import ModelTraceError, trace_model
 
@@ -27,10 +35,16 @@ __all__ = [
     "NeuronFactory",
     "ReLURule",
     "SigmoidSurrogate",
+    "TDConversionReport",
+    "TDEquivalenceError",
+    "TDNodeRecord",
+    "TDTimeFolded",
     "ThresholdOptimizer",
     "__version__",
     "all_rules",
+    "replace_by_td_operators",
     "reset_net",
     "run_snn",
+    "td_impulse",
     "trace_model",
 ]

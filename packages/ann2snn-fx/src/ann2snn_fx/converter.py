@@ -546,14 +546,15 @@ class Converter:
         _replace(fx_model, [ReLURule()], NeuronFactory(), ThresholdOptimizer())
         return fx_model
 
-    def replace_by_td_operators(self, ann: nn.Module) -> fx.GraphModule:
+    def replace_by_td_operators(self, ann: nn.Module, **options: Any) -> fx.GraphModule:
         """Replace Linear/LayerNorm/GELU/SDPA/MHA by their temporal-difference operators (no calibration).
 
-        Delegates to :func:`ann2snn_fx.td.replace_by_td_operators` with this converter's ``device``.
+        Delegates to :func:`ann2snn_fx.td.replace_by_td_operators` with this converter's ``device``;
+        keyword ``options`` (e.g. ``strict=True``) are passed through.
         """
         from ann2snn_fx.td import replace_by_td_operators
 
-        return replace_by_td_operators(ann, device=self.device)
+        return replace_by_td_operators(ann, device=self.device, **options)
 
     def __repr__(self) -> str:
         return (

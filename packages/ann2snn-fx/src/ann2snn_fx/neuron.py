@@ -199,13 +199,18 @@ class IFNode(nn.Module):
             else:
                 v = spike_r * self.v_reset + (1.0 - spike_r) * v
         else:
-            # Inference fast path: update the membrane in place (it is owned by this neuron).
+            # Inference fast path: update the membrane in place (it is owned by this neuron) with fused kernels.
             v.add_(x)
-            fired = v >= threshold
-            spike = fired.to(x.dtype)
             if self.v_reset is None:
-                v.sub_(spike * threshold)
+                spike = torch.empty_like(v)
+                torch.ge(v, threshold, out=spike)
+                if isinstance(threshold, torch.Tensor):
+                    v.sub_(spike * threshold)
+                else:
+                    v.sub_(spike, alpha=threshold)
             else:
+                fired = v >= threshold
+                spike = fired.to(x.dtype)
                 v.masked_fill_(fired, float(self.v_reset))
         self.v = v
         return spike
@@ -216,6 +221,26 @@ class IFNode(nn.Module):
             raise ValueError(
                 f"multi-step input must have a non-empty leading time dimension, but got shape {tuple(x_seq.shape)}."
             )
+        threshold = self.v_threshold
+        differentiable = torch.is_grad_enabled() and x_seq.requires_grad
+        if (
+            not self.training
+            and not differentiable
+            and not self.store_v_seq
+            and self.v_reset is None
+            and not isinstance(threshold, torch.Tensor)
+        ):
+            # Inference fast path: spikes are written straight into the output, no per-step allocation.
+            out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+            v = self._prepare_v(x_seq[0])
+            if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
+                v = v.detach().clone()
+            for t in range(x_seq.shape[0]):
+                v.add_(x_seq[t])
+                torch.ge(v, threshold, out=out[t])
+                v.sub_(out[t], alpha=threshold)
+            self.v = v
+            return out
         spikes = []
         v_seq = []
         for t in range(x_seq.shape[0]):

@@ -1,0 +1,314 @@
+"""Benchmark: the ReLU -> IF converter's calibration cost, SNN simulation cost and accuracy against T.
+
+Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_snn.py [--quick] [--markdown PATH]``.
+
+Three tables, each measured side by side in one run (medians of interleaved repeats):
+
+1. Calibration: ``Converter.convert_to_spiking_neurons`` (deep copy, tracing, fusion, hooks, calibration over
+   N batches, replacement) per mode, relative to plain ANN inference over the same N batches.
+2. Simulation: T steps of the converted SNN, as the step loop (``run_snn``) and the multi-step execution
+   (``run_snn(..., multi_step=True)``), relative to T forwards of the ANN on the same batch.
+
+The ANN baseline has its Conv+BatchNorm pairs folded (as the converter does), so the ratios show the cost of
+the hooks and of the spiking blocks, not the saving of the fusion.
+3. Accuracy against T on scikit-learn's digits for two small CNNs (3 and 6 conv layers, trained here for a
+   few seconds), for default neurons, ``v_init=0.5``, and ``v_init=0.5`` with the threshold strategies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ann2snn_fx import Converter, NeuronFactory, ThresholdOptimizer, run_snn, trace_model
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def digits_cnn3() -> nn.Module:
+    return nn.Sequential(
+        *_block(1, 16),
+        *_block(16, 32),
+        nn.AvgPool2d(2),
+        *_block(32, 32),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+def digits_cnn6() -> nn.Module:
+    return nn.Sequential(
+        *_block(1, 16),
+        *_block(16, 16),
+        nn.AvgPool2d(2),
+        *_block(16, 32),
+        *_block(32, 32),
+        nn.AvgPool2d(2),
+        *_block(32, 32),
+        *_block(32, 32),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class CifarResNet(nn.Module):
+    """A CIFAR-style ResNet-10 (widths 32-64-128-256) on 3x32x32 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_block(3, 32))
+        widths = [(32, 32, 1), (32, 64, 2), (64, 128, 2), (128, 256, 2)]
+        self.layers = nn.Sequential(*[BasicBlock(a, b, s) for a, b, s in widths])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def _fused(ann: nn.Module) -> nn.Module:
+    """The ANN with Conv+BatchNorm folded: the fair baseline, since the converter folds them too."""
+    return Converter.fuse(trace_model(copy.deepcopy(ann)).eval())
+
+
+def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Medians of interleaved timings (one warm-up each), so every path sees the same machine state."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _models(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
+    torch.manual_seed(0)
+    cases = [("digits CNN-6 (1x8x8)", _randomise_bn(digits_cnn6()), (1, 8, 8), 256)]
+    if not quick:
+        cases.append(("CIFAR ResNet-10 (3x32x32)", _randomise_bn(CifarResNet()), (3, 32, 32), 32))
+    return cases
+
+
+MODES: list[Any] = ["max", "99.9%", 0.5]
+
+
+def _ann_inference(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+
+
+def bench_calibration(quick: bool) -> list[str]:
+    repeats = 1 if quick else 3
+    rows = []
+    for name, ann, shape, batch in _models(quick):
+        g = torch.Generator().manual_seed(1)
+        n = 2 if quick else 8
+        loader = [torch.randn(batch, *shape, generator=g) for _ in range(n)]
+        fns: dict[str, Callable[[], object]] = {"ann": functools.partial(_ann_inference, _fused(ann), loader)}
+        for mode in MODES:
+            converter = Converter(loader, mode=mode, progress=False)
+            fns[str(mode)] = functools.partial(converter.convert_to_spiking_neurons, ann)
+        times = _median_times(fns, repeats)
+        ratios = " | ".join(f"{times[str(m)] / times['ann']:.2f}x" for m in MODES)
+        rows.append(f"| {name} | {n} x {batch} | {times['ann'] * 1e3:.1f} ms | {ratios} |")
+    header = [
+        "| model | batches | ANN inference | max | 99.9% | 0.5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    return header + rows
+
+
+def bench_simulation(quick: bool) -> list[str]:
+    repeats = 1 if quick else 3
+    steps_list = [4] if quick else [8, 32]
+    rows = []
+    for name, ann, shape, batch in _models(quick):
+        g = torch.Generator().manual_seed(2)
+        loader = [torch.randn(batch, *shape, generator=g) for _ in range(2)]
+        snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)
+        fused = _fused(ann)
+        x = loader[0]
+        for steps in steps_list:
+            times = _median_times(
+                {
+                    "ann": functools.partial(_ann_inference, fused, [x] * steps),
+                    "loop": functools.partial(run_snn, snn, x, steps),
+                    "multi": functools.partial(run_snn, snn, x, steps, multi_step=True),
+                },
+                repeats,
+            )
+            rows.append(
+                f"| {name} | {batch} | {steps} | {times['ann'] * 1e3:.1f} ms | {times['loop'] / times['ann']:.2f}x "
+                f"| {times['multi'] / times['ann']:.2f}x |"
+            )
+    header = [
+        "| model | batch | T | T ANN forwards | step loop | multi-step |",
+        "|---|---|---|---|---|---|",
+    ]
+    return header + rows
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int = 32) -> nn.Module:
+    torch.manual_seed(0)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    opt = torch.optim.AdamW(model.parameters(), 1e-2, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), batch):
+            idx = order[i : i + batch]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def bench_accuracy(quick: bool) -> list[str]:
+    xtr, ytr, xte, yte = _digits()
+    steps = [1, 2, 4, 8, 16, 32, 64]
+    half = NeuronFactory(v_init=0.5)
+    configs: list[tuple[str, dict[str, Any]]] = [
+        ("max, default neurons", {}),
+        ("max, v_init=0.5", {"neuron_factory": half}),
+        ("99.9%, v_init=0.5", {"mode": "99.9%", "neuron_factory": half}),
+        (
+            "max, v_init=0.5, min_error(T=4)",
+            {
+                "neuron_factory": half,
+                "threshold_optimizer": ThresholdOptimizer("min_error", time_steps=4, v_init=0.5),
+            },
+        ),
+        (
+            "max, v_init=0.5, per_channel",
+            {"neuron_factory": half, "threshold_optimizer": ThresholdOptimizer("per_channel")},
+        ),
+        (
+            "99.9%, v_init=0.5, per_channel",
+            {
+                "mode": "99.9%",
+                "neuron_factory": half,
+                "threshold_optimizer": ThresholdOptimizer("per_channel"),
+            },
+        ),
+    ]
+    if quick:
+        configs = configs[:2]
+    loader = [(xtr[i : i + 128], ytr[i : i + 128]) for i in range(0, len(xtr), 128)]
+    header = ["| model | configuration | ANN | " + " | ".join(f"T={t}" for t in steps) + " |"]
+    header.append("|---|---|---|" + "---|" * len(steps))
+    rows = []
+    builders = [("CNN-3", digits_cnn3), ("CNN-6", digits_cnn6)]
+    for model_name, build in builders[:1] if quick else builders:
+        torch.manual_seed(0)
+        ann = _train(build(), xtr, ytr, epochs=1 if quick else 8)
+        with torch.no_grad():
+            ann_acc = (ann(xte).argmax(1) == yte).float().mean().item() * 100
+        for config_name, options in configs:
+            snn = Converter(loader, progress=False, **options).convert_to_spiking_neurons(ann)
+            out = run_snn(snn, xte, max(steps), multi_step=True)
+            accs = [(out[t - 1].argmax(1) == yte).float().mean().item() * 100 for t in steps]
+            rows.append(
+                f"| {model_name} | {config_name} | {ann_acc:.1f} | "
+                + " | ".join(f"{a:.1f}" for a in accs)
+                + " |"
+            )
+    return header + rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
+    parser.add_argument("--markdown", help="write the markdown section to this path")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    lines = [
+        "## ann2snn-fx: ReLU -> IF conversion",
+        "",
+        f"Measured on CPU with {threads} torch threads, medians of interleaved repeats.",
+        "",
+        "Calibration: the whole `convert_to_spiking_neurons` call (copy, trace, fuse, hooks, calibration over the "
+        "batches, replacement) per mode, relative to plain ANN inference (Conv+BN folded) over the same batches.",
+        "",
+        *bench_calibration(args.quick),
+        "",
+        "Simulation: T steps of the converted SNN relative to T forwards of the ANN (Conv+BN folded) on the same "
+        "batch; the step "
+        "loop calls the SNN once per step, the multi-step execution runs stateless layers on one `[T*B, ...]` "
+        "batch (layers before the first neuron once) and loops only the neurons.",
+        "",
+        *bench_simulation(args.quick),
+        "",
+        "Accuracy (%) against T on scikit-learn's digits test split (360 images), CNNs trained here for 8 epochs.",
+        "",
+        *bench_accuracy(args.quick),
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    print(f"(total {time.perf_counter() - start:.1f} s)")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
