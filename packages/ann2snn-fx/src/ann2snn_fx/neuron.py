@@ -246,8 +246,10 @@ class IFNode(nn.Module):
         for t in range(x_seq.shape[0]):
             spikes.append(self.single_step_forward(x_seq[t]))
             if self.store_v_seq:
-                v = self.v
-                v_seq.append(v.clone() if isinstance(v, torch.Tensor) else torch.full_like(x_seq[t], v))
+                state = self.v
+                v_seq.append(
+                    state.clone() if isinstance(state, torch.Tensor) else torch.full_like(x_seq[t], state)
+                )
         if self.store_v_seq:
             self.v_seq = torch.stack(v_seq)
         return torch.stack(spikes)
