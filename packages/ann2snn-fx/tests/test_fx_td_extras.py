@@ -222,3 +222,22 @@ def test_tensor_attributes_and_shape_queries() -> None:
     shape_only = replace_by_td_operators(ann, strict=True)
     x = torch.randn(3, 2, 4)
     torch.testing.assert_close(shape_only(x).sum(0), ann(x.sum(0)))
+
+
+def test_norm_subclasses_traced_through_are_converted() -> None:
+    class MyLayerNorm(nn.LayerNorm):
+        pass
+
+    class MyRMSNorm(nn.RMSNorm):
+        pass
+
+    class MyLinear(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(MyLinear(6, 6), MyLayerNorm(6), MyRMSNorm(6, eps=1e-6))
+    with torch.no_grad():
+        for p in ann.parameters():
+            p.add_(torch.randn_like(p))
+    gm = _check(ann, torch.randn(5, 2, 6))
+    assert len(gm.td_report.converted) == 3

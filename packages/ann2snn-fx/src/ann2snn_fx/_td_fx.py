@@ -508,6 +508,8 @@ class _Pass:
             pass
         elif key is F.linear:
             self.visit_linear(node)
+        elif key is F.layer_norm or key is F.rms_norm:
+            self.visit_norm(node)
         elif key in _CAT:
             self.visit_cat(node)
         elif key in _DIMS:
@@ -562,6 +564,43 @@ class _Pass:
         if changed:
             node.args = tuple(args)
             self.converted(node, _describe(node, self.gm), "constant operand added at t = 0 only")
+
+    def visit_norm(self, node: fx.Node) -> None:
+        """F.layer_norm/F.rms_norm (norm subclasses traced through): TD normalisation, affine outside."""
+        args, kwargs = node.args, dict(node.kwargs)
+        layer = node.target is F.layer_norm
+        x = args[0]
+        shape = read_arg(args, kwargs, 1, "normalized_shape", None)
+        weight = read_arg(args, kwargs, 2, "weight", None)
+        bias = read_arg(args, kwargs, 3, "bias", None) if layer else None
+        eps = read_arg(args, kwargs, 4 if layer else 3, "eps", 1e-5 if layer else None)
+        literal = not any(isinstance(v, fx.Node) for v in _leaves([shape, eps]))
+        if not self.is_time(x) or not literal or self.kind([weight, bias]) is not _Kind.CONST:
+            self.issue(node, "normalisation with non-literal shape/eps or time-varying affine parameters")
+            return
+        norm = _BoundPointwise(
+            F.layer_norm if layer else F.rms_norm,
+            (shape, None, None, eps) if layer else (shape, None, eps),
+            {},
+        )
+        name = self.add_root_module(
+            "td_function", TDFunction(norm, name="TDLayerNorm" if layer else "TDRMSNorm")
+        )
+        with self.graph.inserting_before(node):
+            out: fx.Node = self.graph.call_module(name, args=(x,))
+            self.kinds[out] = _Kind.TIME
+            if weight is not None:
+                out = self.graph.call_function(operator.mul, args=(out, weight))
+                self.kinds[out] = _Kind.TIME
+            if bias is not None:
+                impulse = self.graph.call_function(td_impulse, args=(bias, out))
+                out = self.graph.call_function(operator.add, args=(out, impulse))
+                self.kinds[out] = _Kind.TIME
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        self.converted(
+            out, f"call_function {_fn_name(node.target)}", f"-> {name} (affine part outside, bias at t = 0)"
+        )
 
     def visit_linear(self, node: fx.Node) -> None:
         args, kwargs = node.args, dict(node.kwargs)
