@@ -56,9 +56,11 @@ def replace_by_td_operators(
     * ``F.scaled_dot_product_attention`` calls with literal arguments (q/k/v by position or keyword),
       registered at the root as ``td_scaled_dot_product_attention_<i>``;
     * ``F.softmax``/``torch.softmax``/``Tensor.softmax``, ``F.gelu``, ``F.silu``, ``tanh``/``sigmoid``/
-      ``relu`` calls, and ``matmul``/``@``/``bmm`` and elementwise ``*`` of two time-varying tensors,
-      registered at the root as ``td_softmax_<i>``, ``td_gelu_<i>``, ``td_silu_<i>``,
-      ``td_function_<i>``, ``td_matmul_<i>`` and ``td_mul_<i>`` (first free index, never overwriting);
+      ``relu`` calls, pointwise functions with literal extra arguments (``exp``, ``pow``, ``clamp``,
+      ``F.softplus`` ...), ``F.layer_norm``/``F.rms_norm`` (norm subclasses traced through), and
+      ``matmul``/``@``/``bmm`` and elementwise ``*`` of two time-varying tensors, registered at the root
+      as ``td_softmax_<i>``, ``td_gelu_<i>``, ``td_silu_<i>``, ``td_function_<i>``, ``td_matmul_<i>``
+      and ``td_mul_<i>`` (first free index, never overwriting);
     * constants (positional embeddings, ``F.linear`` biases, literals) added, subtracted or
       concatenated to a time-varying tensor are applied at t = 0 only (:func:`td_impulse`).
 
