@@ -133,17 +133,17 @@ def make_cases(s: Shape, gen: torch.Generator) -> list[Case]:
         )
     )
 
-    ch, side = (64, 28) if c >= 128 else (8, 8)  # a ViT-hybrid / ConvNet stage; tiny for --quick
+    ch, side = (64, 28) if c >= 128 else (8, 8)  # a hybrid-ViT / ConvNet stage; tiny for --quick
     conv = ops.TDConv2d(ch, ch, 3, padding=1)
     sj_conv = _copy_params(_sj(lambda: sj.TDConv2d(ch, ch, 3, padding=1)), conv)
-    xc = rnd(t, b, ch, side, side)
+    xc = rnd(t, 2, ch, side, side)  # batch 2: the convolution is the heaviest case
 
     def conv_plain(a: torch.Tensor) -> torch.Tensor:
         return F.conv2d(a, conv.weight, conv.bias, padding=1)
 
     cases.append(
         Case(
-            f"Conv2d 3x3 {ch}ch {side}x{side}",
+            f"Conv2d 3x3 {ch}ch {side}x{side} (B=2)",
             [xc],
             conv_plain,
             conv,
@@ -270,12 +270,13 @@ def _runner(
     grad: list[torch.Tensor] = []
 
     def run_bwd() -> None:
-        for p in (*leaves, *params):
-            p.grad = None
         y = fn(*leaves)
         if not grad:
             grad.append(torch.randn_like(y))
         y.backward(grad[0])
+        del y
+        for p in (*leaves, *params):  # each run allocates its gradients afresh, none outlives it
+            p.grad = None
 
     return run_bwd
 
