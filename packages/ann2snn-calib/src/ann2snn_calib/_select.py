@@ -133,7 +133,7 @@ def _top_values(x: Tensor, k: int) -> tuple[Tensor, bool]:
     nb = n // b
     blocks = x[: nb * b].view(nb, b)
     bmax = blocks.amax(dim=1)
-    if has_nan(bmax) or has_nan(x[nb * b :]):
+    if has_nan(bmax) or (n > nb * b and has_nan(x[nb * b :])):
         return x[:k], True
     # k blocks have a maximum >= t, so the k-th largest element is >= t, and every element >= t lies in
     # a block whose maximum is >= t: those blocks' elements >= t contain the k largest.
@@ -288,7 +288,8 @@ def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
 
 
 def has_nan(x: Tensor) -> bool:
-    return bool(torch.isnan(x).any().item()) if x.dtype.is_floating_point else False
+    # max() propagates NaN and is one cheap reduction (isnan(x).any() is two passes and an allocation).
+    return bool(torch.isnan(x.max()).item()) if x.dtype.is_floating_point and x.numel() else False
 
 
 def percentile(x: Tensor, q: float) -> Tensor:
