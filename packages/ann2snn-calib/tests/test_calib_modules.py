@@ -395,3 +395,32 @@ def test_scaler_state_dict_adopts_a_per_channel_scale() -> None:
     fresh = VoltageScaler(channel_dim=0)
     fresh.load_state_dict(saved)
     assert torch.equal(fresh(torch.ones(2, 1)), torch.tensor([[1.0], [2.0]]))
+
+
+@pytest.mark.parametrize("mode", ["Max", "99%"])
+def test_calibration_inside_and_outside_inference_mode(mode: str) -> None:
+    hook = VoltageHook(mode=mode, momentum=0.5)
+    xs = [torch.randn(500, generator=_gen(i)) for i in range(3)]
+    with torch.inference_mode():
+        hook(xs[0])
+    hook(xs[1])
+    with torch.inference_mode():
+        hook(xs[2])
+    hook(xs[0])
+    reference = VoltageHook(mode=mode, momentum=0.5)
+    for x in [*xs, xs[0]]:
+        reference(x)
+    assert torch.equal(hook.scale, reference.scale)
+    assert hook.num_batches_tracked.item() == 4
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import ann2snn_calib._select
+    import ann2snn_calib.modules
+
+    for module in (ann2snn_calib.modules, ann2snn_calib._select):
+        failed, attempted = doctest.testmod(module, raise_on_error=False)
+        assert attempted > 0
+        assert failed == 0

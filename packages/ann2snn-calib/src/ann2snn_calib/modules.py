@@ -49,6 +49,11 @@ def _check_momentum(momentum: Any) -> float | None:
     return m
 
 
+def _writable(t: Tensor) -> bool:
+    """Whether ``t`` may be updated in place here (an inference tensor only inside inference mode)."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
+
+
 def _as_buffer(value: Any, name: str) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a real number or a real tensor, got {type(value).__name__}.")
@@ -252,9 +257,9 @@ class VoltageHook(nn.Module):
         if self.channel_dim is None:
             s = s.reshape(())
         device = x.device
-        if self.num_batches_tracked.device != device:
-            self.num_batches_tracked = self.num_batches_tracked.to(device)
-            self.num_samples_tracked = self.num_samples_tracked.to(device)
+        if self.num_batches_tracked.device != device or not _writable(self.num_batches_tracked):
+            self.num_batches_tracked = self.num_batches_tracked.to(device).clone()
+            self.num_samples_tracked = self.num_samples_tracked.to(device).clone()
         first = self.num_batches_tracked == 0  # a tensor: no host sync on accelerators
         old = self.scale.to(device)
         if self.momentum is None:
@@ -262,7 +267,12 @@ class VoltageHook(nn.Module):
         else:
             new = (1 - self.momentum) * old + self.momentum * s
         new = torch.where(first, s, new.to(dtype))
-        if new.shape == self.scale.shape and new.dtype == self.scale.dtype and self.scale.device == device:
+        if (
+            new.shape == self.scale.shape
+            and new.dtype == self.scale.dtype
+            and self.scale.device == device
+            and _writable(self.scale)
+        ):
             self.scale.copy_(new)
         else:
             # The first statistic fixes the state's dtype, device and (per channel) shape.
