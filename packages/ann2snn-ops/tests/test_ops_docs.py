@@ -34,3 +34,24 @@ def test_every_public_class_has_an_example() -> None:
             assert obj.__doc__ is not None
             assert "Example:" in obj.__doc__, name
             assert "Shape:" in obj.__doc__, name
+
+
+def test_runtime_imports_are_torch_and_stdlib_only() -> None:
+    """The ops-only install has torch alone: no module of the package may import anything else."""
+    import ast
+    import pathlib
+    import sys
+
+    import ann2snn_ops
+
+    allowed = {"torch", "ann2snn_ops", "__future__"} | set(sys.stdlib_module_names)
+    root = pathlib.Path(ann2snn_ops.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"

@@ -317,10 +317,7 @@ def td_unary(
     Returns:
         The differential output, in ``x.dtype``.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p is not None and p.requires_grad for p in params)
-    )
-    if needs_grad:
+    if needs_grad(x, *params):
         out: torch.Tensor = _TDUnary.apply(x, fn, elementwise_backward, *params)
         return out
     with torch.no_grad():
@@ -390,7 +387,7 @@ class TDModule(nn.Module):
         """One streaming step of ``diff(fn(cumsum(x)))``: ``x_t`` is the current step with a time axis of 1."""
         acc = accumulation_dtype(x_t.dtype)
         prev_x = self._state.get("x_cum")
-        x_cum = x_t.to(acc) if prev_x is None else prev_x + x_t
+        x_cum = x_t.to(acc, copy=True) if prev_x is None else prev_x + x_t  # never alias the caller's tensor
         y_cum = fn(x_cum, *params)
         prev_y = self._state.get("y_cum")
         out = y_cum if prev_y is None else y_cum - prev_y

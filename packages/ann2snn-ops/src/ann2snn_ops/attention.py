@@ -209,9 +209,9 @@ class TDScaledDotProductAttention(TDModule):
     ) -> torch.Tensor:
         acc = accumulation_dtype(q.dtype)
         st = self._state
-        q_cum = q.to(acc) if not st else st["q"] + q
-        k_cum = k.to(acc) if not st else st["k"] + k
-        v_cum = v.to(acc) if not st else st["v"] + v
+        q_cum = q.to(acc, copy=True) if not st else st["q"] + q
+        k_cum = k.to(acc, copy=True) if not st else st["k"] + k
+        v_cum = v.to(acc, copy=True) if not st else st["v"] + v
         y_cum = _sdpa_on_cumulative(q_cum, k_cum, v_cum, attn_mask, self.is_causal, self.scale)
         out = y_cum if not st else y_cum - st["y"]
         self._state = {"q": q_cum, "k": k_cum, "v": v_cum, "y": y_cum}
@@ -487,9 +487,9 @@ class TDMultiheadAttention(TDModule):
         first = not self._state
         if self.streaming:
             st = self._state
-            q_cum = query_seq.to(acc) if not st else st["q"] + query_seq
-            k_cum = key_seq.to(acc) if not st else st["k"] + key_seq
-            v_cum = value_seq.to(acc) if not st else st["v"] + value_seq
+            q_cum = query_seq.to(acc, copy=True) if not st else st["q"] + query_seq
+            k_cum = key_seq.to(acc, copy=True) if not st else st["k"] + key_seq
+            v_cum = value_seq.to(acc, copy=True) if not st else st["v"] + value_seq
             a_cum = self._attend_cumulative(q_cum, k_cum, v_cum, params, mask, is_causal, self_attention)
             diff = a_cum if not st else a_cum - st["a"]
             self._state = {"q": q_cum, "k": k_cum, "v": v_cum, "a": a_cum}

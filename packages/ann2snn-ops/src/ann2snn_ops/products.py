@@ -61,8 +61,8 @@ class _TDBinary(TDModule):
             self._check_pair(a, b)
             acc = accumulation_dtype(a.dtype)
             st = self._state
-            a_cum = a.to(acc) if not st else st["a"] + a
-            b_cum = b.to(acc) if not st else st["b"] + b
+            a_cum = a.to(acc, copy=True) if not st else st["a"] + a
+            b_cum = b.to(acc, copy=True) if not st else st["b"] + b
             y_cum = op(a_cum, b_cum)
             out = y_cum if not st else y_cum - st["y"]
             self._state = {"a": a_cum, "b": b_cum, "y": y_cum}
