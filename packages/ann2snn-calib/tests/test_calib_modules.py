@@ -424,3 +424,15 @@ def test_docstring_examples_run() -> None:
         failed, attempted = doctest.testmod(module, raise_on_error=False)
         assert attempted > 0
         assert failed == 0
+
+
+@pytest.mark.parametrize("p", [0, 0.1, 1, 5, 50, 93.75, 99, 99.9, 100])
+@pytest.mark.parametrize("relu", [False, True])
+def test_per_channel_percentile_on_large_channels(p: float, relu: bool) -> None:
+    # 3 channels of 8 * 41 * 41 = 13448 values: the row-wise block pruning path, with a ragged tail.
+    x = torch.randn(8, 3, 41, 41, generator=_gen(int(p * 10)))
+    x = torch.relu(x) if relu else x
+    hook = VoltageHook(mode=f"{p}%", channel_dim=1)
+    hook(x)
+    ref = np.percentile(x.transpose(0, 1).reshape(3, -1).numpy(), p, axis=1)
+    assert torch.equal(hook.scale, torch.from_numpy(ref))

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ann2snn_calib._select import (
+    _block_size,
     _radix_kth_smallest,
     lerp,
     percentile_flat,
@@ -72,6 +73,38 @@ def rows_top(rows: Tensor, k: int, largest: bool) -> Tensor:
     return torch.topk(rows, k, dim=1, largest=largest, sorted=False).values
 
 
+def rows_pair(rows: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+    """Ascending order statistics ``lo`` and ``hi`` of every row of the NaN-free ``rows`` (C, M).
+
+    Tail ranks use the block-maxima pruning of :mod:`ann2snn_calib._select` row-wise: the ``k`` blocks
+    with the largest maxima of a row hold its ``k`` largest values (ties included), so a gather of
+    ``k`` blocks per row and one quickselect per row finish. Other ranks use ``kthvalue`` per row.
+    """
+    c, m = rows.shape
+    k_up, k_down = m - lo, hi + 1
+    top = k_up <= k_down
+    k = k_up if top else k_down
+    b = _block_size(m, k)
+    if b == 0:
+        a = torch.kthvalue(rows, lo + 1, dim=1).values
+        return a, a if hi == lo else torch.kthvalue(rows, hi + 1, dim=1).values
+    src = rows if top else -rows
+    nb = m // b
+    blocks = src[:, : nb * b].reshape(c, nb, b)
+    idx = torch.topk(blocks.amax(dim=2), k, dim=1, sorted=False).indices
+    cand = torch.gather(blocks, 1, idx.unsqueeze(2).expand(c, k, b)).reshape(c, k * b)
+    if m > nb * b:
+        cand = torch.cat([cand, src[:, nb * b :]], dim=1)
+    width = cand.shape[1]
+    if top:
+        # The k_up largest of a row are the k_up largest of its candidates: x[lo] has rank width - k_up.
+        a = torch.kthvalue(cand, width - k_up + 1, dim=1).values
+        return a, a if hi == lo else torch.kthvalue(cand, width - k_up + 2, dim=1).values
+    # Mirrored on -x: x[r] is the (r + 1)-th largest candidate, rank width - 1 - r ascending.
+    a = -torch.kthvalue(cand, width - lo, dim=1).values
+    return a, a if hi == lo else -torch.kthvalue(cand, width - hi, dim=1).values
+
+
 def rows_percentile(
     rows: Tensor,
     quantile: float,
@@ -111,10 +144,8 @@ def rows_percentile(
         side = "top" if k_up <= k_down else "bottom"
 
     if group is None and m == total:
-        # Every value is here: plain per-row selection.
-        full = rows.to(dtype)
-        a = torch.kthvalue(full, lo + 1, dim=1).values
-        b = a if hi == lo else torch.kthvalue(full, hi + 1, dim=1).values
+        # Every value is here: per-row selection.
+        a, b = rows_pair(rows.to(dtype), lo, hi)
         out = torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
     else:
         k = k_up if side == "top" else k_down

@@ -128,8 +128,15 @@ class VoltageHook(nn.Module):
         >>> _ = hook(torch.tensor([2.0]))
         >>> hook.scale
         tensor(3.)
-        >>> VoltageHook(mode="50%")(torch.arange(5.0)).sum().item()
-        10.0
+        >>> median = VoltageHook(mode="50%", momentum=None)
+        >>> _ = median(torch.arange(5.0))
+        >>> _ = median(torch.arange(5.0, 10.0))
+        >>> median.scale  # over all 10 values seen, as numpy.percentile(range(10), 50)
+        tensor(4.5000)
+        >>> VoltageHook(mode="120%")
+        Traceback (most recent call last):
+        ...
+        NotImplementedError: You have used a non-defined VoltageScale Method.
     """
 
     scale: Tensor
