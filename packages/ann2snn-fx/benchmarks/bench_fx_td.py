@@ -106,7 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
     parser.add_argument("--markdown", help="write the markdown section to this path")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: stable ratios on a shared machine)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     text = run(args.quick)
     print(text)
     if args.markdown:
