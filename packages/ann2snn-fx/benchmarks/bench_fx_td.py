@@ -90,7 +90,7 @@ def run(quick: bool) -> str:
         "",
         f"Forward time of the TD-converted encoder ({shape}) on a `[T, B, ...]` sequence, as a ratio to the "
         f"ANN's forward on the same data folded to `[T*B, ...]` (the floor; float32, CPU, "
-        f"{torch.get_num_threads()} threads, median of {repeats}). `fx`: `replace_by_td_operators`; `folded`: "
+        f"{torch.get_num_threads()} thread(s), median of {repeats}). `fx`: `replace_by_td_operators`; `folded`: "
         "`TDTimeFolded`. Last column: max abs error of the cumulative output against the ANN on the "
         "cumulative input (both paths).",
         "",
