@@ -693,7 +693,7 @@ class TDTimeFolded(nn.Module):
 
     Example:
         >>> import torch
-        >>> from ann2snn_fx.td import TDTimeFolded
+        >>> from ann2snn_fx import TDTimeFolded
         >>> _ = torch.manual_seed(0)
         >>> ann = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Flatten(1), torch.nn.Softmax(1)).eval()
         >>> snn = TDTimeFolded(ann, strict=True)

@@ -56,7 +56,7 @@ class TDConversionReport:
 
     Example:
         >>> import torch
-        >>> from ann2snn_fx.td import replace_by_td_operators
+        >>> from ann2snn_fx import replace_by_td_operators
         >>> gm = replace_by_td_operators(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))
         >>> report = gm.td_report
         >>> report.equivalent, len(report.converted)

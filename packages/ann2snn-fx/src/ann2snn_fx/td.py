@@ -92,7 +92,7 @@ def replace_by_td_operators(
 
     Example:
         >>> import torch
-        >>> from ann2snn_fx.td import replace_by_td_operators
+        >>> from ann2snn_fx import replace_by_td_operators
         >>> _ = torch.manual_seed(0)
         >>> ann = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Softmax(dim=-1)).eval()
         >>> gm = replace_by_td_operators(ann, strict=True)
