@@ -45,6 +45,8 @@ def test_exports() -> None:
         "TDFunction",
         "TDModule",
         "__version__",
+        "reset_streaming",
+        "set_streaming",
     }
     assert set(ann2snn_ops.__all__) == expected
     for name in expected:
@@ -380,6 +382,19 @@ def test_transformer_block_built_with_from_module_equals_the_ann_block() -> None
         y = td(x)
         for t in range(6):
             torch.testing.assert_close(y.cumsum(0)[t], ann(x.cumsum(0)[t]), atol=1e-4, rtol=1e-4)
-        td.apply(lambda m: m.set_streaming(True) if isinstance(m, ann2snn_ops.TDModule) else None)
+        ann2snn_ops.set_streaming(td)
+        assert td.attn.streaming
+        assert td.mlp[1].streaming
         steps = torch.stack([td(x[t]) for t in range(6)])
-    torch.testing.assert_close(steps, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(steps, y, atol=1e-5, rtol=1e-5)
+        ann2snn_ops.reset_streaming(td)
+        torch.testing.assert_close(td(x[0]), y[0], atol=1e-5, rtol=1e-5)
+        ann2snn_ops.set_streaming(td, False)
+        torch.testing.assert_close(td(x), y, atol=0, rtol=0)
+
+
+def test_model_level_streaming_switches_reject_non_modules() -> None:
+    with pytest.raises(TypeError, match=r"set_streaming expects an nn\.Module, but got int"):
+        ann2snn_ops.set_streaming(3)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match=r"reset_streaming expects an nn\.Module, but got str"):
+        ann2snn_ops.reset_streaming("m")  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from ann2snn_ops.generic import TDFunction
 from ann2snn_ops.linear import TDConv2d, TDLinear
 from ann2snn_ops.norm import TDLayerNorm, TDRMSNorm
 from ann2snn_ops.products import TDMatMul, TDMul
+from ann2snn_ops.streaming import reset_streaming, set_streaming
 
 __all__ = [
     "TDGELU",
@@ -29,4 +30,6 @@ __all__ = [
     "TDSiLU",
     "TDSoftmax",
     "__version__",
+    "reset_streaming",
+    "set_streaming",
 ]
