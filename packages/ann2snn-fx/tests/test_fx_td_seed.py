@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.proxy import TraceError
 
 from ann2snn_fx.td import TDConversionReport, replace_by_td_operators
 from ann2snn_ops import (
@@ -287,3 +288,12 @@ def test_mha_call_check_needs_a_node() -> None:
 
     with pytest.raises(ValueError, match=r"TD MHA conversion requires an FX node\."):
         check_mha_call(None)
+
+
+def test_untraceable_models_point_to_td_time_folded() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(TraceError, match="convert with TDTimeFolded"):
+        replace_by_td_operators(Branchy())

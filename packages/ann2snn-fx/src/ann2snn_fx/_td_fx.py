@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.proxy import TraceError
 
 from ann2snn_fx._td_build import build_td_module, check_mha_call, check_mha_module, read_arg, shift_dim
 from ann2snn_fx._td_report import TDConversionReport, TDNodeRecord
@@ -702,7 +703,14 @@ def replace_by_td_operators_fx(
     training = {name: module.training for name, module in ann.named_modules()}
     model = copy.deepcopy(ann)
     tracer = tracer_class()
-    graph = tracer.trace(model)
+    try:
+        graph = tracer.trace(model)
+    except TraceError as error:
+        raise TraceError(
+            f"replace_by_td_operators could not trace {type(ann).__name__} with torch.fx ({error}). Models with "
+            "data-dependent control flow or *args unpacking of shapes (Hugging Face transformers, ...) convert "
+            "with TDTimeFolded, which runs the model's own forward instead of tracing it."
+        ) from error
     name = type(model).__name__ if isinstance(model, nn.Module) else "GraphModule"
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.to(target_device)
