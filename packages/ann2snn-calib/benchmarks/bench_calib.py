@@ -6,9 +6,13 @@ activation. The reference column does what the anchor's percentile hook does, ``
 copy of the whole activation; ``torch.quantile`` is shown where it accepts the size (at most 2**24).
 All candidates of one size run interleaved, repeat after repeat, and each figure is a median.
 
-    python bench_calib.py                  # full run, about 2 minutes on 2 cores
+    python bench_calib.py                  # full run, about a minute (one torch thread, CPU-time clock)
     python bench_calib.py --quick          # seconds, for smoke tests
     python bench_calib.py --markdown out.md
+    python bench_calib.py --threads 2 --clock wall   # wall time with two threads, on a quiet machine
+
+By default one torch thread runs and the clock is the process's CPU time: on a shared machine that
+measures the work each call does, where wall time mostly measures the other jobs.
 """
 
 from __future__ import annotations
@@ -115,16 +119,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--markdown", metavar="PATH", help="also write the section as markdown to PATH")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
-        default="wall",
-        help="wall: perf_counter; cpu: this process's CPU time, steadier on a shared machine with --threads 1",
+        default="cpu",
+        help="cpu (default): this process's CPU time, the work done, steady on a shared machine with one "
+        "thread; wall: perf_counter, for a quiet machine or several threads",
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     columns, vs_max, vs_conv = run(args.quick, clock)
     clock_name = "wall" if args.clock == "wall" else "process CPU-time"
