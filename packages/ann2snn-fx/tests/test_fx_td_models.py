@@ -195,3 +195,26 @@ def test_hugging_face_gpt2_causal(attn_implementation: str) -> None:
     converted = " ".join(r.op for r in snn.report.converted)
     assert "torch.addmm" in converted  # GPT-2's Conv1D
     assert "torch.pow" in converted  # its tanh-GELU written by hand
+
+
+class HeadsWithNegativeDims(nn.Module):
+    """Multi-head attention whose reshapes keep the leading dims (x.shape[:-1]): the fx path handles it."""
+
+    def __init__(self, width: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        split = x.shape[:-1] + (self.heads, -1)  # noqa: RUF005 - unpacking a Proxy does not trace
+        q, k, v = (t.reshape(split).transpose(-3, -2) for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v
+        return self.proj(out.transpose(-3, -2).reshape(x.shape))
+
+
+def test_multi_head_attention_with_negative_dims_fx_path() -> None:
+    torch.manual_seed(0)
+    ann = HeadsWithNegativeDims().double().eval()
+    gm = replace_by_td_operators(ann, strict=True)
+    x = torch.randn(4, 2, 5, 12, dtype=torch.float64)
+    _assert_cumulative(gm(x), [ann(c) for c in x.cumsum(0)], torch.float64)

@@ -34,6 +34,7 @@ class _Kind(enum.Enum):
     TIME = "time"  # a [T, ...] differential sequence
     TIME_SEQ = "time_seq"  # a tuple/list holding [T, ...] sequences (MHA output, split, chunk)
     SHAPE = "shape"  # the shape of a time sequence: constant, but its leading entries count T
+    SHAPE_PREFIX = "shape_prefix"  # x.shape[:-k] (+ literal sizes): keeps [T, B, ...], valid for view/reshape
 
 
 def td_impulse(constant: Any, reference: torch.Tensor) -> torch.Tensor:
@@ -359,7 +360,17 @@ class _Pass:
                 self.issue(
                     node, f"shape{_index_repr(index)} of a [T, ...] time sequence counts the time axis"
                 )
-            self.kinds[node] = _Kind.CONST
+            prefix = isinstance(index, slice) and index.start is None and index.step is None
+            self.kinds[node] = _Kind.SHAPE_PREFIX if prefix else _Kind.CONST
+            return True
+        if (
+            key is operator.add
+            and isinstance(x, fx.Node)
+            and self.kinds.get(x) is _Kind.SHAPE_PREFIX
+            and isinstance(args[1], tuple)
+            and self.kind(args[1]) is _Kind.CONST
+        ):
+            self.kinds[node] = _Kind.SHAPE_PREFIX
             return True
         if not self.is_time(x):
             return False
@@ -528,7 +539,16 @@ class _Pass:
             value = read_arg(args, kwargs, index + (1 if isinstance(key, str) else 0), name, default)
             self.check_dims(node, _dims_of(value) or [value])
         elif key in _SHAPE_WITH_SIZES:
-            self.issue(node, "reshape/permute/expand with explicit sizes sees the extra leading time axis")
+            sizes = args[1:]
+            prefix = (
+                len(sizes) == 1
+                and isinstance(sizes[0], fx.Node)
+                and self.kinds.get(sizes[0]) in (_Kind.SHAPE, _Kind.SHAPE_PREFIX)
+            )
+            if not (prefix and key in ("view", "reshape", torch.reshape)):
+                self.issue(
+                    node, "reshape/permute/expand with explicit sizes sees the extra leading time axis"
+                )
         elif key in _DROPOUT:
             p = read_arg(args, kwargs, 1, "p", 0.5)
             training = read_arg(args, kwargs, 2, "training", True)
