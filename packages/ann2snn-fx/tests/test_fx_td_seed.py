@@ -297,3 +297,17 @@ def test_untraceable_models_point_to_td_time_folded() -> None:
 
     with pytest.raises(TraceError, match="convert with TDTimeFolded"):
         replace_by_td_operators(Branchy())
+
+
+def test_gradients_of_the_converted_graph_match_the_ann() -> None:
+    torch.manual_seed(0)
+    ann = Block().double().eval()
+    gm = replace_by_td_operators(ann)
+    x = torch.randn(4, 2, 3, 8, dtype=torch.float64)
+    gm(x).sum().backward()  # sum over time = the ANN's output on the summed input
+    ann(x.sum(0)).sum().backward()
+    grads = dict(gm.named_parameters())
+    torch.testing.assert_close(grads["fc.weight"].grad, ann.fc.weight.grad)
+    torch.testing.assert_close(grads["ln.bias"].grad, ann.ln.bias.grad)
+    packed = torch.cat([grads[f"attn.{p}_proj.weight"].grad for p in "qkv"])
+    torch.testing.assert_close(packed, ann.attn.in_proj_weight.grad)
