@@ -102,7 +102,7 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
         return x.min()
     if _block_size(n, k) == 0:
         # One quickselect; this is the path of the block maxima, a small share of the data.
-        return torch.kthvalue(x, n - k + 1).values
+        return torch.kthvalue(_wide(x), n - k + 1).values.to(x.dtype)
     return torch.topk(_top_values(x, k)[0], k, sorted=False).values.min()
 
 
@@ -127,7 +127,7 @@ def _top_values(x: Tensor, k: int) -> tuple[Tensor, bool]:
             return x[:k], True
         if n <= _TOPK_MAX:
             return torch.topk(x, k, sorted=False).values, False
-        t = pair_central(x, n - k, n - k)[0]
+        t = pair_central(_wide(x), n - k, n - k)[0].to(x.dtype)
         above = x[x > t]
         return torch.cat([above, t.to(x.dtype).expand(k - above.numel())]), False
     nb = n // b
@@ -198,14 +198,14 @@ def pair_local(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, bool]:
     """
     n = x.numel()
     if n <= _SMALL:
-        s = torch.sort(x).values
+        s = torch.sort(_wide(x)).values
         return s[lo], s[hi], has_nan(s[-1:])
     k_up = n - lo
     k_down = hi + 1
     if _block_size(n, min(k_up, k_down)) == 0:
         if has_nan(x):
             return x[0], x[0], True
-        a, b = pair_central(x, lo, hi)
+        a, b = pair_central(_wide(x), lo, hi)
         return a, b, False
     if k_up <= k_down:
         # The candidates' k_up largest are x's k_up largest: x[lo] has ascending rank c - k_up among them.
@@ -218,7 +218,7 @@ def pair_local(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor, bool]:
         r = lo
     if nan:
         return vals[0], vals[0], True
-    a, b = _two_ranks(vals, r, r + (hi - lo))
+    a, b = _two_ranks(_wide(vals), r, r + (hi - lo))
     return a, b, False
 
 
@@ -285,6 +285,11 @@ def pair_central(x: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     # The sample misled us (an adversarial order): exact selection over everything.
     v_lo = torch.kthvalue(x, lo + 1).values
     return v_lo, v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
+
+
+def _wide(x: Tensor) -> Tensor:
+    """float16/bfloat16 upcast to float32 for ``kthvalue``/``sort`` (not every backend selects in them)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def has_nan(x: Tensor) -> bool:
