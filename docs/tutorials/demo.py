@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    args.out = args.out.resolve()  # print absolute paths
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
