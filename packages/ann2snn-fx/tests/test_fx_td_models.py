@@ -218,3 +218,31 @@ def test_multi_head_attention_with_negative_dims_fx_path() -> None:
     gm = replace_by_td_operators(ann, strict=True)
     x = torch.randn(4, 2, 5, 12, dtype=torch.float64)
     _assert_cumulative(gm(x), [ann(c) for c in x.cumsum(0)], torch.float64)
+
+
+def _zoo(name: str) -> tuple[nn.Module, str, tuple[int, ...]]:
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    if name == "vit":
+        config = transformers.ViTConfig(hidden_size=32, image_size=16, patch_size=4, **small)
+        return transformers.ViTModel(config), "pixel_values", (3, 16, 16)
+    if name == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
+        return transformers.DistilBertModel(config), "inputs_embeds", (7, 32)
+    # grouped-query attention, rotary embeddings, RMSNorm computed in float32, SiLU-gated MLP
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_key_value_heads=2, max_position_embeddings=32, **small
+    )
+    return transformers.LlamaModel(config), "inputs_embeds", (7, 32)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), [("vit", torch.float64), ("distilbert", torch.float64), ("llama", torch.float32)]
+)
+def test_hugging_face_zoo(name: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model, key, shape = _zoo(name)
+    model = model.to(dtype).eval()
+    snn = TDTimeFolded(model, time_inputs={key}, strict=True)
+    x = torch.randn(3, 2, *shape, dtype=dtype)
+    out = snn(**{key: x}).last_hidden_state
+    _assert_cumulative(out, [model(**{key: c}).last_hidden_state for c in x.cumsum(0)], dtype)

@@ -246,8 +246,11 @@ def _cat(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         raise _Unsupported("concatenation along the time-folded batch dim")
     if func is torch.stack and dim % (reference.dim() + 1) == 0:
         raise _Unsupported("stacking along the time-folded batch dim")
-    fixed = [t if mode.is_time(t) else mode.impulse(t, reference) for t in tensors]
-    if any(a is not b for a, b in zip(fixed, tensors, strict=True)):
+    # an empty constant (a fresh cache, the legacy 1-D [0] tensor) contributes nothing
+    fixed = [
+        t if mode.is_time(t) else mode.impulse(t, reference) for t in tensors if mode.is_time(t) or t.numel()
+    ]
+    if len(fixed) != len(tensors) or any(a is not b for a, b in zip(fixed, tensors, strict=True)):
         mode.done(func, "constant members placed at t = 0 only")
     rest = {k: v for k, v in kwargs.items() if k != "tensors"}
     return func(fixed, *args[1:], **rest)
@@ -386,8 +389,12 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     dropout_p = read_arg(args, kwargs, 4, "dropout_p", 0.0)
     is_causal = read_arg(args, kwargs, 5, "is_causal", False)
     scale = read_arg(args, kwargs, 6, "scale", None)
-    if read_arg(args, kwargs, 7, "enable_gqa", False):
-        raise _Unsupported("enable_gqa=True")
+    if read_arg(args, kwargs, 7, "enable_gqa", False) and k.shape[-3] != q.shape[-3]:
+        # grouped-query attention: each key/value head serves q_heads / kv_heads query heads
+        if q.shape[-3] % k.shape[-3]:
+            raise _Unsupported("enable_gqa=True with query heads not a multiple of key/value heads")
+        groups = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     if dropout_p != 0.0:
         raise _Unsupported("attention dropout draws a different mask at every time step")
     if mode.is_time(mask):
