@@ -146,7 +146,7 @@ def rows_percentile(
     if group is None and m == total:
         # Every value is here: per-row selection.
         a, b = rows_pair(rows.to(dtype), lo, hi)
-        out = torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
+        out = lerp(a, b, gamma)
     else:
         k = k_up if side == "top" else k_down
         # The same decision on every rank: k, c and `complete` agree across the group.
@@ -186,7 +186,7 @@ def _gathered_rows(
         a, b = ordered[:, total - 1 - lo], ordered[:, total - 1 - hi]
     else:
         a, b = ordered[:, lo], ordered[:, hi]
-    return torch.stack([lerp(a[i], b[i], gamma) for i in range(c)])
+    return lerp(a, b, gamma)
 
 
 def _radix_rows(rows: Tensor, lo: int, hi: int, gamma: float, dtype: torch.dtype, group: Any) -> Tensor:
