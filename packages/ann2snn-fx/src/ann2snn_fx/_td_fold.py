@@ -680,6 +680,8 @@ class TDTimeFolded(nn.Module):
     ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation).
     Anything else touching time-varying data is recorded in :attr:`report` (and raises with
     ``strict=True``): ops on the folded batch dim, dropout in training mode, unconverted nonlinearities.
+    A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
+    step separately, so the equivalence then holds to that precision.
 
     Args:
         ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
