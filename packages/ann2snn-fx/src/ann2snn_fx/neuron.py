@@ -215,32 +215,42 @@ class IFNode(nn.Module):
         self.v = v
         return spike
 
+    def _sequence_fast_path_ok(self, x_seq: torch.Tensor) -> bool:
+        differentiable = torch.is_grad_enabled() and x_seq.requires_grad
+        return (
+            not self.training
+            and not differentiable
+            and not self.store_v_seq
+            and self.v_reset is None
+            and not isinstance(self.v_threshold, torch.Tensor)
+        )
+
+    def _inference_sequence(self, x_seq: torch.Tensor, input_scale: float | None = None) -> torch.Tensor:
+        """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output, optionally
+        integrating ``input_scale * x`` (a fused input scaler)."""
+        threshold = float(self.v_threshold)
+        out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+        v = self._prepare_v(x_seq[0])
+        if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
+            v = v.detach().clone()
+        for t in range(x_seq.shape[0]):
+            if input_scale is None:
+                v.add_(x_seq[t])
+            else:
+                v.add_(x_seq[t], alpha=input_scale)
+            torch.ge(v, threshold, out=out[t])
+            v.sub_(out[t], alpha=threshold)
+        self.v = v
+        return out
+
     def multi_step_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Loop :meth:`single_step_forward` over the leading time axis of ``x_seq`` (``[T, N, *]``)."""
         if x_seq.dim() < 1 or x_seq.shape[0] == 0:
             raise ValueError(
                 f"multi-step input must have a non-empty leading time dimension, but got shape {tuple(x_seq.shape)}."
             )
-        threshold = self.v_threshold
-        differentiable = torch.is_grad_enabled() and x_seq.requires_grad
-        if (
-            not self.training
-            and not differentiable
-            and not self.store_v_seq
-            and self.v_reset is None
-            and not isinstance(threshold, torch.Tensor)
-        ):
-            # Inference fast path: spikes are written straight into the output, no per-step allocation.
-            out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-            v = self._prepare_v(x_seq[0])
-            if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
-                v = v.detach().clone()
-            for t in range(x_seq.shape[0]):
-                v.add_(x_seq[t])
-                torch.ge(v, threshold, out=out[t])
-                v.sub_(out[t], alpha=threshold)
-            self.v = v
-            return out
+        if self._sequence_fast_path_ok(x_seq):
+            return self._inference_sequence(x_seq)
         spikes = []
         v_seq = []
         for t in range(x_seq.shape[0]):

@@ -8,13 +8,59 @@ import torch
 from torch import fx, nn
 from torch.fx.node import map_arg
 
-from ann2snn_fx.neuron import reset_net
+from ann2snn_calib import VoltageScaler
+from ann2snn_fx.neuron import IFNode, reset_net
 
 __all__ = ["MultiStepSNN", "run_snn"]
 
 
 def _is_stateful(module: nn.Module) -> bool:
     return callable(getattr(module, "multi_step_forward", None))
+
+
+def _scalar_scaler(module: Any) -> float | None:
+    if isinstance(module, VoltageScaler) and module.scale.numel() == 1 and module.scale.is_floating_point():
+        return float(module.scale)
+    return None
+
+
+def _fusable_blocks(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, fx.Node]]:
+    """``neuron node -> (scaler0 node, scaler1 node)`` for chains ``VoltageScaler -> IFNode -> VoltageScaler``
+    with scalar scales and single users, which the multi-step execution runs as one fused loop."""
+    modules = dict(gm.named_modules())
+    blocks = {}
+    for node in gm.graph.nodes:
+        if (
+            node.op != "call_module"
+            or not isinstance(modules.get(node.target), IFNode)
+            or len(node.args) != 1
+        ):
+            continue
+        first = node.args[0]
+        users = list(node.users)
+        if (
+            not isinstance(first, fx.Node)
+            or first.op != "call_module"
+            or len(first.users) != 1
+            or len(users) != 1
+        ):
+            continue
+        last = users[0]
+        if (
+            last.op != "call_module"
+            or len(last.args) != 1
+            or last.kwargs
+            or first.kwargs
+            or len(first.args) != 1
+        ):
+            continue
+        if (
+            _scalar_scaler(modules.get(first.target)) is None
+            or _scalar_scaler(modules.get(last.target)) is None
+        ):
+            continue
+        blocks[node] = (first, last)
+    return blocks
 
 
 class _MultiStepInterpreter(fx.Interpreter):
@@ -24,6 +70,10 @@ class _MultiStepInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, time_steps: int) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.time_steps = time_steps
+        blocks = _fusable_blocks(gm) if not torch.is_grad_enabled() else {}
+        self.fused_in = {first: neuron for neuron, (first, _) in blocks.items()}
+        self.fused_neurons = {neuron: first for neuron, (first, _) in blocks.items()}
+        self.fused_out = {last: neuron for neuron, (_, last) in blocks.items()}
         self.temporal: dict[fx.Node, bool] = {}
         self.batch: dict[fx.Node, bool] = {}
         self.expanded: dict[fx.Node, Any] = {}
@@ -57,6 +107,15 @@ class _MultiStepInterpreter(fx.Interpreter):
         kwargs = map_arg(n.kwargs, lambda a: self._fetch(a, temporal_in))
         assert isinstance(args, tuple)
         assert isinstance(kwargs, dict)
+        if n in self.fused_in:
+            # Fused input scaler: its scale is applied inside the neuron's loop.
+            self.temporal[n] = temporal_in
+            return args[0]
+        if n in self.fused_out and isinstance(args[0], torch.Tensor):
+            self.temporal[n] = temporal_in
+            scale = _scalar_scaler(self.fetch_attr(str(n.target)))
+            assert scale is not None
+            return args[0].mul_(scale)  # the neuron's spike buffer has no other reader
         if n.op == "call_module":
             module = self.fetch_attr(str(n.target))
             if _is_stateful(module):
@@ -71,6 +130,12 @@ class _MultiStepInterpreter(fx.Interpreter):
                 else:
                     x_seq = x.unsqueeze(0).expand(t, *x.shape)
                 self.temporal[n] = True
+                first = self.fused_neurons.get(n)
+                if first is not None and isinstance(module, IFNode) and module._sequence_fast_path_ok(x_seq):
+                    scale = _scalar_scaler(self.fetch_attr(str(first.target)))
+                    return module._inference_sequence(x_seq, input_scale=scale).flatten(0, 1)
+                if first is not None:
+                    x_seq = x_seq * _scalar_scaler(self.fetch_attr(str(first.target)))  # type: ignore[operator]
                 return module.multi_step_forward(x_seq).flatten(0, 1)
         self.temporal[n] = temporal_in
         return getattr(self, n.op)(n.target, args, kwargs)
