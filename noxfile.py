@@ -81,6 +81,16 @@ def _install(session: nox.Session, *args: str) -> None:
     session.install("-c", CONSTRAINTS, *args)
 
 
+def _install_ours(session: nox.Session, ours: list[str], *others: str) -> None:
+    """Install our packages (folders or wheels) and ``others``.
+
+    Venvs are reused and our versions change without a bump between commits, so our packages are
+    force-reinstalled first: pip would otherwise keep a stale build of the same version.
+    """
+    _install(session, "--force-reinstall", "--no-deps", *ours)
+    _install(session, *ours, *others)
+
+
 @nox.session(python=PYTHON)
 @nox.parametrize("package", list(PACKAGES), ids=list(PACKAGES))
 def tests(session: nox.Session, package: str) -> None:
@@ -91,8 +101,7 @@ def tests(session: nox.Session, package: str) -> None:
     """
     dist = PACKAGES[package]
     local = [str(_pkg_dir(d)) for d in [*_siblings(dist), dist]]
-    _install(session, "--force-reinstall", "--no-deps", *local)
-    _install(session, *local, *_test_group(dist))
+    _install_ours(session, local, *_test_group(dist))
     session.run("pytest", str(_pkg_dir(dist) / "tests"), *session.posargs)
 
 
@@ -140,12 +149,12 @@ def integration(session: nox.Session, scenario: str) -> None:
     # Install by file, so a same-named release on an index can never stand in for the wheels just built.
     built = {dist: next(wheels.glob(dist.replace("-", "_") + "-*.whl")) for dist in PACKAGES.values()}
     if scenario == "ops-only":
-        _install(session, str(built["ann2snn-ops"]), "pytest")
+        _install_ours(session, [str(built["ann2snn-ops"])], "pytest")
         session.run("pytest", str(ROOT / "tests-integration" / "ops_only"), *session.posargs)
     else:
-        _install(
+        _install_ours(
             session,
-            *(str(w) for w in built.values()),
+            [str(w) for w in built.values()],
             "pytest",
             "numpy",
             "scikit-learn",
@@ -215,8 +224,7 @@ def minimums(session: nox.Session) -> None:
                 pins.append(str(path))
         if not pins:
             continue
-        _install(session, "--force-reinstall", "--no-deps", *pins, str(_pkg_dir(dist)))
-        _install(session, *pins, str(_pkg_dir(dist)), *_test_group(dist))
+        _install_ours(session, [*pins, str(_pkg_dir(dist))], *_test_group(dist))
         session.run("pytest", str(_pkg_dir(dist) / "tests"), *session.posargs)
 
 
@@ -271,7 +279,7 @@ def demo(session: nox.Session) -> None:
     script = ROOT / "docs" / "tutorials" / "demo.py"
     if not script.exists():
         session.error("the demo is not written yet (see the project's issue tracker)")
-    _install(session, *(str(_pkg_dir(d)) for d in PACKAGES.values()), "scikit-learn", "matplotlib")
+    _install_ours(session, [str(_pkg_dir(d)) for d in PACKAGES.values()], "scikit-learn", "matplotlib")
     out = os.environ.get("ANN2SNN_DEMO_OUT", str(ROOT / "demo-output"))
     session.run("python", str(script), "--out", out, *session.posargs)
 
@@ -279,7 +287,7 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Every package's benchmarks, side by side in one run; one markdown report in docs/benchmarks.md."""
-    _install(session, *(str(_pkg_dir(d)) for d in PACKAGES.values()), "numpy", "requests")
+    _install_ours(session, [str(_pkg_dir(d)) for d in PACKAGES.values()], "numpy", "requests")
     # SpikingJelly 2.0.0 as the peer to beat; --no-deps keeps it from resolving its own torch.
     session.install("--no-deps", "spikingjelly==2.0.0")
     scripts = sorted(PACKAGES_DIR.glob("*/benchmarks/bench_*.py"))
