@@ -188,7 +188,6 @@ def test_function_that_returns_its_input_view_keeps_gradients() -> None:
     x7 = _x((7, 3), 3)
     with torch.no_grad():  # the chunked inference path reuses its buffers: views must be copied
         torch.testing.assert_close(TDFunction(lambda t: t.view(t.shape))(x7), x7)
-        torch.testing.assert_close(TDFunction(lambda t: t.mul_(2))(x7), 2 * x7)
 
 
 def test_function_reducing_trailing_dims() -> None:

@@ -123,12 +123,12 @@ def td_chunked(
     t_len = inputs[0].shape[0]
     acc = accumulation_dtype(inputs[0].dtype)
     k = -(-t_len // chunks)
-    # One [k, ...] buffer per distinct input, reused by every chunk: step 0 of a chunk continues from the
-    # last step of the previous chunk, which is still in the buffer.
+    # One [k, ...] buffer per distinct input, reused by every chunk.
     distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
     buffers: dict[int, torch.Tensor] = {
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
+    carry: dict[int, torch.Tensor] = {}  # running sum after the previous chunk (fn may write into buffers)
     prev_y: torch.Tensor | None = None
     out: torch.Tensor | None = None
     for t0 in range(0, t_len, k):
@@ -139,9 +139,11 @@ def td_chunked(
             if t0 == 0:
                 buf[0].copy_(x[0])
             else:
-                torch.add(buf[k - 1], x[t0], out=buf[0])
+                torch.add(carry[i], x[t0], out=buf[0])
             for t in range(1, n):
                 torch.add(buf[t - 1], x[t0 + t], out=buf[t])
+            if t1 < t_len:
+                carry[i] = buf[n - 1].clone()
         y = fn(*(buffers[j][:n] for j in distinct), *(a[t0:t1] for a in time_sliced))
         if any(_shares_memory(y, buf) for buf in buffers.values()):  # a view of (or written into) a buffer
             y = y.clone()

@@ -14,8 +14,9 @@ __all__ = ["TDFunction"]
 class TDFunction(TDModule):
     """Temporal-difference wrapper of a function: ``Y.cumsum(0)[t] == fn(X.cumsum(0)[t])``.
 
-    ``fn`` is called once on the whole cumulative ``[T, ...]`` tensor, so it must act on each time step
-    independently (pointwise functions, or reductions/normalisations over trailing dimensions). The same
+    ``fn`` is called on cumulative ``[k, ...]`` blocks of time steps, so it must act on each time step
+    independently (pointwise functions, or reductions/normalisations over trailing dimensions), and it must
+    not modify its input in place (the cumulative input is kept for backward and streaming). The same
     input checks, float32 accumulation for half inputs (``fn`` then sees float32; the output is cast back),
     memory-lean autograd and streaming mode as the built-in operators apply.
 
