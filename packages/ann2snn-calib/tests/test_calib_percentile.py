@@ -118,6 +118,21 @@ def test_central_selection_survives_a_misleading_sample() -> None:
         assert percentile(x, p).item() == _ref(x, p)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_tail_bound_survives_a_misleading_sample_of_block_maxima(sign: float) -> None:
+    # Only the blocks the strided sample of block maxima looks at are shifted, so the sample's bound
+    # is reached by too few blocks; the count rejects it and the exact bound takes over.
+    n, block = 2_000_000, 64
+    nb = n // block
+    stride = nb // select._BOUND_SAMPLE
+    assert nb > 4 * select._BOUND_SAMPLE
+    x = _data("normal", n, seed=10).view(nb, block)
+    x[::stride] += sign * 100
+    x = x.reshape(-1)
+    for p in [0.1, 99.9]:
+        assert percentile(x, p).item() == _ref(x, p)
+
+
 @pytest.mark.slow
 def test_more_than_2_pow_24_elements() -> None:
     n = (1 << 24) + 3

@@ -43,6 +43,8 @@ _SMALL = 4096
 _TOPK_MAX = 1 << 18
 # Size of the strided sample that brackets central ranks.
 _SAMPLE = 1 << 16
+# Size of the strided sample of block maxima that bounds tail ranks.
+_BOUND_SAMPLE = 1 << 12
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,15 +137,41 @@ def _top_values(x: Tensor, k: int) -> tuple[Tensor, bool]:
     bmax = blocks.amax(dim=1)
     if has_nan(bmax) or (n > nb * b and has_nan(x[nb * b :])):
         return x[:k], True
-    # k blocks have a maximum >= t, so the k-th largest element is >= t, and every element >= t lies in
-    # a block whose maximum is >= t: those blocks' elements >= t contain the k largest.
-    t = kth_largest(bmax, k)
-    idx = (bmax >= t).nonzero().squeeze(1)
+    # If at least k blocks have a maximum >= t, the k-th largest element is >= t, and every element >= t
+    # lies in a block whose maximum is >= t: those blocks' elements >= t contain the k largest.
+    t, chosen = _block_bound(bmax, k)
+    idx = chosen.nonzero().squeeze(1)
     cand = blocks.index_select(0, idx).reshape(-1)
     tail = x[blocks.numel() :]
     if tail.numel():
         cand = torch.cat([cand, tail])
-    return cand[cand >= t], False
+    # Keep the candidates above t and stand in for those equal to t with copies: under heavy ties at t
+    # (the zeros of a ReLU) this keeps the set small.
+    above = cand[cand > t]
+    if above.numel() >= k:
+        return above, False
+    return torch.cat([above, t.expand(k - above.numel())]), False
+
+
+def _block_bound(bmax: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """A value ``t`` reached by at least ``k`` of the block maxima, and the mask of the blocks reaching it.
+
+    The exact k-th largest block maximum is the tightest such ``t`` but costs a selection over all block
+    maxima; a value a little below it, read from a strided sample, serves as well (a few more blocks are
+    gathered) once one comparison confirms that at least ``k`` blocks reach it.
+    """
+    nb = bmax.numel()
+    if nb > 4 * _BOUND_SAMPLE:
+        sample = bmax[:: nb // _BOUND_SAMPLE]
+        m = sample.numel()
+        expected = k * m / nb  # rank of the k-th largest block maximum within the sample
+        j = min(m, math.ceil(expected + 4.0 * math.sqrt(expected) + 8))
+        t = torch.kthvalue(_wide(sample), m - j + 1).values.to(bmax.dtype)
+        chosen = bmax >= t
+        if int(torch.count_nonzero(chosen).item()) >= k:
+            return t, chosen
+    t = kth_largest(bmax, k)
+    return t, bmax >= t
 
 
 def _order_keys(x: Tensor) -> tuple[Tensor, int]:
