@@ -22,6 +22,17 @@ class Fn(nn.Module):
         return self.fn(self, *xs)
 
 
+def _inplace_ops(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = x * 1.0
+    y += x  # time + time
+    y += m.w  # constant: at t = 0
+    y -= 0.5
+    y *= 2.0
+    y.mul_(x)  # time * time -> TDMul
+    y /= 4.0
+    return y
+
+
 def _equivalent(ann: nn.Module, x: torch.Tensor, atol: float = 1e-9) -> TDTimeFolded:
     snn = TDTimeFolded(ann, strict=True)
     out = snn(x)
@@ -41,6 +52,7 @@ def _equivalent(ann: nn.Module, x: torch.Tensor, atol: float = 1e-9) -> TDTimeFo
         lambda m, x: torch.stack([x, m.w.expand_as(x)], dim=1).sum(1),
         lambda m, x: F.softmax(x.unsqueeze(1).expand(-1, 3, -1), dim=2).mean(1),
         lambda m, x: x.reshape(-1, 5).view(x.shape).flatten(1),
+        lambda m, x: _inplace_ops(m, x),
         lambda m, x: torch.exp(x) + x.pow(3) + F.softplus(x, beta=2.0) + x.clamp(-0.5, 0.5),
         lambda m, x: torch.addmm(m.w, x, m.w.detach().view(5, 1).expand(5, 5)).type(torch.float64),
         lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),

@@ -278,6 +278,29 @@ def _add(sign: int, reverse: bool = False) -> _Handler:
     return handler
 
 
+def _inplace(kind: str) -> _Handler:
+    """In-place add/sub/mul/div on a time-varying tensor (``x += residual``, ``x *= scale``)."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x, other = args[0], read_arg(args, kwargs, 1, "other", None)
+        if not mode.is_time(x):
+            raise _Unsupported("an in-place op that makes a constant tensor time-varying")
+        if kind in ("add", "sub"):
+            if mode.is_time(other):
+                return func(*args, **kwargs)
+            scale = kwargs.get("alpha", 1) * (1 if kind == "add" else -1)
+            mode.done(func, "constant added at t = 0 only")
+            return mode.add_at_t0_(x, other * scale)
+        if mode.is_time(other):
+            if kind == "div":
+                raise _Unsupported("division by a time-varying tensor is a nonlinearity")
+            mode.done(func, "-> TDMul")
+            return x.copy_(mode.td(TDMul(), *torch.broadcast_tensors(x, other)))
+        return func(*args, **kwargs)
+
+    return handler
+
+
 def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     a, b = args[0], read_arg(args, kwargs, 1, "other", None)
     if mode.is_time(a) and mode.is_time(b):
@@ -554,6 +577,14 @@ _HANDLERS.update(
         F.scaled_dot_product_attention: _sdpa,
         F.dropout: _dropout,
         Tensor.masked_fill: _masked_fill,
+        Tensor.add_: _inplace("add"),
+        Tensor.__iadd__: _inplace("add"),
+        Tensor.sub_: _inplace("sub"),
+        Tensor.__isub__: _inplace("sub"),
+        Tensor.mul_: _inplace("mul"),
+        Tensor.__imul__: _inplace("mul"),
+        Tensor.div_: _inplace("div"),
+        Tensor.__itruediv__: _inplace("div"),
         torch.addmm: _addmm,
         torch.masked_fill: _masked_fill,
     }
