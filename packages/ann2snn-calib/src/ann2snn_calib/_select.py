@@ -13,9 +13,11 @@ How the two order statistics are found (no sort of the whole tensor, no host cop
   largest block maximum ``t`` is a guaranteed lower bound of the k-th largest element (k blocks hold at
   least one element ``>= t`` each), and every element ``>= t`` lives in a block whose maximum is ``>= t``.
   Gathering those blocks and keeping their elements ``>= t`` leaves a few more than ``k`` candidates that
-  provably contain the k largest values; an exact ``topk`` on that small set finishes. The k-th largest
-  block maximum is found by the same method, recursively. No fallback is needed: the bound always holds.
-  Low ranks run the same method on ``-x``.
+  provably contain the k largest values; an exact selection on that small set finishes. Any ``t`` that
+  at least k block maxima reach works the same way, so ``t`` is read from a strided sample of the block
+  maxima, a little below the estimated k-th largest, and one count confirms it (the exact k-th largest
+  block maximum is the fallback). Candidates equal to ``t`` are compacted, so heavy ties (a ReLU's zeros)
+  stay cheap. Low ranks run the same method on ``-x``.
 * **Central ranks** (e.g. the median): a strided sample brackets the ranks, one pass counts and keeps the
   elements inside the bracket, and the counts verify it (an exact ``kthvalue`` over everything is the
   fallback when they do not); see :func:`pair_central`.
