@@ -95,7 +95,9 @@ class VoltageHook(nn.Module):
     as if the batches of all ranks were concatenated: maxima by an all-reduce, percentiles exactly by
     gathering each rank's extreme candidates (or, past a few million candidates, an exact radix selection
     with all-reduced histograms). Every rank therefore ends with identical scales however the data is
-    sharded. All ranks must call the hook the same number of times. ``sync=False`` disables this.
+    sharded. All ranks of the group must call the hook the same number of times: when only some ranks
+    calibrate (say rank 0 of a training job), pass ``sync=False`` or the calling ranks wait for the others
+    forever.
 
     State lives in buffers, on the device of the last activation: ``scale`` (float32 for float16,
     bfloat16 and float32 activations, float64 for float64; the initial value keeps ``torch.as_tensor``'s
