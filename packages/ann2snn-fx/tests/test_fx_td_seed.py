@@ -311,3 +311,13 @@ def test_gradients_of_the_converted_graph_match_the_ann() -> None:
     torch.testing.assert_close(grads["ln.bias"].grad, ann.ln.bias.grad)
     packed = torch.cat([grads[f"attn.{p}_proj.weight"].grad for p in "qkv"])
     torch.testing.assert_close(packed, ann.attn.in_proj_weight.grad)
+
+
+def test_converting_twice_changes_nothing() -> None:
+    torch.manual_seed(0)
+    ann = Block().eval()
+    once = replace_by_td_operators(ann, strict=True)
+    twice = replace_by_td_operators(once, strict=True)
+    assert twice.td_report.converted == []
+    x = torch.randn(3, 2, 3, 8)
+    torch.testing.assert_close(twice(x), once(x))

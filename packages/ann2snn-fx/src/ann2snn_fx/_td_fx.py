@@ -20,7 +20,9 @@ from ann2snn_ops import (
     TDGELU,
     TDFunction,
     TDMatMul,
+    TDModule,
     TDMul,
+    TDMultiheadAttention,
     TDScaledDotProductAttention,
     TDSiLU,
     TDSoftmax,
@@ -428,7 +430,9 @@ class _Pass:
             return
         self.kinds[node] = _Kind.TIME
         module = self.gm.get_submodule(target)
-        if isinstance(module, nn.Identity):
+        if isinstance(module, nn.Identity | TDModule):  # TDModule: already a TD operator (converting twice)
+            if isinstance(module, TDMultiheadAttention):
+                self.kinds[node] = _Kind.TIME_SEQ
             return
         if isinstance(module, nn.modules.dropout._DropoutNd):
             if module.training and module.p > 0:
@@ -701,6 +705,16 @@ class _BoundPointwise:
         return f"{name}({', '.join(['x', *extra])})"
 
 
+def _td_leaves(tracer_class: type[fx.Tracer]) -> type[fx.Tracer]:
+    """``tracer_class`` that also keeps TD operators (a model converted before) as leaves."""
+
+    class _Tracer(tracer_class):  # type: ignore[valid-type,misc]
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            return isinstance(m, TDModule) or bool(super().is_leaf_module(m, module_qualified_name))
+
+    return _Tracer
+
+
 def _resolve_device(ann: nn.Module, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -722,7 +736,7 @@ def replace_by_td_operators_fx(
     target_device = _resolve_device(ann, device)
     training = {name: module.training for name, module in ann.named_modules()}
     model = copy.deepcopy(ann)
-    tracer = tracer_class()
+    tracer = _td_leaves(tracer_class)()
     try:
         graph = tracer.trace(model)
     except TraceError as error:
