@@ -436,3 +436,42 @@ def test_per_channel_percentile_on_large_channels(p: float, relu: bool) -> None:
     hook(x)
     ref = np.percentile(x.transpose(0, 1).reshape(3, -1).numpy(), p, axis=1)
     assert torch.equal(hook.scale, torch.from_numpy(ref))
+
+
+@pytest.mark.parametrize("p", [0, 0.1, 1, 5, 50, 95, 99.9, 100])
+@pytest.mark.parametrize(("shape", "channel_dim"), [((8, 3, 32, 32), 1), ((3, 4096), 0), ((16, 5, 512), -2)])
+def test_per_channel_percentile_read_in_place(p: float, shape: tuple[int, ...], channel_dim: int) -> None:
+    # Block lengths divide the trailing size here, so the tails are read from the input without a copy.
+    x = torch.relu(torch.randn(shape, generator=_gen(int(p * 10))))
+    hook = VoltageHook(mode=f"{p}%", channel_dim=channel_dim)
+    hook(x)
+    cd = channel_dim % x.dim()
+    rows = x.movedim(cd, 0).reshape(x.shape[cd], -1).numpy()
+    assert torch.equal(hook.scale, torch.from_numpy(np.percentile(rows, p, axis=1)))
+
+
+def test_per_channel_percentile_flags_nan_channels() -> None:
+    x = torch.randn(8, 3, 32, 32, generator=_gen(0))
+    x[5, 1, 7, 9] = float("nan")
+    for mode in ["99.9%", "0.1%", "50%"]:
+        hook = VoltageHook(mode=mode, channel_dim=1)
+        hook(x)
+        assert hook.scale.isnan().tolist() == [False, True, False]
+        p = float(mode[:-1])
+        for c in (0, 2):
+            assert hook.scale[c].item() == np.percentile(x[:, c].numpy(), p)
+
+
+def test_per_channel_in_place_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ann2snn_calib.modules as modules
+
+    calls: list[tuple[int, ...]] = []
+    original = modules.channel_pair
+
+    def spy(x3: torch.Tensor, *args: object) -> object:
+        calls.append(tuple(x3.shape))
+        return original(x3, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(modules, "channel_pair", spy)
+    VoltageHook(mode="99.9%", channel_dim=1)(torch.rand(8, 3, 32, 32, generator=_gen(0)))
+    assert calls == [(8, 3, 1024)]

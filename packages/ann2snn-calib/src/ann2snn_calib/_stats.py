@@ -105,6 +105,41 @@ def rows_pair(rows: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
     return a, a if hi == lo else -torch.kthvalue(cand, width - hi, dim=1).values
 
 
+def channel_pair(x3: Tensor, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per-channel order statistics ``lo``, ``hi`` of a ``(G, C, L)`` view, read in place (no copy of it).
+
+    Channel ``c``'s values are ``x3[:, c, :]``. Blocks of ``B`` elements run along ``L`` (which ``B`` must
+    divide), so the block extremes come from the view itself and only the ``k`` chosen blocks per channel
+    are gathered, as in :func:`rows_pair`. Returns ``(a, b, nan)`` with ``nan`` flagging channels holding a
+    NaN, or None when the ranks are not tail ranks (the caller then selects on a ``(C, G*L)`` copy).
+    """
+    g, c, length = x3.shape
+    m = g * length
+    k_up, k_down = m - lo, hi + 1
+    top = k_up <= k_down
+    k = k_up if top else k_down
+    b = _block_size(m, k)
+    while b and length % b:
+        b = b // 2 if b > 8 else 0
+    if b == 0:
+        return None
+    nbl = length // b
+    blocks = x3.view(g, c, nbl, b)
+    ext = blocks.amax(dim=3) if top else blocks.amin(dim=3)  # (G, C, nbl); NaN propagates
+    nan = torch.isnan(ext).any(dim=2).any(dim=0) if ext.dtype.is_floating_point else ext.new_zeros(c).bool()
+    per_channel = ext.permute(1, 0, 2).reshape(c, g * nbl)
+    # The k blocks with the most extreme ends hold the channel's k most extreme values (ties included).
+    idx = torch.topk(per_channel, k, dim=1, largest=top, sorted=False).indices
+    rows = torch.arange(c, device=x3.device).unsqueeze(1).expand(c, k)
+    cand = blocks[idx // nbl, rows, idx % nbl].reshape(c, k * b).to(dtype)
+    width = k * b
+    if top:
+        a = torch.kthvalue(cand, width - k_up + 1, dim=1).values
+        return a, a if hi == lo else torch.kthvalue(cand, width - k_up + 2, dim=1).values, nan
+    a = torch.kthvalue(cand, lo + 1, dim=1).values
+    return a, a if hi == lo else torch.kthvalue(cand, hi + 1, dim=1).values, nan
+
+
 def rows_percentile(
     rows: Tensor,
     quantile: float,
@@ -207,4 +242,4 @@ def _radix_rows(rows: Tensor, lo: int, hi: int, gamma: float, dtype: torch.dtype
     return torch.stack(out)
 
 
-__all__ = ["gather_counts", "global_max", "rows_percentile", "rows_top", "world_size"]
+__all__ = ["channel_pair", "gather_counts", "global_max", "rows_percentile", "rows_top", "world_size"]

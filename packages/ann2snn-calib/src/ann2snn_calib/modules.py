@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ann2snn_calib._select import positions, stat_dtype
-from ann2snn_calib._stats import gather_counts, global_max, rows_percentile, rows_top
+from ann2snn_calib._select import lerp, positions, stat_dtype
+from ann2snn_calib._stats import channel_pair, gather_counts, global_max, rows_percentile, rows_top
 
 __all__ = ["VoltageHook", "VoltageScaler"]
 
@@ -225,6 +225,10 @@ class VoltageHook(nn.Module):
 
     def _batch_stat(self, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
         if self._kind == "percentile":
+            if self.channel_dim is not None and group is None and x.is_contiguous():
+                s = self._channel_percentile_in_place(x, dtype)
+                if s is not None:
+                    return s
             return rows_percentile(self._rows(x), self._value, dtype, group)
         if x.numel() == 0:
             # Only reachable in a process group: this rank contributes nothing to the maximum.
@@ -240,6 +244,22 @@ class VoltageHook(nn.Module):
         if group is not None and bool(torch.isinf(s).any().item()) and x.numel() == 0:
             raise ValueError("VoltageHook received only empty tensors across the process group.")
         return s * self._value if self._kind == "fraction" else s
+
+    def _channel_percentile_in_place(self, x: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """Per-channel tail percentiles straight from ``x``'s memory, or None to use a ``(C, M)`` copy."""
+        cd = self._channel_dim(x)
+        channels = x.shape[cd]
+        outer = math.prod(x.shape[:cd])
+        inner = math.prod(x.shape[cd + 1 :])
+        if channels == 0 or outer * inner == 0:
+            return None
+        lo, hi, gamma = positions(outer * inner, self._value)
+        found = channel_pair(x.view(outer, channels, inner), lo, hi, dtype)
+        if found is None:
+            return None
+        a, b, nan = found
+        out = lerp(a, b, gamma)
+        return torch.where(nan, torch.full_like(out, float("nan")), out)
 
     def _observe(self, x: Tensor) -> None:
         group = self._group()
