@@ -108,9 +108,9 @@ def rows_pair(rows: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
 def channel_pair(x3: Tensor, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
     """Per-channel order statistics ``lo``, ``hi`` of a ``(G, C, L)`` view, read in place (no copy of it).
 
-    Channel ``c``'s values are ``x3[:, c, :]``. Blocks of ``B`` elements run along ``L`` (which ``B`` must
-    divide), so the block extremes come from the view itself and only the ``k`` chosen blocks per channel
-    are gathered, as in :func:`rows_pair`. Returns ``(a, b, nan)`` with ``nan`` flagging channels holding a
+    Channel ``c``'s values are ``x3[:, c, :]``. Blocks of ``B`` elements run along ``L`` (the last
+    ``L % B`` of each row are kept as candidates), so the block extremes come from the view itself and
+    only the ``k`` chosen blocks per channel are gathered, as in :func:`rows_pair`. Returns ``(a, b, nan)`` with ``nan`` flagging channels holding a
     NaN, or None when the ranks are not tail ranks (the caller then selects on a ``(C, G*L)`` copy).
     """
     g, c, length = x3.shape
@@ -119,20 +119,25 @@ def channel_pair(x3: Tensor, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tens
     top = k_up <= k_down
     k = k_up if top else k_down
     b = _block_size(m, k)
-    while b and length % b:
-        b = b // 2 if b > 8 else 0
-    if b == 0:
+    nbl = length // b if b else 0
+    if b == 0 or g * nbl < 2 * k:
         return None
-    nbl = length // b
-    blocks = x3.view(g, c, nbl, b)
-    ext = blocks.amax(dim=3) if top else blocks.amin(dim=3)  # (G, C, nbl); NaN propagates
+    blocks = x3.unfold(2, b, b)  # (G, C, nbl, B), a view; the last length % B of each row stay out
+    ext = blocks.amax(dim=3) if top else blocks.amin(dim=3)  # NaN propagates
+    tail = x3[:, :, nbl * b :]
     nan = torch.isnan(ext).any(dim=2).any(dim=0) if ext.dtype.is_floating_point else ext.new_zeros(c).bool()
+    if tail.numel() and tail.dtype.is_floating_point:
+        nan = nan | torch.isnan(tail).any(dim=2).any(dim=0)
     per_channel = ext.permute(1, 0, 2).reshape(c, g * nbl)
-    # The k blocks with the most extreme ends hold the channel's k most extreme values (ties included).
+    # The k blocks with the most extreme ends hold the channel's k most extreme values (ties included);
+    # the ragged tails are candidates as they are.
     idx = torch.topk(per_channel, k, dim=1, largest=top, sorted=False).indices
     rows = torch.arange(c, device=x3.device).unsqueeze(1).expand(c, k)
-    cand = blocks[idx // nbl, rows, idx % nbl].reshape(c, k * b).to(dtype)
-    width = k * b
+    cand = blocks[idx // nbl, rows, idx % nbl].reshape(c, k * b)
+    if tail.numel():
+        cand = torch.cat([cand, tail.permute(1, 0, 2).reshape(c, -1)], dim=1)
+    cand = cand.to(dtype)
+    width = cand.shape[1]
     if top:
         a = torch.kthvalue(cand, width - k_up + 1, dim=1).values
         return a, a if hi == lo else torch.kthvalue(cand, width - k_up + 2, dim=1).values, nan
