@@ -35,13 +35,15 @@ from ann2snn_calib import VoltageHook
 # (label, batch, height = width); 64 output channels.
 FULL = [("1e5", 1, 40), ("1e6", 1, 125), ("1e7", 10, 125), ("2.5e7", 25, 125), ("5e7", 50, 125)]
 QUICK = [("1e4", 1, 12), ("1e5", 1, 40)]
-MODES: list[tuple[str, object, float | None]] = [
-    ("Max", "Max", 0.1),
-    ("0.5 x max", 0.5, 0.1),
-    ("99.9%", "99.9%", 0.1),
-    ("99%", "99%", 0.1),
-    ("50%", "50%", 0.1),
-    ("99.9%, momentum=None", "99.9%", None),
+# (column, mode, momentum, channel_dim)
+MODES: list[tuple[str, object, float | None, int | None]] = [
+    ("Max", "Max", 0.1, None),
+    ("0.5 x max", 0.5, 0.1, None),
+    ("99.9%", "99.9%", 0.1, None),
+    ("99%", "99%", 0.1, None),
+    ("50%", "50%", 0.1, None),
+    ("99.9%, momentum=None", "99.9%", None, None),
+    ("99.9% per channel", "99.9%", 0.1, 1),
 ]
 
 
@@ -56,8 +58,9 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor | None:
 
 def _candidates(conv: nn.Module, inp: torch.Tensor, act: torch.Tensor) -> dict[str, Callable[[], object]]:
     fns: dict[str, Callable[[], object]] = {"conv": partial(conv, inp)}
-    for name, mode, momentum in MODES:
-        fns[name] = partial(VoltageHook(mode=mode, momentum=momentum), act)  # type: ignore[arg-type]
+    for name, mode, momentum, channel_dim in MODES:
+        hook = VoltageHook(mode=mode, momentum=momentum, channel_dim=channel_dim)  # type: ignore[arg-type]
+        fns[name] = partial(hook, act)
     fns["reference np 99.9%"] = partial(_reference_percentile, act, 99.9)
     if act.numel() <= (1 << 24):
         fns["torch.quantile 99.9%"] = partial(_quantile, act, 0.999)
@@ -84,7 +87,7 @@ def run(quick: bool, clock: Callable[[], float]) -> tuple[list[str], list[list[s
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 64, 3, padding=1).eval()
     sizes = QUICK if quick else FULL
-    columns = [name for name, _, _ in MODES] + ["reference np 99.9%", "torch.quantile 99.9%"]
+    columns = [name for name, *_ in MODES] + ["reference np 99.9%", "torch.quantile 99.9%"]
     vs_max: list[list[str]] = []
     vs_conv: list[list[str]] = []
     for label, batch, hw in sizes:
