@@ -110,8 +110,9 @@ def channel_pair(x3: Tensor, lo: int, hi: int, dtype: torch.dtype) -> tuple[Tens
 
     Channel ``c``'s values are ``x3[:, c, :]``. Blocks of ``B`` elements run along ``L`` (the last
     ``L % B`` of each row are kept as candidates), so the block extremes come from the view itself and
-    only the ``k`` chosen blocks per channel are gathered, as in :func:`rows_pair`. Returns ``(a, b, nan)`` with ``nan`` flagging channels holding a
-    NaN, or None when the ranks are not tail ranks (the caller then selects on a ``(C, G*L)`` copy).
+    only the ``k`` chosen blocks per channel are gathered, as in :func:`rows_pair`. Returns
+    ``(a, b, nan)`` with ``nan`` flagging channels holding a NaN, or None when the ranks are not tail
+    ranks (the caller then selects on a ``(C, G*L)`` copy).
     """
     g, c, length = x3.shape
     m = g * length

@@ -72,7 +72,7 @@ class VoltageHook(nn.Module):
     * ``"Max"`` (any case): the maximum of the activation;
     * ``"p%"`` with ``0 <= p <= 100`` (e.g. ``"99.9%"``): the p-th percentile of all its elements, exactly
       equal to ``numpy.percentile(x, p)`` (linear interpolation), computed on the activation's device
-      without a host copy, a full sort or a size limit (see :func:`ann2snn_calib.percentile`);
+      without a host copy, a full sort or a size limit (see `ann2snn_calib.percentile`);
     * a number ``f`` with ``0 < f <= 1`` (``1`` included): ``f`` times the maximum.
 
     With ``momentum`` a float ``m`` in [0, 1], ``scale`` is an exponential moving average of the
