@@ -346,7 +346,7 @@ def percentile(x: Tensor, q: float) -> Tensor:
         TypeError: ``x`` is not a tensor, is complex, or ``q`` is not a real number.
         ValueError: ``x`` is empty, or ``q`` is not finite or outside [0, 100].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_calib import percentile
         >>> percentile(torch.arange(11.0), 95)

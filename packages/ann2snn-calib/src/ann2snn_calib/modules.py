@@ -121,7 +121,7 @@ class VoltageHook(nn.Module):
         - Output: the input itself.
         - ``scale``: ``()``, or ``(C,)`` with ``channel_dim`` where ``C = input.shape[channel_dim]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hook = VoltageHook(momentum=0.5, mode="Max")
         >>> x = torch.tensor([1.0, 4.0])
@@ -392,7 +392,7 @@ class VoltageScaler(nn.Module):
         - Input: any shape; with ``channel_dim``, ``input.shape[channel_dim] == C``.
         - Output: the input's shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> VoltageScaler(3.14)
         VoltageScaler(3.140000)

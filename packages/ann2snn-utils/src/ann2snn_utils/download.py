@@ -132,7 +132,7 @@ def download_url(
         InvalidResponseError: The server's ranges stay inconsistent after starting over.
         DownloadError: Any other failure of the request (too many redirects, for example).
 
-    Example:
+    Examples:
         >>> from ann2snn_utils import download_url
         >>> size = download_url("https://example.org/weights.pt", "models/weights.pt")  # doctest: +SKIP
     """

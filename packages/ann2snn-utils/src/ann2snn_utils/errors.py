@@ -38,7 +38,7 @@ class DownloadError(RuntimeError):
         message: What went wrong, naming the URL.
         url: The URL that was being downloaded.
 
-    Example:
+    Examples:
         >>> err = DownloadError("download of http://example.org/x failed", "http://example.org/x")
         >>> isinstance(err, RuntimeError), err.url
         (True, 'http://example.org/x')
@@ -57,7 +57,7 @@ class HTTPStatusError(DownloadError):
         status: The HTTP status code.
         reason: The reason phrase the server sent (may be empty).
 
-    Example:
+    Examples:
         >>> err = HTTPStatusError("http://example.org/x", 404, "Not Found")
         >>> str(err)
         'download of http://example.org/x failed: HTTP 404 Not Found'
@@ -78,7 +78,7 @@ class InvalidResponseError(DownloadError):
     Raised, for example, for a ``206 Partial Content`` answer to a request that asked for no range, or a
     ``Content-Range`` that keeps disagreeing with the requested range.
 
-    Example:
+    Examples:
         >>> err = InvalidResponseError("download of http://example.org/x failed: 206 without Range", "http://example.org/x")
         >>> isinstance(err, DownloadError)
         True
@@ -97,7 +97,7 @@ class TransferError(DownloadError):
         part: The partial file kept for a later resume.
         attempts: How many requests were tried in all.
 
-    Example:
+    Examples:
         >>> from pathlib import Path
         >>> err = TransferError("download of http://example.org/x failed", "http://example.org/x", Path("x.part"), 4)
         >>> err.attempts, err.part.name
@@ -119,7 +119,7 @@ class IntegrityError(DownloadError):
         expected: The expected value (a size in bytes or a hex digest).
         actual: The value that arrived.
 
-    Example:
+    Examples:
         >>> err = IntegrityError("download of http://example.org/x failed: bad bytes", "http://example.org/x", 1, 2)
         >>> err.expected, err.actual
         (1, 2)
@@ -134,7 +134,7 @@ class IntegrityError(DownloadError):
 class SizeMismatchError(IntegrityError):
     """The server sent more bytes than it announced (``Content-Length`` or ``Content-Range``).
 
-    Example:
+    Examples:
         >>> err = SizeMismatchError("download of http://example.org/x failed: 12 bytes, expected 10", "http://example.org/x", 10, 12)
         >>> isinstance(err, IntegrityError)
         True
@@ -144,7 +144,7 @@ class SizeMismatchError(IntegrityError):
 class ChecksumMismatchError(IntegrityError):
     """The SHA-256 digest of the downloaded file differs from the ``sha256=`` the caller gave.
 
-    Example:
+    Examples:
         >>> err = ChecksumMismatchError("download of http://example.org/x failed: sha256 differs", "http://example.org/x", "ab", "cd")
         >>> err.expected
         'ab'
