@@ -4,8 +4,8 @@ Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_snn.py [--quick] [--markdo
 
 Three tables, each measured side by side in one run (medians of interleaved repeats):
 
-1. Calibration: ``Converter.convert_to_spiking_neurons`` (deep copy, tracing, fusion, hooks, calibration over
-   N batches, replacement) per mode, relative to plain ANN inference over the same N batches.
+1. Calibration: the calibration pass per mode (the ANN with the converter's hooks) and the whole
+   ``Converter.convert_to_spiking_neurons`` call, relative to plain ANN inference over the same N batches.
 2. Simulation: T steps of the converted SNN, as the step loop (``run_snn``) and the multi-step execution
    (``run_snn(..., multi_step=True)``), relative to T forwards of the ANN on the same batch.
 
@@ -126,9 +126,10 @@ def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[st
 
 def _models(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     torch.manual_seed(0)
-    cases = [("digits CNN-6 (1x8x8)", _randomise_bn(digits_cnn6()), (1, 8, 8), 256)]
+    cases = [("digits CNN-6 (1x8x8)", _randomise_bn(digits_cnn6()), (1, 8, 8), 64)]
     if not quick:
-        cases.append(("CIFAR ResNet-10 (3x32x32)", _randomise_bn(CifarResNet()), (3, 32, 32), 32))
+        cases.append(("digits CNN-6 (1x8x8)", _randomise_bn(digits_cnn6()), (1, 8, 8), 256))
+        cases.append(("CIFAR ResNet-10 (3x32x32)", _randomise_bn(CifarResNet()), (3, 32, 32), 16))
     return cases
 
 
@@ -141,30 +142,38 @@ def _ann_inference(model: nn.Module, batches: list[torch.Tensor]) -> None:
             model(x)
 
 
+def _hooked(ann: nn.Module, mode: Any) -> nn.Module:
+    """The fused ANN with the converter's calibration hooks, as ``convert_to_spiking_neurons`` runs it."""
+    return Converter.set_voltagehook(_fused(ann), mode=mode)
+
+
 def bench_calibration(quick: bool) -> list[str]:
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     rows = []
     for name, ann, shape, batch in _models(quick):
         g = torch.Generator().manual_seed(1)
-        n = 2 if quick else 8
+        n = 2 if quick else 4
         loader = [torch.randn(batch, *shape, generator=g) for _ in range(n)]
         fns: dict[str, Callable[[], object]] = {"ann": functools.partial(_ann_inference, _fused(ann), loader)}
         for mode in MODES:
-            converter = Converter(loader, mode=mode, progress=False)
-            fns[str(mode)] = functools.partial(converter.convert_to_spiking_neurons, ann)
+            fns[str(mode)] = functools.partial(_ann_inference, _hooked(ann, mode), loader)
+        converter = Converter(loader, progress=False)
+        fns["convert"] = functools.partial(converter.convert_to_spiking_neurons, ann)
         times = _median_times(fns, repeats)
         ratios = " | ".join(f"{times[str(m)] / times['ann']:.2f}x" for m in MODES)
-        rows.append(f"| {name} | {n} x {batch} | {times['ann'] * 1e3:.1f} ms | {ratios} |")
+        rows.append(
+            f"| {name} | {n} x {batch} | {times['ann'] * 1e3:.1f} ms | {ratios} | {times['convert'] / times['ann']:.2f}x |"
+        )
     header = [
-        "| model | batches | ANN inference | max | 99.9% | 0.5 |",
-        "|---|---|---|---|---|---|",
+        "| model | batches | ANN inference | max | 99.9% | 0.5 | whole conversion (max) |",
+        "|---|---|---|---|---|---|---|",
     ]
     return header + rows
 
 
 def bench_simulation(quick: bool) -> list[str]:
-    repeats = 1 if quick else 3
-    steps_list = [4] if quick else [8, 32]
+    repeats = 1 if quick else 5
+    steps_list = [4] if quick else [4, 16]
     rows = []
     for name, ann, shape, batch in _models(quick):
         g = torch.Generator().manual_seed(2)
@@ -277,7 +286,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
     parser.add_argument("--markdown", help="write the markdown section to this path")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     lines = [
@@ -285,15 +298,15 @@ def main() -> None:
         "",
         f"Measured on CPU with {threads} torch threads, medians of interleaved repeats.",
         "",
-        "Calibration: the whole `convert_to_spiking_neurons` call (copy, trace, fuse, hooks, calibration over the "
-        "batches, replacement) per mode, relative to plain ANN inference (Conv+BN folded) over the same batches.",
+        "Calibration: the calibration pass (the Conv+BN-folded ANN with the converter's hooks, per mode) and the "
+        "whole `convert_to_spiking_neurons` call (copy, trace, fuse, hooks, calibration, replacement), relative to "
+        "plain inference of the Conv+BN-folded ANN over the same batches.",
         "",
         *bench_calibration(args.quick),
         "",
         "Simulation: T steps of the converted SNN relative to T forwards of the ANN (Conv+BN folded) on the same "
-        "batch; the step "
-        "loop calls the SNN once per step, the multi-step execution runs stateless layers on one `[T*B, ...]` "
-        "batch (layers before the first neuron once) and loops only the neurons.",
+        "batch; the step loop calls the SNN once per step, the multi-step execution runs stateless layers on "
+        "`[t*B, ...]` chunks of steps (layers before the first neuron once) and loops only the fused neurons.",
         "",
         *bench_simulation(args.quick),
         "",

@@ -77,6 +77,19 @@ def test_multi_step_equals_step_loop(v_init: float | None) -> None:
     assert node.v.shape == (3, 4, 8, 8)
 
 
+@pytest.mark.parametrize("chunk_elements", [None, 1, 600, 2**20])
+def test_multi_step_chunks_equal_step_loop(chunk_elements: int | None) -> None:
+    snn = _convert(_model(dtype=torch.float64), neuron_factory=NeuronFactory(v_init=0.5))
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    loop = run_snn(snn, x, 11, running_mean=False)
+    reset_net(snn)
+    with torch.no_grad():
+        multi = MultiStepSNN(snn, chunk_elements=chunk_elements)(x, 11)
+    torch.testing.assert_close(multi, loop)
+    with pytest.raises(ValueError, match="chunk_elements must be a positive int or None"):
+        MultiStepSNN(snn, chunk_elements=0)
+
+
 def test_multi_step_float32_close_to_step_loop() -> None:
     snn = _convert(_model())
     x = torch.randn(4, 1, 8, 8)

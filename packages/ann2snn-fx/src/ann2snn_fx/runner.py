@@ -67,9 +67,11 @@ class _MultiStepInterpreter(fx.Interpreter):
     """Runs stateless nodes once on ``[T*B, ...]`` (or once on ``[B, ...]`` while nothing upstream depends on
     time) and neurons over ``[T, B, ...]`` with their ``multi_step_forward``."""
 
-    def __init__(self, gm: fx.GraphModule, time_steps: int) -> None:
+    def __init__(self, gm: fx.GraphModule, time_steps: int, static_cache: dict[fx.Node, Any]) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.time_steps = time_steps
+        self.static_cache = static_cache
+        self.peak_per_step = 0
         blocks = _fusable_blocks(gm) if not torch.is_grad_enabled() else {}
         self.fused_in = {first: neuron for neuron, (first, _) in blocks.items()}
         self.fused_neurons = {neuron: first for neuron, (first, _) in blocks.items()}
@@ -103,6 +105,19 @@ class _MultiStepInterpreter(fx.Interpreter):
         if n.op in ("placeholder", "get_attr", "output"):
             self.temporal[n] = temporal_in
             return super().run_node(n)
+        if not temporal_in and n in self.static_cache:
+            # Time-invariant values (the layers before the first neuron) are computed once per input.
+            self.temporal[n] = False
+            return self.static_cache[n]
+        result = self._run_node(n, temporal_in)
+        if self.temporal[n]:
+            if isinstance(result, torch.Tensor):
+                self.peak_per_step = max(self.peak_per_step, result.numel() // self.time_steps)
+        elif not (n.op == "call_module" and _is_stateful(self.fetch_attr(str(n.target)))):
+            self.static_cache[n] = result
+        return result
+
+    def _run_node(self, n: fx.Node, temporal_in: bool) -> Any:
         args = map_arg(n.args, lambda a: self._fetch(a, temporal_in))
         kwargs = map_arg(n.kwargs, lambda a: self._fetch(a, temporal_in))
         assert isinstance(args, tuple)
@@ -146,12 +161,16 @@ class MultiStepSNN(nn.Module):
 
     Stateless layers see one ``[T*B, ...]`` batch (layers before the first neuron, which see the same input
     at every step, run once on ``[B, ...]``), and only the neurons (modules with a ``multi_step_forward``,
-    such as :class:`~ann2snn_fx.IFNode`) loop over time. The outputs equal those of calling the SNN once per
+    such as :class:`~ann2snn_fx.IFNode`) loop over time; each ``VoltageScaler -> IFNode -> VoltageScaler``
+    block runs as one fused in-place loop. To stay cache-friendly on CPUs the steps are processed in chunks
+    of ``t`` steps whose largest activation ``[t*B, ...]`` holds about ``chunk_elements`` elements (measured
+    on a first one-step chunk); ``chunk_elements=None`` runs all ``T`` steps as one batch (best on GPUs). The outputs equal those of calling the SNN once per
     step, up to floating-point reassociation in the batched layers. The wrapped SNN's modules are shared,
     not copied. Layers must treat samples independently (no batch statistics, no hard-coded batch size).
 
     Args:
         snn: A converted SNN (``fx.GraphModule``) taking one input tensor and returning one tensor.
+        chunk_elements: Target size of the largest activation of a chunk, or ``None`` for one chunk.
 
     Shape:
         - Input: ``[B, *]`` (the same input is fed at every step).
@@ -164,28 +183,44 @@ class MultiStepSNN(nn.Module):
         torch.Size([3, 1, 2])
     """
 
-    def __init__(self, snn: fx.GraphModule) -> None:
+    def __init__(self, snn: fx.GraphModule, *, chunk_elements: int | None = 2**18) -> None:
         super().__init__()
         if not isinstance(snn, fx.GraphModule):
             raise TypeError(
                 f"MultiStepSNN needs an fx.GraphModule (a converted SNN), but got {type(snn).__name__}."
             )
+        if chunk_elements is not None and (
+            isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1
+        ):
+            raise ValueError(f"chunk_elements must be a positive int or None, but got {chunk_elements!r}.")
         self.snn = snn
+        self.chunk_elements = chunk_elements
 
     def forward(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
         _check_steps(time_steps)
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"MultiStepSNN expects a batched input tensor [B, *], but got {_shape(x)}.")
-        interpreter = _MultiStepInterpreter(self.snn, time_steps)
-        out = interpreter.run(x)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"MultiStepSNN supports models returning one tensor, but got {type(out).__name__}."
-            )
+        static_cache: dict[fx.Node, Any] = {}
         output_node = next(n for n in reversed(self.snn.graph.nodes) if n.op == "output")
-        if interpreter.temporal.get(output_node, False):
-            return out.reshape(time_steps, out.shape[0] // time_steps, *out.shape[1:])
-        return out.unsqueeze(0).expand(time_steps, *out.shape).clone()
+        outputs = []
+        done = 0
+        chunk = 1 if self.chunk_elements is not None else time_steps
+        while done < time_steps:
+            steps = min(chunk, time_steps - done)
+            interpreter = _MultiStepInterpreter(self.snn, steps, static_cache)
+            out = interpreter.run(x)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"MultiStepSNN supports models returning one tensor, but got {type(out).__name__}."
+                )
+            if interpreter.temporal.get(output_node, False):
+                outputs.append(out.reshape(steps, out.shape[0] // steps, *out.shape[1:]))
+            else:
+                outputs.append(out.unsqueeze(0).expand(steps, *out.shape))
+            done += steps
+            if self.chunk_elements is not None:
+                chunk = max(1, self.chunk_elements // max(interpreter.peak_per_step, 1))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone()
 
 
 def _check_steps(time_steps: Any) -> None:
