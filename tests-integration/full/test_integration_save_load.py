@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -126,12 +125,6 @@ def test_td_transformer_round_trips_through_torch_save(tmp_path: pathlib.Path) -
     _check_td_round_trip(tmp_path, _Transformer().eval())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="torch.fx keeps string (PEP 563) annotations as globals of the generated code, and torch.save "
-    "cannot pickle them; the converter could drop string annotations from placeholder nodes",
-)
 def test_td_transformer_with_string_annotations_round_trips(tmp_path: pathlib.Path) -> None:
     torch.manual_seed(0)
     _check_td_round_trip(tmp_path, _AnnotatedTransformer().eval())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import enum
+import inspect
 import operator
+import typing
 from collections.abc import Callable, Collection, Iterable
-from typing import Any
+from typing import Any, ForwardRef
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,7 @@ from ann2snn_ops import (
     TDSoftmax,
 )
 
-__all__ = ["replace_by_td_operators_fx", "td_impulse"]
+__all__ = ["TDImpulse", "replace_by_td_operators_fx", "td_impulse"]
 
 
 class _Kind(enum.Enum):
@@ -67,6 +69,35 @@ def td_impulse(constant: Any, reference: torch.Tensor) -> torch.Tensor:
     step = constant.reshape((1,) * extra + tuple(constant.shape))
     steps = reference.shape[0]
     return torch.cat([step.unsqueeze(0), step.new_zeros((steps - 1, *step.shape))], dim=0)
+
+
+class TDImpulse(nn.Module):
+    """A stateless module calling :func:`td_impulse`: how a converted graph adds a constant at t = 0.
+
+    :func:`replace_by_td_operators` emits a ``call_module`` to this module (registered at the root as
+    ``td_impulse_<i>``) rather than a ``call_function`` to :func:`td_impulse`: a ``GraphModule`` loaded
+    with ``torch.load`` re-traces its code with every module as a leaf, and would otherwise trace into
+    :func:`td_impulse` and fail on its shape check.
+
+    Shape:
+        - constant: broadcastable against one step ``[*]`` of ``reference`` (or a Python number).
+        - reference: ``[T, *]``.
+        - Output: ``[T, *constant.shape]``, with leading singleton dims aligning it with ``reference``.
+
+    Example:
+        >>> import torch
+        >>> from ann2snn_fx.td import TDImpulse
+        >>> TDImpulse()(torch.tensor([1.0, 2.0]), torch.zeros(3, 4, 2))
+        tensor([[[1., 2.]],
+        <BLANKLINE>
+                [[0., 0.]],
+        <BLANKLINE>
+                [[0., 0.]]])
+    """
+
+    def forward(self, constant: Any, reference: torch.Tensor) -> torch.Tensor:
+        """``constant`` at t = 0, zeros after (see :func:`td_impulse`)."""
+        return td_impulse(constant, reference)
 
 
 def _fn_name(target: Any) -> str:
@@ -244,6 +275,7 @@ class _Pass:
         self.kinds: dict[fx.Node, _Kind] = {}
         self.td_targets: dict[str, _Kind] = {}
         self.counters: dict[str, int] = {}
+        self.impulse_name: str | None = None
 
     # ---- naming ----------------------------------------------------------------------------
     def add_root_module(self, prefix: str, module: nn.Module) -> str:
@@ -404,8 +436,11 @@ class _Pass:
         self.converted(new, op_name, f"-> {name} ({type(module).__name__})")
 
     def impulse(self, node: fx.Node, value: Any, reference: fx.Node) -> fx.Node:
+        """Insert, before ``node``, ``value`` at t = 0 (shaped after ``reference``): one shared TDImpulse."""
+        if self.impulse_name is None:
+            self.impulse_name = self.add_root_module("td_impulse", TDImpulse())
         with self.graph.inserting_before(node):
-            new = self.graph.call_function(td_impulse, args=(value, reference))
+            new = self.graph.call_module(self.impulse_name, args=(value, reference))
         self.kinds[new] = _Kind.TIME
         return new
 
@@ -430,7 +465,7 @@ class _Pass:
             return
         self.kinds[node] = _Kind.TIME
         module = self.gm.get_submodule(target)
-        if isinstance(module, nn.Identity | TDModule):  # TDModule: already a TD operator (converting twice)
+        if isinstance(module, nn.Identity | TDModule | TDImpulse):  # already converted (converting twice)
             if isinstance(module, TDMultiheadAttention):
                 self.kinds[node] = _Kind.TIME_SEQ
             return
@@ -618,8 +653,9 @@ class _Pass:
                 out = self.graph.call_function(operator.mul, args=(out, weight))
                 self.kinds[out] = _Kind.TIME
             if bias is not None:
-                impulse = self.graph.call_function(td_impulse, args=(bias, out))
-                out = self.graph.call_function(operator.add, args=(out, impulse))
+                add = self.graph.call_function(operator.add, args=(out, bias))
+                add.args = (out, self.impulse(add, bias, out))
+                out = add
                 self.kinds[out] = _Kind.TIME
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
@@ -710,9 +746,49 @@ def _td_leaves(tracer_class: type[fx.Tracer]) -> type[fx.Tracer]:
 
     class _Tracer(tracer_class):  # type: ignore[valid-type,misc]
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-            return isinstance(m, TDModule) or bool(super().is_leaf_module(m, module_qualified_name))
+            return isinstance(m, TDModule | TDImpulse) or bool(
+                super().is_leaf_module(m, module_qualified_name)
+            )
 
     return _Tracer
+
+
+def _contains_string_annotation(annotation: Any) -> bool:
+    """Whether ``annotation`` is, or holds (``list["Foo"]``, ``Optional["Foo"]``), an unresolved forward reference."""
+    if isinstance(annotation, str | ForwardRef):
+        return True
+    return any(_contains_string_annotation(arg) for arg in typing.get_args(annotation))
+
+
+def _resolve_annotation(forward: Any, name: str) -> Any:
+    """The annotation of parameter (or ``"return"``) ``name`` of ``forward``, evaluated; ``None`` if it fails."""
+    function = inspect.unwrap(forward)
+    annotations = getattr(function, "__annotations__", None)
+    if not isinstance(annotations, dict) or name not in annotations:
+        return None
+
+    def probe() -> None: ...  # one annotation at a time: a broken one does not hide the others
+
+    probe.__annotations__ = {name: annotations[name]}
+    try:
+        resolved = typing.get_type_hints(probe, globalns=getattr(function, "__globals__", None))[name]
+    except Exception:  # NameError, TypeError...: a user's annotation that does not evaluate stays unresolved
+        return None
+    return None if _contains_string_annotation(resolved) else resolved
+
+
+def _resolve_string_annotations(gm: fx.GraphModule, forward: Any) -> None:
+    """Replace the string (PEP 563) annotations of the inputs and the output by the types they name.
+
+    fx copies a ``node.type`` into the generated code as a global, and ``torch.save`` cannot pickle a string
+    global (it looks it up as an importable name). An annotation that cannot be resolved is dropped: it only
+    documents the code.
+    """
+    for node in gm.graph.nodes:
+        if not _contains_string_annotation(node.type):
+            continue
+        key = {"output": "return", "placeholder": str(node.target).lstrip("*")}.get(node.op)
+        node.type = _resolve_annotation(forward, key) if key is not None else None
 
 
 def _resolve_device(ann: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -752,6 +828,7 @@ def replace_by_td_operators_fx(
     state.replace_modules()
     state.replace_sdpa()
     state.analyse()
+    _resolve_string_annotations(gm, type(tracer.root).forward)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

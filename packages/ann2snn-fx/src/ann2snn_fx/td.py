@@ -23,12 +23,13 @@ import torch.nn as nn
 from torch import fx
 
 from ann2snn_fx._td_fold import TDTimeFolded
-from ann2snn_fx._td_fx import replace_by_td_operators_fx, td_impulse
+from ann2snn_fx._td_fx import TDImpulse, replace_by_td_operators_fx, td_impulse
 from ann2snn_fx._td_report import TDConversionReport, TDEquivalenceError, TDNodeRecord
 
 __all__ = [
     "TDConversionReport",
     "TDEquivalenceError",
+    "TDImpulse",
     "TDNodeRecord",
     "TDTimeFolded",
     "replace_by_td_operators",
@@ -62,7 +63,11 @@ def replace_by_td_operators(
       as ``td_softmax_<i>``, ``td_gelu_<i>``, ``td_silu_<i>``, ``td_function_<i>``, ``td_matmul_<i>``
       and ``td_mul_<i>`` (first free index, never overwriting);
     * constants (positional embeddings, ``F.linear`` biases, literals) added, subtracted or
-      concatenated to a time-varying tensor are applied at t = 0 only (:func:`td_impulse`).
+      concatenated to a time-varying tensor are applied at t = 0 only (:func:`td_impulse`, called through
+      one stateless :class:`TDImpulse` registered at the root as ``td_impulse_<i>``).
+
+    The result can be saved whole with ``torch.save`` and loaded in another process: string annotations
+    of ``forward`` (``from __future__ import annotations``) are resolved, or dropped where they cannot be.
 
     New names never collide with existing attributes; every call site of a shared
     ``nn.MultiheadAttention`` is validated.
