@@ -307,6 +307,7 @@ def td_unary(
     fn: CumFn,
     *params: torch.Tensor | None,
     elementwise_backward: ElementwiseBackward | None = None,
+    inplace_fn: Callable[[torch.Tensor], object] | None = None,
 ) -> torch.Tensor:
     """Apply ``f`` the TD way: ``diff(fn(cumsum(x), *params))``, accumulating half inputs in float32.
 
@@ -317,6 +318,8 @@ def td_unary(
         *params: Tensors (or None) passed to ``fn`` that may need gradients (weights, biases).
         elementwise_backward: Optional ``(grad_y_cum, x_cum) -> grad_x_cum`` for pointwise ``fn`` without
             params; it saves recomputing ``fn`` in backward.
+        inplace_fn: Optional in-place version of a pointwise ``fn`` without params, used without autograd:
+            one buffer instead of two (a fresh CPU buffer costs about a pass over it).
 
     Returns:
         The differential output, in ``x.dtype``.
@@ -328,6 +331,9 @@ def td_unary(
         # One call on the whole sequence: for one-input ops chunking saves little memory (1.5x -> 1.4x of
         # the plain op) and costs time; x_cum is dead after fn, so the differences go into its memory.
         x_cum = cumulative(x, accumulation_dtype(x.dtype))
+        if inplace_fn is not None:
+            inplace_fn(x_cum)
+            return difference_(x_cum).to(x.dtype)
         y_cum = fn(x_cum, *params)
         if y_cum.shape == x_cum.shape and y_cum.dtype == x_cum.dtype and not _shares_memory(y_cum, x_cum):
             out = difference_into(y_cum, x_cum)
@@ -414,6 +420,7 @@ class TDModule(nn.Module):
         *params: torch.Tensor | None,
         elementwise_backward: ElementwiseBackward | None = None,
         grad_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        inplace_fn: Callable[[torch.Tensor], object] | None = None,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -430,7 +437,7 @@ class TDModule(nn.Module):
         self._check_sequence(x)
         if grad_path is not None and needs_grad(x, *params):
             return grad_path(x)
-        return td_unary(x, fn, *params, elementwise_backward=elementwise_backward)
+        return td_unary(x, fn, *params, elementwise_backward=elementwise_backward, inplace_fn=inplace_fn)
 
 
 def as_shape_tuple(shape: int | Sequence[int] | torch.Size, name: str) -> tuple[int, ...]:

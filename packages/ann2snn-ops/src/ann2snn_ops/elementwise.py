@@ -168,7 +168,12 @@ class TDGELU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD GELU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, self._fn, elementwise_backward=self._backward)
+        return self._unary_forward(
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+        )
+
+    def _inplace(self, x_cum: torch.Tensor) -> None:
+        torch.ops.aten.gelu_(x_cum, approximate=self.approximate)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"
@@ -211,4 +216,10 @@ class TDSiLU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD SiLU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, self._fn, elementwise_backward=self._backward)
+        return self._unary_forward(
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+        )
+
+    @staticmethod
+    def _inplace(x_cum: torch.Tensor) -> None:
+        F.silu(x_cum, inplace=True)
