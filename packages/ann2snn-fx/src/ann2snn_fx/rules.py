@@ -345,9 +345,9 @@ class FunctionalReLURule(_SpikingBlockRule):
     (``<module path>.spiking_<k>``), or the root for top-level calls.
 
     Example:
-        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Identity()))
-        >>> FunctionalReLURule.node_ops
-        ('call_function', 'call_method')
+        >>> gm = fx.symbolic_trace(lambda x: F.relu(x) + x.relu())
+        >>> [FunctionalReLURule().match(n, {}) for n in gm.graph.nodes]
+        [False, True, True, False, False]
     """
 
     node_ops: ClassVar[tuple[str, ...]] = ("call_function", "call_method")
