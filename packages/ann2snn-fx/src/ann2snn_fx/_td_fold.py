@@ -731,7 +731,7 @@ class TDTimeFolded(nn.Module):
         - Output: every time-varying tensor of the ANN's output (nested in tuples, dicts or
           ``ModelOutput``) as ``[T, B, ...]``; ``out.cumsum(0)[t] == ann(x.cumsum(0)[t])``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_fx import TDTimeFolded
         >>> _ = torch.manual_seed(0)

@@ -84,7 +84,7 @@ class TDImpulse(nn.Module):
         - reference: ``[T, *]``.
         - Output: ``[T, *constant.shape]``, with leading singleton dims aligning it with ``reference``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_fx.td import TDImpulse
         >>> TDImpulse()(torch.tensor([1.0, 2.0]), torch.zeros(3, 4, 2))

@@ -54,7 +54,7 @@ class TDConversionReport:
     tensor, dropout in training mode, an unconverted nonlinearity, or an op the pass does not know.
     An empty ``issues`` list means the pass found nothing that breaks the equivalence.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_fx import replace_by_td_operators
         >>> gm = replace_by_td_operators(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))

@@ -95,7 +95,7 @@ def replace_by_td_operators(
         - Input: every non-static input gains a leading time axis, ``[T, *ann_input_shape]``.
         - Output: ``[T, *ann_output_shape]``; ``output.cumsum(0)[t] == ann(input.cumsum(0)[t])``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_fx import replace_by_td_operators
         >>> _ = torch.manual_seed(0)

@@ -128,7 +128,7 @@ class TDScaledDotProductAttention(TDModule):
         - attn_mask: broadcastable to ``[T, *, L, S]``.
         - Output: ``[T, *, L, Ev]``.
 
-    Example:
+    Examples:
         >>> op = TDScaledDotProductAttention()
         >>> q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 6)
         >>> ref = F.scaled_dot_product_attention(q.cumsum(0), k.cumsum(0), v.cumsum(0))
@@ -254,7 +254,7 @@ class TDMultiheadAttention(TDModule):
         - attn_mask: ``[L, S]`` or ``[B*H, L, S]``.
         - Output: ``([T, B, L, E], None)``.
 
-    Example:
+    Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)

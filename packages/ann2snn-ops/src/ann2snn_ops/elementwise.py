@@ -61,7 +61,7 @@ class TDSoftmax(TDModule):
         - Input: ``[T, *]``, at least 2-D (one step ``[*]`` in streaming mode).
         - Output: the same shape as the input.
 
-    Example:
+    Examples:
         >>> op = TDSoftmax(dim=-1)
         >>> x = torch.randn(4, 2, 5)
         >>> y = op(x)
@@ -132,7 +132,7 @@ class TDGELU(TDModule):
         - Input: ``[T, *]``, at least 2-D (one step ``[*]`` in streaming mode).
         - Output: the same shape as the input.
 
-    Example:
+    Examples:
         >>> op = TDGELU(approximate="tanh")
         >>> x = torch.randn(3, 4)
         >>> torch.allclose(op(x).cumsum(0), F.gelu(x.cumsum(0), approximate="tanh"), atol=1e-6)
@@ -186,7 +186,7 @@ class TDSiLU(TDModule):
         - Input: ``[T, *]``, at least 2-D (one step ``[*]`` in streaming mode).
         - Output: the same shape as the input.
 
-    Example:
+    Examples:
         >>> op = TDSiLU()
         >>> x = torch.randn(3, 4)
         >>> torch.allclose(op(x).cumsum(0), F.silu(x.cumsum(0)), atol=1e-6)

@@ -28,7 +28,7 @@ class TDFunction(TDModule):
         - Input: ``[T, *]``, at least 2-D (one step ``[*]`` in streaming mode).
         - Output: ``[T, *out]`` as ``fn`` maps each step.
 
-    Example:
+    Examples:
         >>> op = TDFunction(torch.tanh)
         >>> x = torch.randn(4, 3)
         >>> torch.allclose(op(x).cumsum(0), torch.tanh(x.cumsum(0)), atol=1e-6)

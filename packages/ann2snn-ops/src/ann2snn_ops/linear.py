@@ -55,7 +55,7 @@ class TDLinear(TDModule):
         - Input: ``[T, *, in_features]``, at least 2-D (one step ``[*, in_features]`` in streaming mode).
         - Output: ``[T, *, out_features]``.
 
-    Example:
+    Examples:
         >>> op = TDLinear(3, 5)
         >>> x = torch.randn(4, 2, 3)
         >>> ref = F.linear(x.cumsum(0), op.weight, op.bias)
@@ -169,7 +169,7 @@ class TDConv2d(TDModule):
           ``[C_in, H, W]`` in streaming mode).
         - Output: ``[T, N, C_out, H_out, W_out]`` or ``[T, C_out, H_out, W_out]``.
 
-    Example:
+    Examples:
         >>> op = TDConv2d(2, 4, 3, padding=1)
         >>> x = torch.randn(3, 1, 2, 5, 5)
         >>> ref = F.conv2d(x.cumsum(0).flatten(0, 1), op.weight, op.bias, padding=1).unflatten(0, (3, 1))

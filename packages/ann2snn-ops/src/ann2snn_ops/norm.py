@@ -157,7 +157,7 @@ class TDLayerNorm(TDModule):
         - Input: ``[T, *, *normalized_shape]`` (one step ``[*, *normalized_shape]`` in streaming mode).
         - Output: the same shape as the input.
 
-    Example:
+    Examples:
         >>> op = TDLayerNorm(4)
         >>> x = torch.randn(3, 2, 4)
         >>> torch.allclose(op(x).cumsum(0), F.layer_norm(x.cumsum(0), (4,)), atol=1e-5)
@@ -276,7 +276,7 @@ class TDRMSNorm(TDModule):
         - Input: ``[T, *, *normalized_shape]`` (one step ``[*, *normalized_shape]`` in streaming mode).
         - Output: the same shape as the input.
 
-    Example:
+    Examples:
         >>> op = TDRMSNorm(4)
         >>> x = torch.randn(3, 2, 4)
         >>> torch.allclose(op(x).cumsum(0), F.rms_norm(x.cumsum(0), (4,)), atol=1e-5)

@@ -105,7 +105,7 @@ class TDMatMul(_TDBinary):
           in streaming mode.
         - Output: ``[T, *, n, m]`` (vector dims removed as in ``torch.matmul``).
 
-    Example:
+    Examples:
         >>> op = TDMatMul()
         >>> a, b = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 5, 6)
         >>> torch.allclose(op(a, b).cumsum(0), a.cumsum(0) @ b.cumsum(0), atol=1e-4)
@@ -127,7 +127,7 @@ class TDMul(_TDBinary):
         - a_seq, b_seq: ``[T, *]`` whose steps broadcast; one step each in streaming mode.
         - Output: ``[T, *broadcast]``.
 
-    Example:
+    Examples:
         >>> op = TDMul()
         >>> a, b = torch.randn(3, 2, 4), torch.randn(3, 4)
         >>> torch.allclose(op(a, b).cumsum(0), a.cumsum(0) * b.cumsum(0)[:, None], atol=1e-5)

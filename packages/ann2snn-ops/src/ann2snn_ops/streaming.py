@@ -18,7 +18,7 @@ def set_streaming(model: _M, mode: bool = True) -> _M:
 
     Each operator's state is reset. Returns ``model``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from ann2snn_ops import TDGELU, TDLinear
         >>> net = set_streaming(torch.nn.Sequential(TDLinear(4, 4), TDGELU()))
