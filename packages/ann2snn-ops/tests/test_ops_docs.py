@@ -33,7 +33,7 @@ def test_every_public_class_has_an_example() -> None:
         obj = getattr(ann2snn_ops, name)
         if isinstance(obj, type) and name != "TDModule":  # functions document themselves by example too
             assert obj.__doc__ is not None
-            assert "Example:" in obj.__doc__, name
+            assert "Examples:" in obj.__doc__, name
             assert "Shape:" in obj.__doc__, name
 
 
