@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import fx, nn
 
-from ann2snn_fx import Converter, IFNode, MultiStepSNN, NeuronFactory, reset_net, run_snn, trace_model
+from ann2snn_fx import (
+    Converter,
+    IFNode,
+    MultiStepSNN,
+    NeuronFactory,
+    ThresholdOptimizer,
+    reset_net,
+    run_snn,
+    trace_model,
+)
 
 
 class Residual(nn.Module):
@@ -124,6 +133,19 @@ def test_multi_step_mixes_static_and_temporal_branches() -> None:
     loop = run_snn(gm, x, 6, running_mean=False)
     multi = run_snn(gm, x, 6, running_mean=False, multi_step=True)
     torch.testing.assert_close(multi, loop)
+    for chunk in (1, 6):  # the compiled graph after the first interpreted step
+        reset_net(gm)
+        with torch.no_grad():
+            torch.testing.assert_close(MultiStepSNN(gm, chunk_elements=chunk)(x, 6), loop)
+
+
+def test_multi_step_per_channel_blocks_are_not_fused_but_equal() -> None:
+    snn = _convert(_model(dtype=torch.float64), threshold_optimizer=ThresholdOptimizer("per_channel"))
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    loop = run_snn(snn, x, 7, running_mean=False)
+    reset_net(snn)
+    with torch.no_grad():
+        torch.testing.assert_close(MultiStepSNN(snn, chunk_elements=1)(x, 7), loop)
 
 
 def test_runner_errors() -> None:

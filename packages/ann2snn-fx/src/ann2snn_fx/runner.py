@@ -48,6 +48,7 @@ def _fusable_blocks(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, fx.Node]
         last = users[0]
         if (
             last.op != "call_module"
+            or not isinstance(first.args[0] if first.args else None, fx.Node)
             or len(last.args) != 1
             or last.kwargs
             or first.kwargs
@@ -61,6 +62,135 @@ def _fusable_blocks(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, fx.Node]
             continue
         blocks[node] = (first, last)
     return blocks
+
+
+class _TimeContext:
+    """The number of steps of the chunk being run, shared by the modules of a compiled multi-step graph."""
+
+    steps = 1
+
+
+class _ExpandTime(nn.Module):
+    """``[B, *] -> [t*B, *]``: a time-invariant value entering the time-dependent part of the graph."""
+
+    def __init__(self, ctx: _TimeContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ctx.steps
+        return x.unsqueeze(0).expand(t, *x.shape).reshape(t * x.shape[0], *x.shape[1:])
+
+
+class _NeuronOverTime(nn.Module):
+    """Runs a neuron (optionally between its two scalers, fused) over ``[t, B, *]`` inside a ``[t*B, *]`` graph."""
+
+    def __init__(
+        self,
+        neuron: nn.Module,
+        ctx: _TimeContext,
+        temporal_input: bool,
+        scaler_in: nn.Module | None = None,
+        scaler_out: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.neuron = neuron
+        self.scaler_in = scaler_in
+        self.scaler_out = scaler_out
+        self.ctx = ctx
+        self.temporal_input = temporal_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.ctx.steps
+        x_seq = (
+            x.reshape(t, x.shape[0] // t, *x.shape[1:])
+            if self.temporal_input
+            else x.unsqueeze(0).expand(t, *x.shape)
+        )
+        neuron = self.neuron
+        fused = self.scaler_in is not None and self.scaler_out is not None
+        if fused and isinstance(neuron, IFNode) and neuron._sequence_fast_path_ok(x_seq):
+            scale_in = _scalar_scaler(self.scaler_in)
+            out = neuron._inference_sequence(x_seq, input_scale=scale_in).flatten(0, 1)
+            scale_out = _scalar_scaler(self.scaler_out)
+            assert scale_out is not None
+            return out.mul_(scale_out)
+        if self.scaler_in is not None:
+            x_seq = self.scaler_in(x_seq)
+        out = neuron.multi_step_forward(x_seq).flatten(0, 1)  # type: ignore[operator]
+        return self.scaler_out(out) if self.scaler_out is not None else out
+
+
+def _build_multi_step_graph(snn: fx.GraphModule) -> tuple[fx.GraphModule, _TimeContext, bool]:
+    """Rewrite the SNN graph (sharing its modules) to run ``t`` steps on ``[t*B, *]`` per call."""
+    ctx = _TimeContext()
+    modules = dict(snn.named_modules())
+    blocks = _fusable_blocks(snn)
+    folded_in = {first: neuron for neuron, (first, _) in blocks.items()}
+    folded_out = {last: neuron for neuron, (_, last) in blocks.items()}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    temporal: dict[fx.Node, bool] = {}
+    batch: dict[fx.Node, bool] = {}
+    expanded: dict[fx.Node, fx.Node] = {}
+    root: dict[str, Any] = {"_ms_expand": _ExpandTime(ctx)}
+    count = 0
+    output_temporal = False
+    for node in snn.graph.nodes:
+        inputs = node.all_input_nodes
+        temporal_in = any(temporal[a] for a in inputs)
+        batch[node] = node.op == "placeholder" or any(batch[a] for a in inputs)
+        if node in folded_in:
+            env[node] = env[node.args[0]]
+            temporal[node] = temporal[node.args[0]]
+            continue
+        if node in folded_out:
+            env[node] = env[folded_out[node]]
+            temporal[node] = True
+            continue
+        if node.op == "call_module" and _is_stateful(modules[node.target]):
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                raise TypeError(f"neuron {node.target!r} must be called with one tensor node.")
+            block = blocks.get(node)
+            source = block[0].args[0] if block is not None else node.args[0]
+            if not isinstance(source, fx.Node):
+                raise TypeError(f"neuron {node.target!r} must be fed by a tensor node.")
+            name = f"_ms_neuron_{count}"
+            count += 1
+            root[name] = _NeuronOverTime(
+                modules[node.target],
+                ctx,
+                temporal_input=temporal[source],
+                scaler_in=modules[block[0].target] if block is not None else None,
+                scaler_out=modules[block[1].target] if block is not None else None,
+            )
+            env[node] = graph.call_module(name, (env[source],))
+            temporal[node] = True
+            continue
+
+        def lookup(a: fx.Node, expand: bool = temporal_in) -> fx.Node:
+            if expand and not temporal[a] and batch[a] and a.op != "get_attr":
+                if a not in expanded:
+                    expanded[a] = graph.call_module("_ms_expand", (env[a],))
+                return expanded[a]
+            return env[a]
+
+        env[node] = graph.node_copy(node, lookup)
+        temporal[node] = temporal_in
+        if node.op == "output":
+            output_temporal = temporal_in
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = (
+                snn.get_submodule(node.target) if node.op == "call_module" else _get_path(snn, node.target)
+            )
+    return fx.GraphModule(root, graph), ctx, output_temporal
+
+
+def _get_path(module: nn.Module, path: str) -> Any:
+    obj: Any = module
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class _MultiStepInterpreter(fx.Interpreter):
@@ -195,6 +325,7 @@ class MultiStepSNN(nn.Module):
             raise ValueError(f"chunk_elements must be a positive int or None, but got {chunk_elements!r}.")
         self.snn = snn
         self.chunk_elements = chunk_elements
+        self.__dict__["_compiled"] = None
 
     def forward(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
         _check_steps(time_steps)
@@ -207,19 +338,28 @@ class MultiStepSNN(nn.Module):
         chunk = 1 if self.chunk_elements is not None else time_steps
         while done < time_steps:
             steps = min(chunk, time_steps - done)
-            interpreter = _MultiStepInterpreter(self.snn, steps, static_cache)
-            out = interpreter.run(x)
+            if done == 0:
+                # The first chunk is interpreted: it measures the activation sizes that set the chunk length.
+                interpreter = _MultiStepInterpreter(self.snn, steps, static_cache)
+                out = interpreter.run(x)
+                output_temporal = interpreter.temporal.get(output_node, False)
+                if self.chunk_elements is not None:
+                    chunk = max(1, self.chunk_elements // max(interpreter.peak_per_step, 1))
+            else:
+                if self.__dict__["_compiled"] is None:
+                    self.__dict__["_compiled"] = _build_multi_step_graph(self.snn)
+                compiled, ctx, output_temporal = self.__dict__["_compiled"]
+                ctx.steps = steps
+                out = compiled(x)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
                     f"MultiStepSNN supports models returning one tensor, but got {type(out).__name__}."
                 )
-            if interpreter.temporal.get(output_node, False):
+            if output_temporal:
                 outputs.append(out.reshape(steps, out.shape[0] // steps, *out.shape[1:]))
             else:
                 outputs.append(out.unsqueeze(0).expand(steps, *out.shape))
             done += steps
-            if self.chunk_elements is not None:
-                chunk = max(1, self.chunk_elements // max(interpreter.peak_per_step, 1))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone()
 
 
