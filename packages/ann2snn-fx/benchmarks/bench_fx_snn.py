@@ -306,7 +306,8 @@ def main() -> None:
         "",
         "Simulation: T steps of the converted SNN relative to T forwards of the ANN (Conv+BN folded) on the same "
         "batch; the step loop calls the SNN once per step, the multi-step execution runs stateless layers on "
-        "`[t*B, ...]` chunks of steps (layers before the first neuron once) and loops only the fused neurons.",
+        "`[t*B, ...]` chunks of steps (layers before the first neuron once per chunk) and loops only the fused "
+        "neurons.",
         "",
         *bench_simulation(args.quick),
         "",

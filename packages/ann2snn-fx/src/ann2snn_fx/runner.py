@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -289,12 +290,13 @@ class _MultiStepInterpreter(fx.Interpreter):
 class MultiStepSNN(nn.Module):
     """Multi-step execution of a converted SNN: one call runs all ``T`` steps.
 
-    Stateless layers see one ``[T*B, ...]`` batch (layers before the first neuron, which see the same input
-    at every step, run once on ``[B, ...]``), and only the neurons (modules with a ``multi_step_forward``,
+    Stateless layers see one ``[t*B, ...]`` batch per chunk of ``t`` steps (layers before the first neuron,
+    which see the same input at every step, run once per chunk on ``[B, ...]``), and only the neurons (modules with a ``multi_step_forward``,
     such as :class:`~ann2snn_fx.IFNode`) loop over time; each ``VoltageScaler -> IFNode -> VoltageScaler``
     block runs as one fused in-place loop. To stay cache-friendly on CPUs the steps are processed in chunks
     of ``t`` steps whose largest activation ``[t*B, ...]`` holds about ``chunk_elements`` elements (measured
-    on a first one-step chunk); ``chunk_elements=None`` runs all ``T`` steps as one batch (best on GPUs). The outputs equal those of calling the SNN once per
+    on a first, interpreted one-step chunk, then remembered per input shape together with the compiled
+    multi-step graph); ``chunk_elements=None`` runs all ``T`` steps as one batch (best on GPUs). The outputs equal those of calling the SNN once per
     step, up to floating-point reassociation in the batched layers. The wrapped SNN's modules are shared,
     not copied. Layers must treat samples independently (no batch statistics, no hard-coded batch size).
 
@@ -325,30 +327,35 @@ class MultiStepSNN(nn.Module):
             raise ValueError(f"chunk_elements must be a positive int or None, but got {chunk_elements!r}.")
         self.snn = snn
         self.chunk_elements = chunk_elements
-        self.__dict__["_compiled"] = None
 
     def forward(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
         _check_steps(time_steps)
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"MultiStepSNN expects a batched input tensor [B, *], but got {_shape(x)}.")
-        static_cache: dict[fx.Node, Any] = {}
-        output_node = next(n for n in reversed(self.snn.graph.nodes) if n.op == "output")
+        state = _compiled_state(self.snn)
+        key = (tuple(x.shape[1:]), x.dtype, x.device, x.shape[0])
+        known_peak = state.peaks.get(key)
         outputs = []
         done = 0
-        chunk = 1 if self.chunk_elements is not None else time_steps
+        if self.chunk_elements is None:
+            chunk = time_steps
+        elif known_peak is not None:
+            chunk = max(1, self.chunk_elements // max(known_peak, 1))
+        else:
+            chunk = 1
         while done < time_steps:
             steps = min(chunk, time_steps - done)
-            if done == 0:
-                # The first chunk is interpreted: it measures the activation sizes that set the chunk length.
-                interpreter = _MultiStepInterpreter(self.snn, steps, static_cache)
+            if done == 0 and (known_peak is None or self.chunk_elements is None):
+                # An interpreted first chunk measures the activation sizes that set the chunk length (once per
+                # input shape; remembered with the compiled graph).
+                interpreter = _MultiStepInterpreter(self.snn, steps, {})
                 out = interpreter.run(x)
-                output_temporal = interpreter.temporal.get(output_node, False)
+                output_temporal = interpreter.temporal.get(state.output_node, False)
+                state.peaks[key] = interpreter.peak_per_step
                 if self.chunk_elements is not None:
                     chunk = max(1, self.chunk_elements // max(interpreter.peak_per_step, 1))
             else:
-                if self.__dict__["_compiled"] is None:
-                    self.__dict__["_compiled"] = _build_multi_step_graph(self.snn)
-                compiled, ctx, output_temporal = self.__dict__["_compiled"]
+                compiled, ctx, output_temporal = state.compiled()
                 ctx.steps = steps
                 out = compiled(x)
             if not isinstance(out, torch.Tensor):
@@ -361,6 +368,35 @@ class MultiStepSNN(nn.Module):
                 outputs.append(out.unsqueeze(0).expand(steps, *out.shape))
             done += steps
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone()
+
+
+class _CompiledState:
+    """Per-SNN cache: the compiled multi-step graph and the measured activation size per input shape."""
+
+    def __init__(self, snn: fx.GraphModule) -> None:
+        self.snn_ref = weakref.ref(snn)
+        self.code = snn.code
+        self.output_node = next(n for n in reversed(snn.graph.nodes) if n.op == "output")
+        self.peaks: dict[Any, int] = {}
+        self._compiled: tuple[fx.GraphModule, _TimeContext, bool] | None = None
+
+    def compiled(self) -> tuple[fx.GraphModule, _TimeContext, bool]:
+        if self._compiled is None:
+            snn = self.snn_ref()
+            assert snn is not None
+            self._compiled = _build_multi_step_graph(snn)
+        return self._compiled
+
+
+_STATES: weakref.WeakKeyDictionary[fx.GraphModule, _CompiledState] = weakref.WeakKeyDictionary()
+
+
+def _compiled_state(snn: fx.GraphModule) -> _CompiledState:
+    state = _STATES.get(snn)
+    if state is None or state.code != snn.code:
+        state = _CompiledState(snn)
+        _STATES[snn] = state
+    return state
 
 
 def _check_steps(time_steps: Any) -> None:
