@@ -187,3 +187,17 @@ def test_error_shrinks_with_time_steps(mode: Any) -> None:
     assert errors[0] > errors[1] > errors[2]
     if mode == "Max":
         assert errors[2] < 0.05 * target.abs().mean().item()
+
+
+def test_multi_step_cache_does_not_keep_the_snn_alive() -> None:
+    import gc
+    import weakref
+
+    snn = _convert(_model())
+    x = torch.randn(2, 1, 8, 8)
+    run_snn(snn, x, 3, multi_step=True)
+    run_snn(snn, x, 3, multi_step=True)  # second call: compiled graph only
+    ref = weakref.ref(snn)
+    del snn
+    gc.collect()
+    assert ref() is None

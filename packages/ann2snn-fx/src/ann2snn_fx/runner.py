@@ -350,7 +350,8 @@ class MultiStepSNN(nn.Module):
                 # input shape; remembered with the compiled graph).
                 interpreter = _MultiStepInterpreter(self.snn, steps, {})
                 out = interpreter.run(x)
-                output_temporal = interpreter.temporal.get(state.output_node, False)
+                output_node = next(n for n in reversed(self.snn.graph.nodes) if n.op == "output")
+                output_temporal = interpreter.temporal.get(output_node, False)
                 state.peaks[key] = interpreter.peak_per_step
                 if self.chunk_elements is not None:
                     chunk = max(1, self.chunk_elements // max(interpreter.peak_per_step, 1))
@@ -371,12 +372,15 @@ class MultiStepSNN(nn.Module):
 
 
 class _CompiledState:
-    """Per-SNN cache: the compiled multi-step graph and the measured activation size per input shape."""
+    """Per-SNN cache: the compiled multi-step graph and the measured activation size per input shape.
+
+    It holds no strong reference to the SNN (the compiled graph shares only its leaf modules), so the
+    weak-keyed cache entry goes away with the SNN.
+    """
 
     def __init__(self, snn: fx.GraphModule) -> None:
         self.snn_ref = weakref.ref(snn)
         self.code = snn.code
-        self.output_node = next(n for n in reversed(snn.graph.nodes) if n.op == "output")
         self.peaks: dict[Any, int] = {}
         self._compiled: tuple[fx.GraphModule, _TimeContext, bool] | None = None
 
