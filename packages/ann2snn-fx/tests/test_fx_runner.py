@@ -81,6 +81,8 @@ def test_multi_step_equals_step_loop(v_init: float | None) -> None:
     loop = run_snn(snn, x, 16, running_mean=False)
     multi = run_snn(snn, x, 16, running_mean=False, multi_step=True)
     torch.testing.assert_close(multi, loop)
+    whole = run_snn(snn, x, 16, running_mean=False, multi_step=True, chunk_elements=None)
+    torch.testing.assert_close(whole, loop)
     node = snn.get_submodule("stem.spiking_0.if_node")
     assert isinstance(node.v, torch.Tensor)
     assert node.v.shape == (3, 4, 8, 8)

@@ -420,6 +420,7 @@ def run_snn(
     multi_step: bool = False,
     reset: bool = True,
     running_mean: bool = True,
+    chunk_elements: int | None = 2**18,
 ) -> torch.Tensor:
     """Run ``snn`` for ``time_steps`` steps on the constant input ``x``, under ``torch.no_grad()``.
 
@@ -436,6 +437,8 @@ def run_snn(
             ``snn`` once per step; same outputs. Needs an ``fx.GraphModule``.
         reset: Reset the neurons before running.
         running_mean: Return running means (default) instead of the raw per-step outputs.
+        chunk_elements: Chunking of the multi-step execution (see :class:`MultiStepSNN`); ``None`` runs all
+            steps as one ``[T*B, ...]`` batch (GPUs).
 
     Returns:
         Tensor ``[T, B, *]``.
@@ -457,7 +460,7 @@ def run_snn(
         if multi_step:
             if not isinstance(snn, fx.GraphModule):
                 raise TypeError(f"multi_step=True needs an fx.GraphModule, but got {type(snn).__name__}.")
-            outputs = MultiStepSNN(snn)(x, time_steps)
+            outputs = MultiStepSNN(snn, chunk_elements=chunk_elements)(x, time_steps)
         else:
             steps = []
             for _ in range(time_steps):
