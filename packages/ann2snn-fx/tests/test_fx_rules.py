@@ -89,6 +89,28 @@ def test_functional_relus_left_by_default_rules_warn_with_advice() -> None:
     assert {item.kind for item in report.left} == {"F.relu", "torch.relu", "Tensor.relu", "Tensor.relu_"}
 
 
+def test_positional_inplace_flags() -> None:
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.fc2 = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            F.relu(y, True)  # in place, result unused: y is the activation from here on
+            z = self.fc2(y)
+            F.hardtanh(z, 0.0, 2.0, True)
+            return self.out(z)
+
+    torch.manual_seed(0)
+    ann = Positional().eval()
+    snn = _convert(ann, _data(), rules=all_rules())
+    assert _count(snn, IFNode) == 2
+    assert _snn_error(snn, ann, _data(1, 8)) < 0.05
+
+
 def test_inplace_module_relu_rewires_later_readers() -> None:
     class InplaceReader(nn.Module):
         def __init__(self) -> None:

@@ -197,6 +197,10 @@ def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return bool(getattr(modules.get(str(node.target)), "inplace", False))
     if node.kwargs.get("inplace") is True:
         return True
+    if node.op == "call_function":
+        position = {F.relu: 1, F.relu6: 1, F.hardtanh: 3}.get(node.target)  # type: ignore[call-overload]
+        if position is not None and len(node.args) > position and node.args[position] is True:
+            return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
 
@@ -360,10 +364,11 @@ class FunctionalReLURule(_SpikingBlockRule):
 
     def activation_input(self, node: fx.Node) -> Any:
         extra = [k for k in node.kwargs if k != "inplace"]
-        if len(node.args) != 1 or extra:
+        # F.relu(x, True): a positional ``inplace`` flag is not an input.
+        args = node.args[:1] if len(node.args) == 2 and isinstance(node.args[1], bool) else node.args
+        if len(args) != 1 or extra:
             raise ValueError(
-                f"The activation node {node.target!r} must have exactly 1 argument, but got "
-                f"{len(node.args) + len(extra)}."
+                f"The activation node {node.target!r} must have exactly 1 argument, but got {len(args) + len(extra)}."
             )
         return node.args[0]
 
