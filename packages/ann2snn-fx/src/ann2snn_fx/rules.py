@@ -198,7 +198,8 @@ def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.kwargs.get("inplace") is True:
         return True
     if node.op == "call_function":
-        position = {F.relu: 1, F.relu6: 1, F.hardtanh: 3}.get(node.target)  # type: ignore[call-overload]
+        positions: dict[Any, int] = {F.relu: 1, F.relu6: 1, F.hardtanh: 3}
+        position = positions.get(node.target)
         if position is not None and len(node.args) > position and node.args[position] is True:
             return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
