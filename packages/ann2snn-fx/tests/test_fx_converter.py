@@ -566,3 +566,13 @@ def test_no_warning_when_everything_converted() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _convert(_net())
+
+
+def test_momentum_none_gives_dataset_maximum() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(3, 3), nn.ReLU()).eval()
+    batches = [torch.randn(4, 3) * scale for scale in (1.0, 5.0, 2.0)]
+    snn = _convert(ann, batches, momentum=None)
+    with torch.no_grad():
+        expected = max(ann(b).max() for b in batches)
+    torch.testing.assert_close(snn.spiking_0.scaler1.scale, expected)
