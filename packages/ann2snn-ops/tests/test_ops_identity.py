@@ -96,8 +96,12 @@ def test_unary_cumulative_identity(name: str, shape: tuple[int, ...], seed: int,
     assert y.shape == expected.shape
     tol = TOLERANCE[dtype]
     scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(y.double().cumsum(0), expected, atol=tol * scale, rtol=tol)
-    torch.testing.assert_close(y.double().sum(0), f(x.double().sum(0), op), atol=tol * scale, rtol=tol)
+    # Ill-conditioned inputs (a norm over a near-zero vector) amplify rounding in the plain op as well: the
+    # TD op may err as much as the plain op in the same dtype does on the same cumulative input.
+    plain_error = (f(x.cumsum(0), op).double() - expected).abs().max().item()
+    atol = max(tol * scale, 2 * plain_error)
+    torch.testing.assert_close(y.double().cumsum(0), expected, atol=atol, rtol=tol)
+    torch.testing.assert_close(y.double().sum(0), f(x.double().sum(0), op), atol=atol, rtol=tol)
 
 
 @FAST
