@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import enum
-import inspect
 import operator
-import typing
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, ForwardRef
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,6 +16,7 @@ from torch.fx.proxy import TraceError
 
 from ann2snn_fx._td_build import build_td_module, check_mha_call, check_mha_module, read_arg, shift_dim
 from ann2snn_fx._td_report import TDConversionReport, TDNodeRecord
+from ann2snn_fx.tracing import _resolve_string_annotations
 from ann2snn_ops import (
     TDGELU,
     TDFunction,
@@ -751,44 +750,6 @@ def _td_leaves(tracer_class: type[fx.Tracer]) -> type[fx.Tracer]:
             )
 
     return _Tracer
-
-
-def _contains_string_annotation(annotation: Any) -> bool:
-    """Whether ``annotation`` is, or holds (``list["Foo"]``, ``Optional["Foo"]``), an unresolved forward reference."""
-    if isinstance(annotation, str | ForwardRef):
-        return True
-    return any(_contains_string_annotation(arg) for arg in typing.get_args(annotation))
-
-
-def _resolve_annotation(forward: Any, name: str) -> Any:
-    """The annotation of parameter (or ``"return"``) ``name`` of ``forward``, evaluated; ``None`` if it fails."""
-    function = inspect.unwrap(forward)
-    annotations = getattr(function, "__annotations__", None)
-    if not isinstance(annotations, dict) or name not in annotations:
-        return None
-
-    def probe() -> None: ...  # one annotation at a time: a broken one does not hide the others
-
-    probe.__annotations__ = {name: annotations[name]}
-    try:
-        resolved = typing.get_type_hints(probe, globalns=getattr(function, "__globals__", None))[name]
-    except Exception:  # NameError, TypeError...: a user's annotation that does not evaluate stays unresolved
-        return None
-    return None if _contains_string_annotation(resolved) else resolved
-
-
-def _resolve_string_annotations(gm: fx.GraphModule, forward: Any) -> None:
-    """Replace the string (PEP 563) annotations of the inputs and the output by the types they name.
-
-    fx copies a ``node.type`` into the generated code as a global, and ``torch.save`` cannot pickle a string
-    global (it looks it up as an importable name). An annotation that cannot be resolved is dropped: it only
-    documents the code.
-    """
-    for node in gm.graph.nodes:
-        if not _contains_string_annotation(node.type):
-            continue
-        key = {"output": "return", "placeholder": str(node.target).lstrip("*")}.get(node.op)
-        node.type = _resolve_annotation(forward, key) if key is not None else None
 
 
 def _resolve_device(ann: nn.Module, device: torch.device | str | None) -> torch.device:

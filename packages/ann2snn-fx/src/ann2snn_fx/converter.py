@@ -29,7 +29,7 @@ from ann2snn_fx.rules import (
     is_activation,
 )
 from ann2snn_fx.threshold import ThresholdOptimizer
-from ann2snn_fx.tracing import trace_model
+from ann2snn_fx.tracing import _resolve_string_annotations, trace_model
 
 __all__ = ["Converter"]
 
@@ -261,6 +261,9 @@ class Converter:
         dtype = reference.dtype if reference is not None else None
         model = copy.deepcopy(ann).eval()
         gm = trace_model(model, tracer=tracer, concrete_args=concrete_args, leaf_modules=leaf_modules)
+        # String (PEP 563) annotations in the generated code would make torch.save fail (also for a
+        # GraphModule input, traced from such a model).
+        _resolve_string_annotations(gm, type(model).forward)
         gm = gm.to(device).eval()
         gm = Converter.fuse(gm, self.fuse_flag)
         modules = dict(gm.named_modules())

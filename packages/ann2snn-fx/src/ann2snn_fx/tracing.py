@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ForwardRef
 
 from torch import fx, nn
 from torch.fx.proxy import TraceError
@@ -125,3 +127,41 @@ def trace_model(
     except TraceError as exc:
         raise ModelTraceError(f"Could not trace {name}: {exc}. {_ADVICE}") from exc
     return fx.GraphModule(active.root, graph, name)
+
+
+def _contains_string_annotation(annotation: Any) -> bool:
+    """Whether ``annotation`` is, or holds (``list["Foo"]``, ``Optional["Foo"]``), an unresolved forward reference."""
+    if isinstance(annotation, str | ForwardRef):
+        return True
+    return any(_contains_string_annotation(arg) for arg in typing.get_args(annotation))
+
+
+def _resolve_annotation(forward: Any, name: str) -> Any:
+    """The annotation of parameter (or ``"return"``) ``name`` of ``forward``, evaluated; ``None`` if it fails."""
+    function = inspect.unwrap(forward)
+    annotations = getattr(function, "__annotations__", None)
+    if not isinstance(annotations, dict) or name not in annotations:
+        return None
+
+    def probe() -> None: ...  # one annotation at a time: a broken one does not hide the others
+
+    probe.__annotations__ = {name: annotations[name]}
+    try:
+        resolved = typing.get_type_hints(probe, globalns=getattr(function, "__globals__", None))[name]
+    except Exception:  # NameError, TypeError...: a user's annotation that does not evaluate stays unresolved
+        return None
+    return None if _contains_string_annotation(resolved) else resolved
+
+
+def _resolve_string_annotations(gm: fx.GraphModule, forward: Any) -> None:
+    """Replace the string (PEP 563) annotations of the inputs and the output by the types they name.
+
+    fx copies a ``node.type`` into the generated code as a global, and ``torch.save`` cannot pickle a string
+    global (it looks it up as an importable name). An annotation that cannot be resolved is dropped: it only
+    documents the code.
+    """
+    for node in gm.graph.nodes:
+        if not _contains_string_annotation(node.type):
+            continue
+        key = {"output": "return", "placeholder": str(node.target).lstrip("*")}.get(node.op)
+        node.type = _resolve_annotation(forward, key) if key is not None else None
