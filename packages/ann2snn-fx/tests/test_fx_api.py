@@ -19,11 +19,14 @@ def test_public_api() -> None:
         "run_snn",
         "MultiStepSNN",
         "replace_by_td_operators",
+        "td_impulse",
+        "TDImpulse",
     }
     assert expected <= set(ann2snn_fx.__all__)
     for name in ann2snn_fx.__all__:
         assert getattr(ann2snn_fx, name) is not None
     assert "download_url" not in ann2snn_fx.__all__
+    assert ann2snn_fx.TDImpulse is ann2snn_fx.td.TDImpulse
 
 
 def test_converter_delegates_td_replacement() -> None:

@@ -11,6 +11,7 @@ from ann2snn_fx.runner import MultiStepSNN, run_snn
 from ann2snn_fx.td import (
     TDConversionReport,
     TDEquivalenceError,
+    TDImpulse,
     TDNodeRecord,
     TDTimeFolded,
     replace_by_td_operators,
@@ -37,6 +38,7 @@ __all__ = [
     "SigmoidSurrogate",
     "TDConversionReport",
     "TDEquivalenceError",
+    "TDImpulse",
     "TDNodeRecord",
     "TDTimeFolded",
     "ThresholdOptimizer",
