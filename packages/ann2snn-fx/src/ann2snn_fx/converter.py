@@ -110,7 +110,7 @@ class Converter:
         NotImplementedError: ``"You have used a non-defined VoltageScale Method."`` for an invalid ``mode``.
         ValueError, TypeError: for other invalid options.
 
-    Example:
+    Examples:
         >>> ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> loader = [torch.randn(16, 4) for _ in range(2)]
         >>> snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)

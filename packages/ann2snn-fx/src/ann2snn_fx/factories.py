@@ -29,7 +29,7 @@ class NeuronFactory:
             converted SNNs accurate at a few time steps). Needs a ``neuron_type`` that accepts it.
         **kwargs: Further keyword arguments for the neuron constructor.
 
-    Example:
+    Examples:
         >>> NeuronFactory(v_init=0.5).create(scale=3.0).extra_repr()
         'v_threshold=1.0, v_reset=None, detach_reset=False, step_mode=s, backend=torch, v_init=0.5'
     """
@@ -87,7 +87,7 @@ class HookFactory:
         channel_dim: When not ``None``, hooks keep one scale per channel along this dimension
             (``VoltageHook(channel_dim=...)``; needed by ``ThresholdOptimizer(strategy="per_channel")``).
 
-    Example:
+    Examples:
         >>> HookFactory("99.9%", momentum=0.2).create().mode
         '99.9%'
     """

@@ -40,7 +40,7 @@ class SigmoidSurrogate(nn.Module):
         - Input: any shape.
         - Output: same shape as the input, values in {0, 1}.
 
-    Example:
+    Examples:
         >>> SigmoidSurrogate()(torch.tensor([-0.5, 0.0, 0.5]))
         tensor([0., 1., 1.])
     """
@@ -114,7 +114,7 @@ class IFNode(nn.Module):
         - Single-step input: ``[N, *]``; output: same shape, spikes in {0, 1} of the input's dtype.
         - Multi-step input: ``[T, N, *]``; output: same shape.
 
-    Example:
+    Examples:
         >>> node = IFNode(v_reset=None)
         >>> [node(torch.tensor([0.6])).item() for _ in range(3)]
         [0.0, 1.0, 0.0]
@@ -294,7 +294,7 @@ def reset_net(net: nn.Module) -> None:
     Args:
         net: The network whose state (membrane potentials) is cleared.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), IFNode())
         >>> _ = net(torch.ones(1, 2))
         >>> reset_net(net)

@@ -28,7 +28,7 @@ class ActivationStatsHook(VoltageHook):
         - Input: ``[N, *]`` (with ``channel_dim`` inside it when per-channel statistics are on).
         - Output: the input, the same object.
 
-    Example:
+    Examples:
         >>> hook = ActivationStatsHook(histogram_bins=4, channel_dim=1)
         >>> _ = hook(torch.tensor([[0.0, 1.0], [3.0, 2.0]]))
         >>> hook.hist.tolist(), hook.hist_range.item(), hook.scale.tolist()

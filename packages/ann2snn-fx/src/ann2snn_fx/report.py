@@ -47,7 +47,7 @@ class ConversionReport:
 
     Available as ``converter.last_report`` and as the ``conversion_report`` attribute of the returned model.
 
-    Example:
+    Examples:
         >>> report = ConversionReport(converted=[ConvertedActivation("relu", "F.relu", "FunctionalReLURule")])
         >>> print(report)
         converted 1 activation(s), left 0

@@ -328,7 +328,7 @@ class _SpikingBlockRule:
 class ReLURule(_SpikingBlockRule):
     """Converts ``nn.ReLU`` modules (exact type; ``inplace=True`` included).
 
-    Example:
+    Examples:
         >>> from types import SimpleNamespace
         >>> ReLURule().match(SimpleNamespace(op="call_module", target="act"), {"act": nn.ReLU()})
         True
@@ -349,7 +349,7 @@ class FunctionalReLURule(_SpikingBlockRule):
     Spiking blocks are named after the module whose ``forward`` called the function
     (``<module path>.spiking_<k>``), or the root for top-level calls.
 
-    Example:
+    Examples:
         >>> gm = fx.symbolic_trace(lambda x: F.relu(x) + x.relu())
         >>> [FunctionalReLURule().match(n, {}) for n in gm.graph.nodes]
         [False, True, True, False, False]
@@ -447,7 +447,7 @@ class ClippedReLURule(_SpikingBlockRule):
     Bounds must be literal numbers with a lower bound of exactly 0. The layer's threshold is
     ``min(threshold, c)``, so the spiking block saturates where the ANN clipped.
 
-    Example:
+    Examples:
         >>> from types import SimpleNamespace
         >>> ClippedReLURule().match(SimpleNamespace(op="call_module", target="a"), {"a": nn.ReLU6()})
         True
@@ -474,7 +474,7 @@ class ClippedReLURule(_SpikingBlockRule):
 def all_rules() -> list[ActivationRule]:
     """One instance of every built-in rule: ``[ReLURule(), FunctionalReLURule(), ClippedReLURule()]``.
 
-    Example:
+    Examples:
         >>> [type(rule).__name__ for rule in all_rules()]
         ['ReLURule', 'FunctionalReLURule', 'ClippedReLURule']
     """

@@ -308,7 +308,7 @@ class MultiStepSNN(nn.Module):
         - Input: ``[B, *]`` (the same input is fed at every step).
         - Output: ``[T, B, *]``, the output of every step.
 
-    Example:
+    Examples:
         >>> from ann2snn_fx import IFNode, trace_model
         >>> snn = trace_model(nn.Sequential(nn.Linear(2, 2), IFNode(v_reset=None)))
         >>> MultiStepSNN(snn)(torch.ones(1, 2), time_steps=3).shape
@@ -443,7 +443,7 @@ def run_snn(
     Returns:
         Tensor ``[T, B, *]``.
 
-    Example:
+    Examples:
         >>> from ann2snn_fx import IFNode, trace_model
         >>> snn = trace_model(nn.Sequential(IFNode(v_reset=None)))
         >>> run_snn(snn, torch.tensor([[0.5]]), 4).flatten().tolist()

@@ -69,7 +69,7 @@ class ThresholdOptimizer:
         min_threshold: When set, thresholds are floored at this value instead of failing on layers
             whose calibrated activations were all zero.
 
-    Example:
+    Examples:
         >>> from ann2snn_calib import VoltageHook
         >>> hook = VoltageHook()
         >>> _ = hook(torch.tensor([0.5, 2.0]))

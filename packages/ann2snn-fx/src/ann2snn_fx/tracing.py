@@ -93,7 +93,7 @@ def trace_model(
         ModelTraceError: when tracing fails, with advice on the options above.
         TypeError: for a ``tracer`` or ``leaf_modules`` of the wrong type.
 
-    Example:
+    Examples:
         >>> gm = trace_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         >>> [n.op for n in gm.graph.nodes]
         ['placeholder', 'call_module', 'call_module', 'output']
