@@ -24,7 +24,6 @@ __all__ = [
     "MHA_DEFAULTS",
     "build_td_module",
     "check_mha_call",
-    "check_mha_module",
     "read_arg",
     "shift_dim",
 ]
@@ -51,22 +50,6 @@ def read_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: st
 def shift_dim(dim: int) -> int:
     """Move a non-negative dim of the ANN past the leading time axis; negative dims stay."""
     return dim + 1 if dim >= 0 else dim
-
-
-def check_mha_module(module: nn.MultiheadAttention) -> None:
-    """Reject MultiheadAttention configurations TDMultiheadAttention cannot express (seed messages)."""
-    if module.dropout != 0.0:
-        raise ValueError("TD MHA conversion only supports dropout=0.0.")
-    if not module.batch_first:
-        raise ValueError("TD MHA conversion only supports batch_first=True.")
-    if module.kdim != module.embed_dim or module.vdim != module.embed_dim:
-        raise ValueError("TD MHA conversion only supports kdim == vdim == embed_dim.")
-    if module.bias_k is not None or module.bias_v is not None:
-        raise ValueError("TD MHA conversion does not support add_bias_kv.")
-    if module.add_zero_attn:
-        raise ValueError("TD MHA conversion does not support add_zero_attn.")
-    if module.in_proj_weight is None:
-        raise ValueError("TD MHA conversion requires packed in_proj_weight.")
 
 
 def check_mha_call(node: fx.Node | None) -> None:
@@ -109,9 +92,6 @@ def build_td_module(module: nn.Module) -> nn.Module | None:
     ``nn.Softmax(dim=None)`` (implicit dim) is left alone.
     """
     kind = type(module)
-    if kind is nn.MultiheadAttention:
-        assert isinstance(module, nn.MultiheadAttention)
-        check_mha_module(module)
     if kind is nn.Softmax and getattr(module, "dim", None) is None:
         return None
     td: nn.Module

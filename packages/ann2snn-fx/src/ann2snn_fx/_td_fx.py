@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.proxy import TraceError
 
-from ann2snn_fx._td_build import build_td_module, check_mha_call, check_mha_module, read_arg, shift_dim
+from ann2snn_fx._td_build import build_td_module, check_mha_call, read_arg, shift_dim
 from ann2snn_fx._td_report import TDConversionReport, TDNodeRecord
 from ann2snn_fx.tracing import _resolve_string_annotations
 from ann2snn_ops import (
@@ -308,12 +308,13 @@ class _Pass:
                     _positional_qkv(node)
                 continue
             module = self.gm.get_submodule(target)
+            # Building validates the module's configuration (TDMultiheadAttention.from_module, seed order),
+            # before the call-site checks, as the seed does.
+            replacement = build_td_module(module)
             if type(module) is nn.MultiheadAttention:
                 mha_targets.add(target)
-                check_mha_module(module)
                 check_mha_call(node)
                 _positional_qkv(node)
-            replacement = build_td_module(module)
             built[target] = replacement
             if replacement is None:
                 continue
