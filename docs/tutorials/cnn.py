@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from digits import Digits, accuracy, train_classifier
+from digits import Digits, accuracy, markdown_table, train_classifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
@@ -183,19 +183,7 @@ def format_table(ann_accuracy: float, results: list[ConversionResult], steps: tu
                 *(f"{100 * result.accuracy_at(t):.1f}" for t in steps),
             ]
         )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            + " |"
-        )
-
-    rule = (
-        "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
-    )
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return markdown_table(header, rows)
 
 
 def plot_accuracy(ann_accuracy: float, results: list[ConversionResult], path: str) -> str:

@@ -82,3 +82,20 @@ def train_classifier(
             seen += len(y)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return model.eval()
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """An aligned markdown table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
+
+    rule = (
+        "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+    )
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])

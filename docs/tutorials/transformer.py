@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from digits import Digits, accuracy, train_classifier
+from digits import Digits, accuracy, markdown_table, train_classifier
 from torch import nn
 
 from ann2snn_fx.td import replace_by_td_operators
@@ -165,16 +165,4 @@ def format_table(result: TDResult) -> str:
         ],
     ]
     header = ["model", "test accuracy (%)", "largest abs(cumulative output - ANN output)"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-
-    def line(cells: list[str]) -> str:
-        return (
-            "| "
-            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-            + " |"
-        )
-
-    rule = (
-        "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
-    )
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    return markdown_table(header, rows)
