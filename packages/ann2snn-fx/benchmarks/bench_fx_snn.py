@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+from _timing import median_times
 
 from ann2snn_fx import Converter, NeuronFactory, ThresholdOptimizer, run_snn, trace_model
 
@@ -123,19 +123,6 @@ def _fused(ann: nn.Module) -> nn.Module:
     return Converter.fuse(trace_model(copy.deepcopy(ann)).eval())
 
 
-def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Medians of interleaved timings (one warm-up each), so every path sees the same machine state."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def _models(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...], int]]:
     torch.manual_seed(0)
     cases = [("digits CNN-6 (1x8x8)", _randomise_bn(digits_cnn6()), (1, 8, 8), 64)]
@@ -171,7 +158,7 @@ def bench_calibration(quick: bool) -> list[str]:
             fns[str(mode)] = functools.partial(_ann_inference, _hooked(ann, mode), loader)
         converter = Converter(loader, progress=False)
         fns["convert"] = functools.partial(converter.convert_to_spiking_neurons, ann)
-        times = _median_times(fns, repeats)
+        times = median_times(fns, repeats)
         ratios = " | ".join(f"{times[str(m)] / times['ann']:.2f}x" for m in MODES)
         rows.append(
             f"| {name} | {n} x {batch} | {times['ann'] * 1e3:.1f} ms | {ratios} | {times['convert'] / times['ann']:.2f}x |"
@@ -194,7 +181,7 @@ def bench_simulation(quick: bool) -> list[str]:
         fused = _fused(ann)
         x = loader[0]
         for steps in steps_list:
-            times = _median_times(
+            times = median_times(
                 {
                     "ann": functools.partial(_ann_inference, fused, [x] * steps),
                     "loop": functools.partial(run_snn, snn, x, steps),

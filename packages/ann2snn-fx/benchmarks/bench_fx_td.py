@@ -10,12 +10,11 @@ conversion paths are timed side by side in the same run: ``replace_by_td_operato
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from _timing import median_times
 
 from ann2snn_fx.td import TDTimeFolded, replace_by_td_operators
 
@@ -46,19 +45,6 @@ class Encoder(nn.Module):
         return self.norm(self.blocks(x))
 
 
-def _median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Medians of interleaved timings (one warm-up each), so every path sees the same machine state."""
-    for fn in fns.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def run(quick: bool) -> str:
     torch.manual_seed(0)
     width, heads, depth, tokens, batch = (48, 3, 1, 17, 2) if quick else (192, 3, 4, 65, 2)
@@ -76,7 +62,7 @@ def run(quick: bool) -> str:
                 "fx": lambda x=x: graph(x),
                 "folded": lambda x=x: folded(x),
             }
-            times = _median_times(paths, repeats)
+            times = median_times(paths, repeats)
             reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (steps, batch))
             error = max(float((model(x).cumsum(0) - reference).abs().max()) for model in (graph, folded))
             rows.append(
