@@ -91,7 +91,9 @@ class RetryPolicy:
     budget is not shortened: the call raises at once, naming the status, the wait asked and the budget.
     """
 
-    def __init__(self, url: str, part: Path, retries: int, budget: float, sleep: Callable[[float], object]) -> None:
+    def __init__(
+        self, url: str, part: Path, retries: int, budget: float, sleep: Callable[[float], object]
+    ) -> None:
         self.url, self.part, self.retries, self.budget, self.sleep = url, part, retries, budget, sleep
         self.failures = 0
         self.waited = 0.0

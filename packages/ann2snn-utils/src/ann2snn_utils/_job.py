@@ -44,7 +44,9 @@ class Download:
         self.progress: bool = options["progress"]
         self.chunk_size: int = options["chunk_size"]
         self.part = PartFile(dst.with_name(dst.name + ".part"), hashing=sha256 is not None)
-        self.policy = _http.RetryPolicy(url, self.part.path, options["retries"], options["retry_budget"], sleep)
+        self.policy = _http.RetryPolicy(
+            url, self.part.path, options["retries"], options["retry_budget"], sleep
+        )
         self.bar_factory = bar_factory
         self.restarts = 0
         self.total: int | None = None  # remote size, once known
@@ -81,7 +83,9 @@ class Download:
         if remote is not None and remote == local:
             logger.info("%s is complete (%d bytes); not downloading %s", self.dst, local, self.url)
             return True
-        logger.info("%s exists (%d bytes, remote %s); downloading %s again", self.dst, local, remote, self.url)
+        logger.info(
+            "%s exists (%d bytes, remote %s); downloading %s again", self.dst, local, remote, self.url
+        )
         return False
 
     def _attempt(self) -> Step:
@@ -160,27 +164,7 @@ class Download:
         return Step.AGAIN
 
     def _verify_and_install(self) -> int:
-        size = self.part.position
-        if self.total is not None and size != self.total:
-            self.part.discard()
-            raise SizeMismatchError(
-                f"download of {self.url} failed: {size} bytes on disk, the server announced {self.total}; "
-                f"the partial file was deleted",
-                self.url,
-                self.total,
-                size,
-            )
-        if self.sha256 is not None:
-            actual = self.part.sha256()
-            if actual != self.sha256:
-                self.part.discard()
-                raise ChecksumMismatchError(
-                    f"download of {self.url} failed: sha256 {actual} differs from the expected {self.sha256}; "
-                    f"the partial file was deleted",
-                    self.url,
-                    self.sha256,
-                    actual,
-                )
+        size = check_integrity(self.part, self.url, self.total, self.sha256)
         self.part.install(self.dst)
         return size
 
@@ -199,3 +183,29 @@ class Download:
             self.bar.reset(total=self.total)
             self.bar.update(offset)
         return self.bar
+
+
+def check_integrity(part: PartFile, url: str, total: int | None, sha256: str | None) -> int:
+    """The part's size, once it matches ``total`` and ``sha256`` (where known); else delete it and raise."""
+    size = part.position
+    if total is not None and size != total:
+        part.discard()
+        raise SizeMismatchError(
+            f"download of {url} failed: {size} bytes on disk, the server announced {total}; "
+            f"the partial file was deleted",
+            url,
+            total,
+            size,
+        )
+    if sha256 is not None:
+        actual = part.sha256()
+        if actual != sha256:
+            part.discard()
+            raise ChecksumMismatchError(
+                f"download of {url} failed: sha256 {actual} differs from the expected {sha256}; "
+                f"the partial file was deleted",
+                url,
+                sha256,
+                actual,
+            )
+    return size

@@ -27,7 +27,8 @@ def dst_lock(path: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
     except OSError as exc:
         raise OSError(
-            exc.errno, f"cannot open the lock file {os.fspath(path)!r} ({exc.strerror}); it must be a regular file"
+            exc.errno,
+            f"cannot open the lock file {os.fspath(path)!r} ({exc.strerror}); it must be a regular file",
         ) from exc
     try:
         _acquire(fd)

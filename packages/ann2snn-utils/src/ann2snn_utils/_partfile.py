@@ -45,7 +45,9 @@ class PartFile:
             return st.st_size
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(f"the partial file {os.fspath(self.path)!r} is a directory; remove it")
-        logger.warning("%s is not a regular file (a symlink?); removing it, its target stays untouched", self.path)
+        logger.warning(
+            "%s is not a regular file (a symlink?); removing it, its target stays untouched", self.path
+        )
         os.unlink(self.path)  # the link itself
         self.hasher, self.hashed = None, 0
         return 0
@@ -124,7 +126,11 @@ class PartFile:
     def install(self, dst: Path) -> None:
         """Rename the file that was written and hashed to ``dst``: checked to be that same regular file first."""
         st = os.lstat(self.path)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != self.identity or st.st_size != self.position:
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or (st.st_dev, st.st_ino) != self.identity
+            or st.st_size != self.position
+        ):
             raise RuntimeError(
                 f"{self.path} changed under the download (it is no longer the {self.position}-byte file written); "
                 f"another process wrote it without holding {self.path.with_suffix('.lock').name}"

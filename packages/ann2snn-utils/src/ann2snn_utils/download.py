@@ -12,8 +12,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from ann2snn_utils._job import Download
 from ann2snn_utils.__about__ import __version__
+from ann2snn_utils._job import Download
 
 __all__ = ["USER_AGENT", "download_url"]
 
