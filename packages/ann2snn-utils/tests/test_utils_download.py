@@ -1145,3 +1145,65 @@ def test_bad_retry_budget_raises() -> None:
         download_url("http://127.0.0.1:9/x", "x", retry_budget=-1, progress=False)
     with pytest.raises(TypeError, match=r"retry_budget must be a number of seconds, got str"):
         download_url("http://127.0.0.1:9/x", "x", retry_budget="5", progress=False)  # type: ignore[arg-type]
+
+
+def test_resumed_prefix_is_hashed_once_across_retries(
+    server: Server, tmp_path: Path, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(SIZE, seed=38)
+    url = server.add("/file.bin", data, drop_after=200_000, drops=2)
+    dst = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(data[:500_000])
+    from ann2snn_utils import _partfile
+
+    prefixes: list[int] = []
+    original = _partfile.PartFile._hash_prefix
+
+    def counting(self: Any, fh: Any, offset: int) -> None:
+        prefixes.append(offset)
+        original(self, fh, offset)
+
+    monkeypatch.setattr(_partfile.PartFile, "_hash_prefix", counting)
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert prefixes == [500_000]  # read back once; the two resumes after the drops continue the digest
+    assert [h.headers["Range"] for h in server.gets()] == ["bytes=500000-", "bytes=700000-", "bytes=900000-"]
+
+
+def test_part_swapped_by_a_writer_without_the_lock_is_not_installed(server: Server, tmp_path: Path) -> None:
+    data = payload(SIZE, seed=39)
+    url = server.add("/file.bin", data, stall=1.0, stall_after=300_000, stalls=1)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            download_url(url, dst, sha256=sha(data), progress=False, timeout=10, chunk_size=KIB64)
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    _wait_until_sent(server, "/file.bin", 300_000)
+    intruder = tmp_path / "intruder"
+    intruder.write_bytes(b"not the download")
+    intruder.replace(part)  # a process that ignores <dst>.lock
+    worker.join(60)
+
+    [error] = errors
+    assert isinstance(error, RuntimeError)
+    assert re.search(
+        r"file\.bin\.part changed under the download .* without holding file\.bin\.lock", str(error)
+    )
+    assert_nothing_at(dst)
+
+
+def test_part_that_is_a_directory_raises(server: Server, tmp_path: Path) -> None:
+    url = server.add("/file.bin", payload(1000))
+    (tmp_path / "file.bin.part").mkdir()
+
+    with pytest.raises(IsADirectoryError, match=r"the partial file '.*file\.bin\.part' is a directory"):
+        download_url(url, tmp_path / "file.bin", progress=False)
+    assert server.hits == []
