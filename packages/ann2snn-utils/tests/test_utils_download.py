@@ -1207,3 +1207,18 @@ def test_part_that_is_a_directory_raises(server: Server, tmp_path: Path) -> None
     with pytest.raises(IsADirectoryError, match=r"the partial file '.*file\.bin\.part' is a directory"):
         download_url(url, tmp_path / "file.bin", progress=False)
     assert server.hits == []
+
+
+def test_throttled_size_probe_of_a_complete_dst_waits_as_asked(
+    server: Server, tmp_path: Path, sleeps: list[float]
+) -> None:
+    data = payload(SIZE, seed=40)
+    url = server.add("/file.bin", data, throttle=1, retry_after="3")
+    dst = tmp_path / "file.bin"
+    dst.write_bytes(data)
+
+    assert download_url(url, dst, progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert sleeps == [3.0]
+    assert [(h.method, h.status, h.sent) for h in server.hits] == [("HEAD", 503, 0), ("HEAD", 200, 0)]
