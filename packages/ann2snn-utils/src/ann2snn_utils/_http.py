@@ -52,7 +52,7 @@ RETRIABLE: tuple[type[BaseException], ...] = (
 
 
 def check_status(resp: requests.Response, url: str) -> None:
-    """Raise [`Throttled`][] for 429/503 and `HTTPStatusError` for any other status but 200/206."""
+    """Raise ``Throttled`` for 429/503 and `HTTPStatusError` for any other status but 200/206."""
     status = resp.status_code
     if status in THROTTLE_STATUSES:
         raise Throttled(status, resp.reason or "", retry_after(resp.headers.get("Retry-After")))
