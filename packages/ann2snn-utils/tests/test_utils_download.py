@@ -1173,7 +1173,7 @@ def test_resumed_prefix_is_hashed_once_across_retries(
 
 def test_part_swapped_by_a_writer_without_the_lock_is_not_installed(server: Server, tmp_path: Path) -> None:
     data = payload(SIZE, seed=39)
-    url = server.add("/file.bin", data, stall=1.0, stall_after=300_000, stalls=1)
+    url = server.add("/file.bin", data, stall=1.5, stall_after=300_000, stalls=1)
     dst = tmp_path / "file.bin"
     part = tmp_path / "file.bin.part"
     errors: list[BaseException] = []
@@ -1187,6 +1187,10 @@ def test_part_swapped_by_a_writer_without_the_lock_is_not_installed(server: Serv
     worker = threading.Thread(target=call)
     worker.start()
     _wait_until_sent(server, "/file.bin", 300_000)
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size >= 300_000):  # the bytes that arrived are on disk
+        assert time.monotonic() < deadline, "the download never wrote its first 300 000 bytes"
+        time.sleep(0.01)
     intruder = tmp_path / "intruder"
     intruder.write_bytes(b"not the download")
     intruder.replace(part)  # a process that ignores <dst>.lock
