@@ -1226,3 +1226,28 @@ def test_throttled_size_probe_of_a_complete_dst_waits_as_asked(
     assert_file(dst, data)
     assert sleeps == [3.0]
     assert [(h.method, h.status, h.sent) for h in server.hits] == [("HEAD", 503, 0), ("HEAD", 200, 0)]
+
+
+@pytest.mark.parametrize(
+    ("env", "progress", "drawn"), [("1", None, False), ("1", True, True), ("0", None, True)]
+)
+def test_tqdm_disable_is_honoured_unless_progress_is_given(
+    server: Server,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: str,
+    progress: bool | None,
+    drawn: bool,
+) -> None:
+    monkeypatch.setenv("TQDM_DISABLE", env)
+    data = payload(SIZE, seed=41)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+
+    assert download_url(url, dst, progress=progress) == SIZE
+
+    assert_file(dst, data)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert ("1.50M/1.50M" in err) is drawn

@@ -34,7 +34,7 @@ def download_url(
     timeout: float = 30,
     retries: int = 3,
     retry_budget: float = 120,
-    progress: bool = True,
+    progress: bool | None = None,
     chunk_size: int = 1 << 20,
 ) -> int:
     """Download ``url`` to ``dst``, resuming an interrupted download, and return the file's size in bytes.
@@ -97,7 +97,8 @@ def download_url(
         retries: How many failed attempts in all are retried (network failures, 429, 503); 0 disables it.
         retry_budget: The most seconds spent waiting between attempts in all (backoff and ``Retry-After``);
             a finite number >= 0.
-        progress: Show a tqdm progress bar (bytes, to stderr). False prints nothing.
+        progress: Show a tqdm progress bar (bytes, to stderr); False prints nothing. None (the default) shows
+            it unless the environment sets ``TQDM_DISABLE`` (to anything but ``0``/``false``/``no``).
         chunk_size: The most bytes read and written at a time; a positive int.
 
     Returns:
@@ -126,10 +127,8 @@ def download_url(
         "retries": _check_int("retries", retries, minimum=0),
         "retry_budget": _check_seconds("retry_budget", retry_budget, positive=False),
         "chunk_size": _check_int("chunk_size", chunk_size, minimum=1),
-        "progress": progress,
+        "progress": _progress(progress),
     }
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
 
     dst_path.parent.mkdir(parents=True, exist_ok=True)
     with requests.Session() as session:
@@ -183,6 +182,15 @@ def _check_seconds(name: str, value: object, *, positive: bool) -> float:
     if not positive and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
+
+
+def _progress(progress: object) -> bool:
+    """``progress=`` as given, or from ``TQDM_DISABLE`` when None (SPEC 13.5: the argument overrides the env)."""
+    if progress is None:
+        return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("", "0", "false", "no")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    return progress
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:
