@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ann2snn_fx._td_build import build_td_module, check_mha_call_args, read_arg, shift_dim
-from ann2snn_fx._td_report import TDConversionReport, TDNodeRecord
+from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg, shift_dim
+from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
 from ann2snn_ops import (
     TDGELU,
     TDFunction,

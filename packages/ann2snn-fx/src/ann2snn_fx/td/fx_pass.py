@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.proxy import TraceError
 
-from ann2snn_fx._td_build import build_td_module, check_mha_call, read_arg, shift_dim
-from ann2snn_fx._td_report import TDConversionReport, TDNodeRecord
+from ann2snn_fx.td.build import build_td_module, check_mha_call, read_arg, shift_dim
+from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
 from ann2snn_fx.tracing import _resolve_string_annotations
 from ann2snn_ops import (
     TDGELU,
