@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["IFNode", "SigmoidSurrogate", "reset_net"]
+from ann2snn_fx.snn._checks import check_neuron_options, check_potential
+from ann2snn_fx.snn.dynamics import integrate_and_fire, integrate_and_fire_sequence
 
-_STEP_MODES = ("s", "m")
+__all__ = ["IFNode", "SigmoidSurrogate", "reset_net"]
 
 
 class _HeavisideSigmoid(torch.autograd.Function):
@@ -56,30 +57,6 @@ class SigmoidSurrogate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
-
-
-def _check_potential(name: str, value: Any, *, positive: bool) -> float | torch.Tensor:
-    """Validate a threshold/reset/initial potential: int, float or a 0-dim real tensor."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, a float or a 0-dim tensor, but got a bool ({value!r}).")
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0 or (
-            not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64)
-        ):
-            raise TypeError(
-                f"{name} must be an int, a float or a 0-dim real tensor, but got a tensor of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}."
-            )
-        number = float(value.item())
-    elif isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        raise TypeError(f"{name} must be an int, a float or a 0-dim tensor, but got {type(value).__name__}.")
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, but got {number}.")
-    if positive and number <= 0:
-        raise ValueError(f"{name} must be positive, but got {number}.")
-    return number
 
 
 class IFNode(nn.Module):
@@ -137,27 +114,22 @@ class IFNode(nn.Module):
         v_init: float | torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.v_threshold: float | torch.Tensor = _check_potential("v_threshold", v_threshold, positive=True)
+        self.v_threshold: float | torch.Tensor = check_potential("v_threshold", v_threshold, positive=True)
         self.v_reset: float | torch.Tensor | None = (
-            None if v_reset is None else _check_potential("v_reset", v_reset, positive=False)
+            None if v_reset is None else check_potential("v_reset", v_reset, positive=False)
         )
         self.v_init: float | None = (
-            None if v_init is None else float(_check_potential("v_init", v_init, positive=False))
+            None if v_init is None else float(check_potential("v_init", v_init, positive=False))
         )
-        if not isinstance(detach_reset, bool):
-            raise TypeError(f"detach_reset must be a bool, but got {detach_reset!r}.")
-        if step_mode not in _STEP_MODES:
-            raise ValueError(f"step_mode must be 's' or 'm', but got {step_mode!r}.")
-        if backend != "torch":
-            raise ValueError(f"backend must be 'torch' (the only backend), but got {backend!r}.")
-        if not isinstance(store_v_seq, bool):
-            raise TypeError(f"store_v_seq must be a bool, but got {store_v_seq!r}.")
+        check_neuron_options(
+            detach_reset=detach_reset,
+            step_mode=step_mode,
+            backend=backend,
+            store_v_seq=store_v_seq,
+            surrogate_function=surrogate_function,
+        )
         if surrogate_function is None:
             surrogate_function = SigmoidSurrogate(alpha=4.0)
-        elif not callable(surrogate_function):
-            raise TypeError(
-                f"surrogate_function must be callable, but got {type(surrogate_function).__name__}."
-            )
         self.surrogate_function = surrogate_function
         self.detach_reset = detach_reset
         self.step_mode = step_mode
@@ -188,30 +160,15 @@ class IFNode(nn.Module):
     def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
         """One time step: integrate ``x``, fire, reset. Input and output ``[N, *]``."""
         v = self._prepare_v(x)
-        threshold = self.v_threshold
-        differentiable = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad)
-        if self.training or differentiable:
-            v = v + x
-            spike = self.surrogate_function(v - threshold) if self.training else (v >= threshold).to(x.dtype)
-            spike_r = spike.detach() if self.detach_reset else spike
-            if self.v_reset is None:
-                v = v - spike_r * threshold
-            else:
-                v = spike_r * self.v_reset + (1.0 - spike_r) * v
-        else:
-            # Inference fast path: update the membrane in place (it is owned by this neuron) with fused kernels.
-            v.add_(x)
-            if self.v_reset is None:
-                spike = torch.empty_like(v)
-                torch.ge(v, threshold, out=spike)
-                if isinstance(threshold, torch.Tensor):
-                    v.sub_(spike * threshold)
-                else:
-                    v.sub_(spike, alpha=threshold)
-            else:
-                fired = v >= threshold
-                spike = fired.to(x.dtype)
-                v.masked_fill_(fired, float(self.v_reset))
+        spike, v = integrate_and_fire(
+            v,
+            x,
+            self.v_threshold,
+            self.v_reset,
+            surrogate=self.surrogate_function,
+            training=self.training,
+            detach_reset=self.detach_reset,
+        )
         self.v = v
         return spike
 
@@ -228,18 +185,10 @@ class IFNode(nn.Module):
     def _inference_sequence(self, x_seq: torch.Tensor, input_scale: float | None = None) -> torch.Tensor:
         """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output, optionally
         integrating ``input_scale * x`` (a fused input scaler)."""
-        threshold = float(self.v_threshold)
-        out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
         v = self._prepare_v(x_seq[0])
         if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
             v = v.detach().clone()
-        for t in range(x_seq.shape[0]):
-            if input_scale is None:
-                v.add_(x_seq[t])
-            else:
-                v.add_(x_seq[t], alpha=input_scale)
-            torch.ge(v, threshold, out=out[t])
-            v.sub_(out[t], alpha=threshold)
+        out, v = integrate_and_fire_sequence(v, x_seq, float(self.v_threshold), input_scale)
         self.v = v
         return out
 
