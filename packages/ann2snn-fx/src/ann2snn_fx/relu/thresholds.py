@@ -7,38 +7,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ann2snn_fx.relu.threshold_strategies import STRATEGIES, expected_error
+
 __all__ = ["ThresholdOptimizer", "expected_error"]
-
-
-def expected_error(
-    values: torch.Tensor,
-    weights: torch.Tensor,
-    thresholds: torch.Tensor,
-    time_steps: int,
-    v_init: float = 0.0,
-) -> torch.Tensor:
-    """Expected squared error of an IF neuron's T-step rate against ReLU, for each candidate threshold.
-
-    For a constant input ``x >= 0`` and threshold ``s``, a soft-reset IF neuron starting at ``v_init``
-    (in units of its threshold) fires ``n = clamp(floor(T * x / s + v_init), 0, T)`` times in ``T`` steps,
-    so the block outputs ``s * n / T``. The error adds the clipping above ``s`` and the quantisation below.
-
-    Args:
-        values: Activation values (e.g. histogram bin centres), shape ``[K]``.
-        weights: Their frequencies, shape ``[K]``.
-        thresholds: Candidate thresholds, shape ``[M]``.
-        time_steps: The number of simulation steps ``T``.
-        v_init: Initial membrane potential as a fraction of the threshold.
-
-    Returns:
-        Tensor ``[M]``: the weighted mean squared error of each candidate.
-    """
-    s = thresholds.reshape(-1, 1).double()
-    x = values.reshape(1, -1).double()
-    n = torch.floor(x / s * time_steps + v_init).clamp(0, time_steps)
-    err = (s * n / time_steps - x) ** 2
-    w = weights.double().reshape(1, -1)
-    return (err * w).sum(dim=1) / w.sum().clamp_min(1e-300)
 
 
 class ThresholdOptimizer:
@@ -79,7 +50,7 @@ class ThresholdOptimizer:
         ('fixed', 'min_error', 'per_channel')
     """
 
-    strategies: ClassVar[tuple[str, ...]] = ("fixed", "min_error", "per_channel")
+    strategies: ClassVar[tuple[str, ...]] = tuple(STRATEGIES)
 
     def __init__(
         self,
@@ -144,60 +115,16 @@ class ThresholdOptimizer:
             NotImplementedError: ``"Strategy {strategy!r} is not implemented."`` for an unknown strategy.
             ValueError: when the hook did not record the statistics the strategy needs.
         """
-        if self.strategy == "fixed":
-            scale = hook.scale
-            value: float | torch.Tensor = (
-                scale.item() if not isinstance(scale, torch.Tensor) or scale.numel() == 1 else scale.detach()
-            )
-        elif self.strategy == "min_error":
-            value = self._min_error(hook)
-        elif self.strategy == "per_channel":
-            value = self._per_channel(hook)
-        else:
+        strategy = STRATEGIES.get(self.strategy)
+        if strategy is None:
             raise NotImplementedError(f"Strategy {self.strategy!r} is not implemented.")
+        value = strategy(self, hook)
         if self.min_threshold is not None:
             if isinstance(value, torch.Tensor):
                 value = value.clamp_min(self.min_threshold)
             elif not math.isnan(value):
                 value = max(value, self.min_threshold)
         return value
-
-    def _min_error(self, hook: Any) -> float:
-        hist = getattr(hook, "hist", None)
-        if not isinstance(hist, torch.Tensor) or hist.numel() == 0:
-            raise ValueError(
-                "strategy 'min_error' needs hooks that record an activation histogram (ActivationStatsHook with "
-                "histogram_bins > 0); the Converter builds them when given this optimizer, or pass "
-                "HookFactory(histogram_bins=...)."
-            )
-        if float(hist.sum()) == 0.0:
-            return 0.0
-        assert self.time_steps is not None
-        bins = hist.numel()
-        rng = float(hook.hist_range)
-        width = rng / bins
-        centres = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) * width
-        top = float((torch.nonzero(hist).max() + 1) * width)
-        candidates = torch.linspace(top / 512, top, 512, dtype=torch.float64, device=hist.device)
-        errors = expected_error(centres, hist, candidates, self.time_steps, self.v_init)
-        return float(candidates[int(errors.argmin())])
-
-    def _per_channel(self, hook: Any) -> torch.Tensor:
-        stat = hook.scale
-        if (
-            getattr(hook, "channel_dim", None) is None
-            or not isinstance(stat, torch.Tensor)
-            or stat.dim() != 1
-        ):
-            raise ValueError(
-                "strategy 'per_channel' needs hooks with per-channel scales (VoltageHook(channel_dim=...)); the "
-                "Converter builds them when given this optimizer, or pass HookFactory(channel_dim=...)."
-            )
-        stat = stat.detach().float()
-        positive = stat > 0
-        if bool(positive.any()):
-            stat = torch.where(positive, stat, stat.max())
-        return stat
 
     def __repr__(self) -> str:
         extra = ""
