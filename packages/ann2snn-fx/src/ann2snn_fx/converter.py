@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.converter` or from :mod:`ann2s
 import sys
 
 from ann2snn_fx.relu import converter as _moved
-from ann2snn_fx.relu.converter import Converter
+from ann2snn_fx.relu.converter import *  # noqa: F403
 
-__all__ = ["Converter"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

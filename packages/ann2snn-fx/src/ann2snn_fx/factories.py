@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.factories` or from :mod:`ann2s
 import sys
 
 from ann2snn_fx.relu import factories as _moved
-from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
+from ann2snn_fx.relu.factories import *  # noqa: F403
 
-__all__ = ["HookFactory", "NeuronFactory"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

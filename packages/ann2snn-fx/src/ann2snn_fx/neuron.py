@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.snn.neurons` or from :mod:`ann2snn_
 import sys
 
 from ann2snn_fx.snn import neurons as _moved
-from ann2snn_fx.snn.neurons import IFNode, SigmoidSurrogate, reset_net
+from ann2snn_fx.snn.neurons import *  # noqa: F403
 
-__all__ = ["IFNode", "SigmoidSurrogate", "reset_net"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.observers` or from :mod:`ann2s
 import sys
 
 from ann2snn_fx.relu import observers as _moved
-from ann2snn_fx.relu.observers import ActivationStatsHook
+from ann2snn_fx.relu.observers import *  # noqa: F403
 
-__all__ = ["ActivationStatsHook"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.report` or from :mod:`ann2snn_
 import sys
 
 from ann2snn_fx.relu import report as _moved
-from ann2snn_fx.relu.report import ConversionReport, ConvertedActivation, LeftActivation
+from ann2snn_fx.relu.report import *  # noqa: F403
 
-__all__ = ["ConversionReport", "ConvertedActivation", "LeftActivation"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

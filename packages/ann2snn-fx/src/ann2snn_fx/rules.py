@@ -8,28 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.rules` or from :mod:`ann2snn_f
 import sys
 
 from ann2snn_fx.relu import rules as _moved
-from ann2snn_fx.relu.rules import (
-    ActivationRule,
-    ClippedReLURule,
-    FunctionalReLURule,
-    ReLURule,
-    all_rules,
-    clip_bounds,
-    clip_rejection,
-    describe,
-    is_activation,
-)
+from ann2snn_fx.relu.rules import *  # noqa: F403
 
-__all__ = [
-    "ActivationRule",
-    "ClippedReLURule",
-    "FunctionalReLURule",
-    "ReLURule",
-    "all_rules",
-    "clip_bounds",
-    "clip_rejection",
-    "describe",
-    "is_activation",
-]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

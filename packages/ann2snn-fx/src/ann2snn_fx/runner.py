@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.snn.runner` or from :mod:`ann2snn_f
 import sys
 
 from ann2snn_fx.snn import runner as _moved
-from ann2snn_fx.snn.runner import MultiStepSNN, run_snn
+from ann2snn_fx.snn.runner import *  # noqa: F403
 
-__all__ = ["MultiStepSNN", "run_snn"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

@@ -8,8 +8,8 @@ New code should import from :mod:`ann2snn_fx.relu.thresholds` or from :mod:`ann2
 import sys
 
 from ann2snn_fx.relu import thresholds as _moved
-from ann2snn_fx.relu.thresholds import ThresholdOptimizer, expected_error
+from ann2snn_fx.relu.thresholds import *  # noqa: F403
 
-__all__ = ["ThresholdOptimizer", "expected_error"]
+__all__ = _moved.__all__
 
 sys.modules[__name__] = _moved

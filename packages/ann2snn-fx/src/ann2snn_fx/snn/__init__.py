@@ -1,6 +1,5 @@
-"""What a converted network runs on: the IF neuron, ``reset_net``, and the runners ``run_snn`` / ``MultiStepSNN``."""
+"""What a converted network runs on: the IF neuron, ``reset_net``, and the runners ``run_snn`` / ``MultiStepSNN``.
 
-from ann2snn_fx.snn.neurons import IFNode, SigmoidSurrogate, reset_net
-from ann2snn_fx.snn.runner import MultiStepSNN, run_snn
-
-__all__ = ["IFNode", "MultiStepSNN", "SigmoidSurrogate", "reset_net", "run_snn"]
+The public names are exported by :mod:`ann2snn_fx`; the modules: ``neurons``, ``dynamics``, ``runner``,
+``multistep``.
+"""
