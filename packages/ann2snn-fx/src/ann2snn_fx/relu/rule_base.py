@@ -265,49 +265,75 @@ class _SpikingBlockRule:
                 threshold.clamp(max=clip) if isinstance(threshold, torch.Tensor) else min(threshold, clip)
             )
 
-        leaf = hook_leaf.replace("voltage_hook_", "spiking_")
-        prefix = _join(hook_parent, leaf)
-        if _has_attribute(fx_model, prefix):
-            stem, digits = leaf.rstrip("0123456789"), leaf[len(leaf.rstrip("0123456789")) :]
-            prefix, _ = _free_name(fx_model, hook_parent, stem, int(digits) if digits else 0)
-
+        prefix = _block_prefix(fx_model, hook_parent, hook_leaf)
         neuron = neuron_factory.create(scale=threshold)
-        theta: Any = getattr(neuron, "v_threshold", 1.0)
-        if hasattr(theta, "item") and (not hasattr(theta, "numel") or theta.numel() == 1):
-            theta = theta.item()
-        if isinstance(threshold, torch.Tensor):
-            channel_dim = getattr(hook, "channel_dim", None)
-            options = {"channel_dim": channel_dim} if threshold.dim() == 1 and channel_dim is not None else {}
-            scaler0 = VoltageScaler(torch.as_tensor(theta, dtype=threshold.dtype) / threshold, **options)
-            scaler1 = VoltageScaler(threshold.clone(), **options)
-        else:
-            scaler0 = VoltageScaler(theta / threshold)
-            scaler1 = VoltageScaler(threshold)
+        scaler0, scaler1 = _block_scalers(neuron, threshold, hook)
         fx_model.add_submodule(f"{prefix}.scaler0", scaler0)
         fx_model.add_submodule(f"{prefix}.if_node", neuron)
         fx_model.add_submodule(f"{prefix}.scaler1", scaler1)
-
-        graph = fx_model.graph
-        with graph.inserting_after(hook_node):
-            n0 = graph.call_module(f"{prefix}.scaler0", args=(source,))
-        with graph.inserting_after(n0):
-            n1 = graph.call_module(f"{prefix}.if_node", args=(n0,))
-        with graph.inserting_after(n1):
-            n2 = graph.call_module(f"{prefix}.scaler1", args=(n1,))
-
-        if _is_inplace(activation_node, modules) and isinstance(source, fx.Node):
-            # The ANN overwrote its input in place: later readers of that input saw the activation's output.
-            order = {n: i for i, n in enumerate(graph.nodes)}
-            position = order[activation_node]
-            for user in list(source.users):
-                if user not in (n0, activation_node, hook_node) and order.get(user, -1) > position:
-                    user.replace_input_with(source, n2)
-        hook_node.replace_all_uses_with(n2)
-        activation_node.replace_all_uses_with(n2)
-        graph.erase_node(hook_node)
-        graph.erase_node(activation_node)
+        _splice_block(
+            fx_model, activation_node, hook_node, source, prefix, _is_inplace(activation_node, modules)
+        )
         record = fx_model.meta.setdefault(BLOCKS_META_KEY, {}) if hasattr(fx_model, "meta") else {}
         record[hook_node.target] = (prefix, threshold)
+
+
+def _block_prefix(fx_model: nn.Module, hook_parent: str, hook_leaf: str) -> str:
+    """``<parent>.spiking_<k>`` beside the hook, at the first free index."""
+    leaf = hook_leaf.replace("voltage_hook_", "spiking_")
+    prefix = _join(hook_parent, leaf)
+    if _has_attribute(fx_model, prefix):
+        stem, digits = leaf.rstrip("0123456789"), leaf[len(leaf.rstrip("0123456789")) :]
+        prefix, _ = _free_name(fx_model, hook_parent, stem, int(digits) if digits else 0)
+    return prefix
+
+
+def _block_scalers(
+    neuron: nn.Module, threshold: float | torch.Tensor, hook: Any
+) -> tuple[VoltageScaler, VoltageScaler]:
+    """``VoltageScaler(theta / s)`` and ``VoltageScaler(s)`` around a neuron of threshold ``theta``."""
+    theta: Any = getattr(neuron, "v_threshold", 1.0)
+    if hasattr(theta, "item") and (not hasattr(theta, "numel") or theta.numel() == 1):
+        theta = theta.item()
+    if isinstance(threshold, torch.Tensor):
+        channel_dim = getattr(hook, "channel_dim", None)
+        options = {"channel_dim": channel_dim} if threshold.dim() == 1 and channel_dim is not None else {}
+        scaler0 = VoltageScaler(torch.as_tensor(theta, dtype=threshold.dtype) / threshold, **options)
+        scaler1 = VoltageScaler(threshold.clone(), **options)
+    else:
+        scaler0 = VoltageScaler(theta / threshold)
+        scaler1 = VoltageScaler(threshold)
+    return scaler0, scaler1
+
+
+def _splice_block(
+    fx_model: fx.GraphModule,
+    activation_node: fx.Node,
+    hook_node: fx.Node,
+    source: Any,
+    prefix: str,
+    inplace: bool,
+) -> None:
+    """Put ``scaler0 -> if_node -> scaler1`` in the graph in place of the activation and its hook."""
+    graph = fx_model.graph
+    with graph.inserting_after(hook_node):
+        n0 = graph.call_module(f"{prefix}.scaler0", args=(source,))
+    with graph.inserting_after(n0):
+        n1 = graph.call_module(f"{prefix}.if_node", args=(n0,))
+    with graph.inserting_after(n1):
+        n2 = graph.call_module(f"{prefix}.scaler1", args=(n1,))
+
+    if inplace and isinstance(source, fx.Node):
+        # The ANN overwrote its input in place: later readers of that input saw the activation's output.
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        position = order[activation_node]
+        for user in list(source.users):
+            if user not in (n0, activation_node, hook_node) and order.get(user, -1) > position:
+                user.replace_input_with(source, n2)
+    hook_node.replace_all_uses_with(n2)
+    activation_node.replace_all_uses_with(n2)
+    graph.erase_node(hook_node)
+    graph.erase_node(activation_node)
 
 
 SpikingBlockRule = _SpikingBlockRule
