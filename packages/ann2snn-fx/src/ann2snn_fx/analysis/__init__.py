@@ -8,6 +8,7 @@
 """
 
 
+from ann2snn_fx.analysis.doctor import Diagnosis, LayerDiagnosis, TDDiagnosis, TDNodeDeviation, diagnose, diagnose_td
 from ann2snn_fx.analysis.energy import FP32_45NM, INT8_45NM, EnergyModel, bit_matched_bits
 
 from ann2snn_fx.analysis.profile import profile_snn, profile_sweep
