@@ -40,8 +40,10 @@ def test_low_threshold_clipping_dominates() -> None:
     s = float(snn.get_submodule("spiking_0.scaler1").scale)
     expected = float(torch.linalg.vector_norm(a - a.clamp(max=s)) / torch.linalg.vector_norm(a))
     assert first.clipping == pytest.approx(expected, rel=1e-5)
-    assert "percentile" in d.suggestions[0] and "threshold" in d.suggestions[0]
-    assert d.left == [] and "clipping" in d.to_markdown()
+    assert "percentile" in d.suggestions[0]
+    assert "threshold" in d.suggestions[0]
+    assert d.left == []
+    assert "clipping" in d.to_markdown()
 
 
 def test_small_t_quantisation_dominates_and_first_layer_is_exact() -> None:
@@ -49,7 +51,8 @@ def test_small_t_quantisation_dominates_and_first_layer_is_exact() -> None:
     snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)
     d = diagnose(ann, snn, x, 2)
     assert max(d.shares, key=d.shares.__getitem__) == "quantisation"
-    assert "raise T" in d.suggestions[0] and "v_init=0.5" in d.suggestions[0]
+    assert "raise T" in d.suggestions[0]
+    assert "v_init=0.5" in d.suggestions[0]
     # Layer 1 gets the exact ANN input at every step: its SNN output is the quantised value, remainder 0.
     assert d.layers[0].remainder < 1e-6
     at_large_t = diagnose(ann, snn, x, 256)
@@ -58,7 +61,9 @@ def test_small_t_quantisation_dominates_and_first_layer_is_exact() -> None:
 
 def test_v_init_half_is_not_suggested_again() -> None:
     ann, x, loader = _setup()
-    snn = Converter(loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5)).convert_to_spiking_neurons(ann)
+    snn = Converter(
+        loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
     d = diagnose(ann, snn, x, 2)
     assert not any("v_init" in s for s in d.suggestions)
     assert d.layers[0].remainder < 1e-6  # rounding is predicted exactly too
@@ -69,9 +74,12 @@ def test_unconverted_activation_is_reported_first() -> None:
     ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)).eval()
     x = torch.rand(32, 4)
     with pytest.warns(UserWarning, match="stayed ANN operations"):
-        snn = Converter(DataLoader(TensorDataset(x), batch_size=16), progress=False).convert_to_spiking_neurons(ann)
+        snn = Converter(
+            DataLoader(TensorDataset(x), batch_size=16), progress=False
+        ).convert_to_spiking_neurons(ann)
     d = diagnose(ann, snn, x, 8)
-    assert [a.kind for a in d.left] and "GELU" in d.left[0].kind
+    assert [a.kind for a in d.left]
+    assert "GELU" in d.left[0].kind
     assert "stayed ANN operations" in d.suggestions[0]
 
 
@@ -79,9 +87,10 @@ def test_diagnose_rejects_unconverted_model() -> None:
     ann, x, _ = _setup()
     with pytest.raises(TypeError, match="conversion_report"):
         diagnose(ann, ann, x, 4)  # type: ignore[arg-type]
+    ann2, _, loader = _setup()
+    snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann2)
     with pytest.raises(ValueError, match="time_steps"):
-        ann2, _, loader = _setup()
-        diagnose(ann2, Converter(loader, progress=False).convert_to_spiking_neurons(ann2), x, 0)
+        diagnose(ann2, snn, x, 0)
 
 
 def test_diagnose_td_locates_a_broken_node() -> None:
@@ -95,5 +104,6 @@ def test_diagnose_td_locates_a_broken_node() -> None:
     d = diagnose_td(ann, td, x)
     assert d.first_broken == "3"
     deviations = {n.name: n.deviation for n in d.nodes}
-    assert deviations["2"] < 1e-5 and deviations["4"] > 1e-3
+    assert deviations["2"] < 1e-5
+    assert deviations["4"] > 1e-3
     assert "first broken at '3'" in d.to_markdown()

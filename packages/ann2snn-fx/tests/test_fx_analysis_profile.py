@@ -65,7 +65,7 @@ def _trace(*layers: nn.Module) -> torch.fx.GraphModule:
     return trace_model(nn.Sequential(*layers), leaf_modules=[Pattern, BurstIF]).eval()
 
 
-def _row(profile, name):  # noqa: ANN001, ANN202
+def _row(profile, name):
     return next(r for r in profile.layers if r.name == name)
 
 
@@ -83,10 +83,14 @@ def test_two_layer_mlp_matches_hand_count(mode: str) -> None:
     assert (first.events_pos, first.events_neg, first.neurons) == (7.0, 0.0, 3)
     assert first.firing_rate == pytest.approx(7 / 12)
     # v: 0.5, 1.5->fire(0.5), 1.0->fire(0), 1.5->fire(0.5): 3 spikes
-    assert second.events_pos == 3.0 and second.silent_fraction == 0.0
-    assert _row(profile, "0").role == "analog, once" and _row(profile, "0").mac == 3.0
-    assert _row(profile, "2").role == "spikes" and _row(profile, "2").sop == 7.0  # fan-out 1 per event
-    assert first.state_adds == 3 * 4 + 7 and first.state_compares == 12
+    assert second.events_pos == 3.0
+    assert second.silent_fraction == 0.0
+    assert _row(profile, "0").role == "analog, once"
+    assert _row(profile, "0").mac == 3.0
+    assert _row(profile, "2").role == "spikes"
+    assert _row(profile, "2").sop == 7.0
+    assert first.state_adds == 3 * 4 + 7
+    assert first.state_compares == 12
     assert profile.ann_mac == 3.0 + 3.0
 
 
@@ -124,7 +128,9 @@ def test_conv_net_events_and_sops_against_brute_force(mode: str) -> None:
     conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
     fc = nn.Linear(6 * 3 * 3, 5)
     scaler = VoltageScaler(0.5)
-    snn = _trace(conv1, IFNode(v_reset=None), scaler, nn.AvgPool2d(2), conv2, IFNode(v_reset=None), nn.Flatten(), fc)
+    snn = _trace(
+        conv1, IFNode(v_reset=None), scaler, nn.AvgPool2d(2), conv2, IFNode(v_reset=None), nn.Flatten(), fc
+    )
     x, t = torch.rand(3, 1, 12, 12) * 2, 6
     profile = profile_snn(snn, x, t, mode=mode)
 
@@ -148,7 +154,9 @@ def test_conv_net_events_and_sops_against_brute_force(mode: str) -> None:
 
 def test_both_modes_give_identical_records() -> None:
     torch.manual_seed(1)
-    snn = _trace(nn.Conv2d(2, 3, 3), IFNode(v_reset=None), nn.Flatten(), nn.Linear(3 * 4 * 4, 2), IFNode(v_reset=None))
+    snn = _trace(
+        nn.Conv2d(2, 3, 3), IFNode(v_reset=None), nn.Flatten(), nn.Linear(3 * 4 * 4, 2), IFNode(v_reset=None)
+    )
     x = torch.rand(4, 2, 6, 6)
     step, multi = profile_snn(snn, x, 7), profile_snn(snn, x, 7, mode="multi")
     assert step.layers == multi.layers
@@ -160,7 +168,8 @@ def test_signed_spikes_do_not_cancel() -> None:
     profile = profile_snn(snn, torch.zeros(1, 4), 1)
     neuron = _row(profile, "0")
     assert (neuron.events_pos, neuron.events_neg) == (1.0, 1.0)
-    assert _row(profile, "1").sop == 20.0 and _row(profile, "1").mac == 0.0
+    assert _row(profile, "1").sop == 20.0
+    assert _row(profile, "1").mac == 0.0
 
 
 def test_zero_or_x_analog_tensor_is_not_spikes() -> None:
@@ -171,7 +180,9 @@ def test_zero_or_x_analog_tensor_is_not_spikes() -> None:
 
     snn = _trace(Fixed(), nn.Linear(4, 10))
     row = _row(profile_snn(snn, torch.zeros(1, 4), 3), "1")
-    assert row.role != "spikes" and row.sop == 0.0 and row.mac == 40.0
+    assert row.role != "spikes"
+    assert row.sop == 0.0
+    assert row.mac == 40.0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -179,7 +190,8 @@ def test_threshold_scaled_spike_is_one_event(mode: str) -> None:
     # SpikingJelly counts a spike of amplitude 2 as a dense MAC (40); it is one event per spike: 20 SOPs.
     snn = _trace(IFNode(v_reset=None), VoltageScaler(2.0), nn.Linear(4, 10))
     profile = profile_snn(snn, torch.tensor([[1.0, 0.0, 1.0, 0.0]]), 1, mode=mode)
-    assert _row(profile, "2").sop == 20.0 and _row(profile, "2").mac == 0.0
+    assert _row(profile, "2").sop == 20.0
+    assert _row(profile, "2").mac == 0.0
     scaled = _trace(Pattern(torch.tensor([[1.0, 0.0, 1.0, 0.0]]), spike_unit=0.37), nn.Linear(4, 10))
     assert _row(profile_snn(scaled, torch.zeros(1, 4), 1, mode=mode), "1").sop == 20.0
 
@@ -189,7 +201,8 @@ def test_burst_of_k_is_k_events(mode: str) -> None:
     # current 2.5 per step, theta 1, burst 3: v 2.5 -> k=2 (0.5), 3.0 -> 3 (0), 2.5 -> 2, 3.0 -> 3: 10 events.
     snn = _trace(BurstIF(1.0, 3), nn.Linear(1, 4))
     profile = profile_snn(snn, torch.tensor([[2.5]]), 4, mode=mode)
-    assert _row(profile, "0").events_pos == 10.0 and _row(profile, "1").sop == 40.0
+    assert _row(profile, "0").events_pos == 10.0
+    assert _row(profile, "1").sop == 40.0
     assert _row(profile, "0").firing_rate == 2.5
 
 
@@ -224,7 +237,8 @@ def test_instrumentation_removed_even_on_error() -> None:
         assert not {"forward", "multi_step_forward", "_inference_sequence"} & set(vars(module))
         assert not module._forward_hooks
     profile_snn(trace_model(nn.Sequential(fc, neuron)), torch.ones(1, 2), 2)
-    assert not fc._forward_hooks and "forward" not in vars(neuron)
+    assert not fc._forward_hooks
+    assert "forward" not in vars(neuron)
 
 
 def test_tables_and_energy() -> None:
@@ -235,14 +249,18 @@ def test_tables_and_energy() -> None:
     e = profile.energy(model)
     assert e.snn_compute_pj == 0.5 * (18 + 14 + 8)
     assert e.snn_memory_pj == e.snn_compute_pj + 1.0 * (18 + 2 * 2 * 4)
-    assert e.ann_compute_pj == 2.0 * 6 and e.qann_bits == 3
+    assert e.ann_compute_pj == 2.0 * 6
+    assert e.qann_bits == 3
     assert e.qann_compute_pj == 0.5 * 3 * 6
     # dense part 0.5 * (2 neurons * 4 steps * 2); each unit of rate adds 0.5 * 4 * (2 subtracts + 6 synapses)
     assert e.break_even_rate == (9.0 - 8.0) / (0.5 * 4 * (2 + 6))
     text = profile.to_markdown()
-    assert "test: MAC 2 pJ, add 0.5 pJ" in text and "MAC 4.6 pJ, add 0.9 pJ" in text and "compute-only" in text
+    assert "test: MAC 2 pJ, add 0.5 pJ" in text
+    assert "MAC 4.6 pJ, add 0.9 pJ" in text
+    assert "compute-only" in text
     rows = list(csv.DictReader(io.StringIO(profile.to_csv())))
-    assert [r["name"] for r in rows] == ["0", "1", "total"] and float(rows[-1]["sop"]) == 18.0
+    assert [r["name"] for r in rows] == ["0", "1", "total"]
+    assert float(rows[-1]["sop"]) == 18.0
 
 
 def test_break_even_rate_balances_the_energies() -> None:
@@ -252,12 +270,13 @@ def test_break_even_rate_balances_the_energies() -> None:
     e = profile.energy(FP32_45NM)
     n, t, d = 64, 16, 64 * 256
     uniform = FP32_45NM.add_pj * (2 * n * t + e.break_even_rate * t * (n + d))
-    assert e.break_even_rate > 0 and uniform == pytest.approx(e.qann_compute_pj)
+    assert e.break_even_rate > 0
+    assert uniform == pytest.approx(e.qann_compute_pj)
 
 
 def test_bad_arguments() -> None:
     snn = _trace(IFNode(v_reset=None))
-    with pytest.raises(TypeError, match="fx.GraphModule"):
+    with pytest.raises(TypeError, match=r"fx\.GraphModule"):
         profile_snn(nn.Sequential(IFNode()), torch.ones(1, 1), 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="time_steps"):
         profile_snn(snn, torch.ones(1, 1), 0)

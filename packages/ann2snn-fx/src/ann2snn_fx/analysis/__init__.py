@@ -7,10 +7,16 @@
 * :func:`plot_profile` and :func:`plot_sweep` draw the figures (optional extra ``ann2snn-fx[plot]``).
 """
 
-
-from ann2snn_fx.analysis.doctor import Diagnosis, LayerDiagnosis, TDDiagnosis, TDNodeDeviation, diagnose, diagnose_td
+from ann2snn_fx.analysis.doctor import (
+    Diagnosis,
+    LayerDiagnosis,
+    TDDiagnosis,
+    TDNodeDeviation,
+    diagnose,
+    diagnose_td,
+)
 from ann2snn_fx.analysis.energy import FP32_45NM, INT8_45NM, EnergyModel, bit_matched_bits
-
+from ann2snn_fx.analysis.plot import plot_profile, plot_sweep
 from ann2snn_fx.analysis.profile import profile_snn, profile_sweep
 from ann2snn_fx.analysis.records import EnergyEstimate, LayerRecord, SNNProfile
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,14 @@ from torch import fx, nn
 
 __all__: list[str] = []
 
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
+_SHAPE_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+}
 _SHAPE_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -53,21 +61,21 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def call_macs(kind: str, module: nn.Module, args: tuple[object, ...], out: object) -> float:
+def call_macs(kind: str, module: Any, args: tuple[Any, ...], out: Any) -> float:
     """Multiply-accumulates of one call, counted as the ANN op would (see the accounting guide)."""
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor):
         return 0.0
     y = out[0] if isinstance(out, tuple) else out
     if kind == "linear":
-        return float(x.numel() * int(module.out_features))  # type: ignore[arg-type]
+        return float(x.numel() * int(module.out_features))
     if kind == "conv" and isinstance(y, torch.Tensor):
-        kernel = math.prod(tuple(module.kernel_size))  # type: ignore[arg-type]
-        return float(y.numel() * (int(module.in_channels) // int(module.groups)) * kernel)  # type: ignore[arg-type, call-overload]
+        kernel = math.prod(tuple(module.kernel_size))
+        return float(y.numel() * (int(module.in_channels) // int(module.groups)) * kernel)
     if kind == "matmul" and isinstance(y, torch.Tensor):
         return float(y.numel() * x.shape[-1])
     if kind == "attention" and len(args) >= 3 and all(isinstance(a, torch.Tensor) for a in args[:3]):
-        q, k, v = args[:3]  # type: ignore[misc]
+        q, k, v = args[:3]
         return float(q.numel() // q.shape[-1] * k.shape[-2] * (q.shape[-1] + v.shape[-1]))
     if kind == "mha" and len(args) >= 2 and isinstance(args[1], torch.Tensor):
         e = int(getattr(module, "embed_dim", x.shape[-1]))
@@ -97,7 +105,7 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
     neurons, layers, static = [], [], set()
     dynamic: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        module = modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
         dynamic[node] = any(dynamic[a] or _is_neuron_node(a, modules) for a in node.all_input_nodes)
         if module is None:
             continue
@@ -113,7 +121,7 @@ def analyse(gm: fx.GraphModule) -> GraphInfo:
 
 
 def _is_neuron_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and is_neuron(modules.get(node.target))  # type: ignore[arg-type]
+    return node.op == "call_module" and is_neuron(modules.get(str(node.target)))
 
 
 def _transparent_module(module: nn.Module) -> bool:
@@ -139,9 +147,11 @@ def spike_source(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node 
     chain: list[fx.Node] = []
     current = node.args[0] if node.args else None
     while isinstance(current, fx.Node):
-        extra_nodes = [a for a in current.all_input_nodes if a is not (current.args[0] if current.args else None)]
+        extra_nodes = [
+            a for a in current.all_input_nodes if a is not (current.args[0] if current.args else None)
+        ]
         if current.op == "call_module":
-            module = modules.get(current.target)  # type: ignore[arg-type]
+            module = modules.get(str(current.target))
             if is_neuron(module):
                 return current, chain[::-1], ""
             if module is None or not _transparent_module(module) or extra_nodes:
@@ -154,14 +164,14 @@ def spike_source(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node 
     return None, [], "fed by a constant"
 
 
-def _sum_pool(y: torch.Tensor, nd: int, kernel: object, stride: object, padding: object) -> torch.Tensor:
+def _sum_pool(y: torch.Tensor, nd: int, kernel: Any, stride: Any, padding: Any) -> torch.Tensor:
     """The pooling's structure: every input adds into every window that contains it (a conv with ones)."""
     lead, tail = y.shape[: -(nd + 1)], y.shape[-(nd + 1) :]
     channels = tail[0]
-    k = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,) * nd  # type: ignore[arg-type]
+    k = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,) * nd
     ones = torch.ones((channels, 1, *k), dtype=y.dtype)
     s = stride if stride is not None else k
-    out = _CONV[nd](y.reshape(-1, *tail), ones, stride=s, padding=padding, groups=channels)  # type: ignore[arg-type]
+    out = _CONV[nd](y.reshape(-1, *tail), ones, stride=s, padding=padding, groups=channels)
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -171,7 +181,7 @@ def _structural(node: fx.Node, y: torch.Tensor, modules: dict[str, nn.Module]) -
         if node.op == "call_method":
             return getattr(y, str(node.target))(*rest, **node.kwargs)
         return node.target(y, *rest, **node.kwargs)  # type: ignore[operator]
-    module = modules[node.target]  # type: ignore[index]
+    module = modules[str(node.target)]
     if isinstance(module, (nn.Flatten, nn.Unflatten)):
         return module(y)
     if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
@@ -191,24 +201,29 @@ def _structural(node: fx.Node, y: torch.Tensor, modules: dict[str, nn.Module]) -
     return y  # scalers, dropout (eval), identity: no structure
 
 
-def _structural_layer(module: nn.Module, kind: str, y: torch.Tensor) -> torch.Tensor:
+def _structural_layer(module: Any, kind: str, y: torch.Tensor) -> torch.Tensor:
     if kind == "linear":
-        return y * float(module.out_features)  # type: ignore[arg-type]
-    nd = len(module.kernel_size)  # type: ignore[arg-type]
+        return y * float(module.out_features)
+    nd = len(module.kernel_size)
     lead, tail = y.shape[: -(nd + 1)], y.shape[-(nd + 1) :]
-    groups = int(module.groups)  # type: ignore[call-overload]
-    weight = torch.ones((int(module.out_channels), tail[0] // groups, *module.kernel_size), dtype=y.dtype)  # type: ignore[call-overload, misc]
+    groups = int(module.groups)
+    weight = torch.ones((int(module.out_channels), tail[0] // groups, *module.kernel_size), dtype=y.dtype)
     x = y.reshape(-1, *tail)
-    padding = module.padding
+    padding: Any = module.padding
     if getattr(module, "padding_mode", "zeros") != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)  # type: ignore[arg-type]
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
         padding = 0
-    out = _CONV[nd](x, weight, None, module.stride, padding, module.dilation, groups)  # type: ignore[arg-type]
+    out = _CONV[nd](x, weight, None, module.stride, padding, module.dilation, groups)
     return out.reshape(*lead, *out.shape[1:])
 
 
 def fanout_map(
-    neuron_shape: tuple[int, ...], leading: int, chain: list[fx.Node], layer: fx.Node, kind: str, modules: dict[str, nn.Module]
+    neuron_shape: tuple[int, ...],
+    leading: int,
+    chain: list[fx.Node],
+    layer: fx.Node,
+    kind: str,
+    modules: dict[str, nn.Module],
 ) -> torch.Tensor:
     """Fan-out of every neuron output (per sample) into ``layer``: the transposed structural pass of ones,
     i.e. ``d/dx sum(layer_ones(chain_ones(x)))``; exact at borders, with stride, padding, dilation, groups."""
@@ -218,9 +233,8 @@ def fanout_map(
         try:
             for node in chain:
                 y = _structural(node, y, modules)
-            z = _structural_layer(modules[layer.target], kind, y)  # type: ignore[index]
+            z = _structural_layer(modules[str(layer.target)], kind, y)
         except (RuntimeError, TypeError, ValueError) as error:
             raise Opaque(f"structural pass failed ({error})") from error
         (grad,) = torch.autograd.grad(z.sum(), x)
     return grad.reshape(neuron_shape).float()
-

@@ -44,7 +44,7 @@ class EventCounter:
                 f"neuron {type(self.module).__name__} returned {type(out).__name__}; the accounting needs a tensor."
             )
         events = out.detach()
-        unit = self.module.spike_unit
+        unit: Any = self.module.spike_unit
         if not (isinstance(unit, (int, float)) and unit == 1):
             events = torch.round(events / unit)
         magnitude = events.abs()
@@ -100,7 +100,13 @@ class ShapeProbe:
 class Instrumentation:
     """Installs counters on ``neurons`` and probes on ``layers``; removes all of them on exit."""
 
-    def __init__(self, neurons: dict[str, nn.Module], layers: dict[str, tuple[nn.Module, str]], sequence: bool, batch: int) -> None:
+    def __init__(
+        self,
+        neurons: dict[str, nn.Module],
+        layers: dict[str, tuple[nn.Module, str]],
+        sequence: bool,
+        batch: int,
+    ) -> None:
         self.counters = {name: EventCounter(m, sequence) for name, m in neurons.items()}
         self.probes = {name: ShapeProbe(kind, sequence, batch) for name, (_, kind) in layers.items()}
         self._layers = layers
@@ -108,7 +114,7 @@ class Instrumentation:
 
     def __enter__(self) -> Instrumentation:
         try:
-            for name, counter in self.counters.items():
+            for counter in self.counters.values():
                 module = counter.module
                 for entry in _ENTRY_POINTS:
                     fn = getattr(module, entry, None)

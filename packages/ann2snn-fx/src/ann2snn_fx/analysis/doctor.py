@@ -66,8 +66,16 @@ class Diagnosis:
         """The layer table, the unconverted activations and the suggestions, as markdown."""
         header = ["layer", "block", "threshold", "clipped", "clipping", "quantisation", "remainder", "total"]
         rows = [
-            [d.node, d.block, f"{d.threshold:.4g}", f"{d.clipped_fraction:.2%}", f"{d.clipping:.2%}",
-             f"{d.quantisation:.2%}", f"{d.remainder:.2%}", f"{d.total:.2%}"]  # fmt: skip
+            [
+                d.node,
+                d.block,
+                f"{d.threshold:.4g}",
+                f"{d.clipped_fraction:.2%}",
+                f"{d.clipping:.2%}",
+                f"{d.quantisation:.2%}",
+                f"{d.remainder:.2%}",
+                f"{d.total:.2%}",
+            ]
             for d in self.layers
         ]
         parts = [f"Conversion diagnosis at T={self.time_steps} (errors as shares of the activation norm)", ""]
@@ -105,7 +113,9 @@ def _broadcast_scale(scale: torch.Tensor, channel_dim: int | None, like: torch.T
     return scale.reshape(shape)
 
 
-def _layer(node: str, block: str, a: torch.Tensor, m: torch.Tensor, s: torch.Tensor, phase: float, t: int) -> LayerDiagnosis:
+def _layer(
+    node: str, block: str, a: torch.Tensor, m: torch.Tensor, s: torch.Tensor, phase: float, t: int
+) -> LayerDiagnosis:
     c = torch.minimum(a.clamp_min(0), s)
     q = torch.clamp(torch.floor(t * c / s + phase + 1e-6), 0, t) * s / t
     norm = max(_norm(a), 1e-12)
@@ -201,9 +211,11 @@ def _suggest(d: Diagnosis, items: list[Any], snn: fx.GraphModule) -> None:
         for part in ("clipping", "quantisation", "remainder")
     }
     d.shares = shares
-    worst = {part: max(d.layers, key=lambda layer, p=part: getattr(layer, p)).node for part in shares}
+    worst = {part: max(d.layers, key=lambda layer: float(getattr(layer, part))).node for part in shares}
     flooring = any(
-        getattr(snn.get_submodule(f"{c.block}.if_node"), "v_init", None) in (None, 0.0) for c in items if c.block
+        getattr(snn.get_submodule(f"{c.block}.if_node"), "v_init", None) in (None, 0.0)
+        for c in items
+        if c.block
     )
     text = {
         "clipping": (
@@ -256,7 +268,9 @@ class TDDiagnosis:
         return _table(["module", "op", "relative deviation", "max abs"], rows) + f"\n\n{verdict}"
 
 
-def diagnose_td(ann: nn.Module, td_model: fx.GraphModule, inputs: torch.Tensor, *, tolerance: float = 1e-4) -> TDDiagnosis:
+def diagnose_td(
+    ann: nn.Module, td_model: fx.GraphModule, inputs: torch.Tensor, *, tolerance: float = 1e-4
+) -> TDDiagnosis:
     """Find where a TD conversion (:func:`~ann2snn_fx.replace_by_td_operators`) stops matching its ANN.
 
     ``td_model`` runs on the sequence ``inputs`` ``[T, *]`` and the ANN on ``inputs.cumsum(0)`` (the time
@@ -307,8 +321,12 @@ def diagnose_td(ann: nn.Module, td_model: fx.GraphModule, inputs: torch.Tensor, 
             continue
         diff = td_out.cumsum(0) - ann_out
         nodes.append(
-            TDNodeDeviation(name, type(td_model.get_submodule(name)).__name__,
-                            _norm(diff) / max(_norm(ann_out), 1e-12), float(diff.abs().max()))  # fmt: skip
+            TDNodeDeviation(
+                name,
+                type(td_model.get_submodule(name)).__name__,
+                _norm(diff) / max(_norm(ann_out), 1e-12),
+                float(diff.abs().max()),
+            )
         )
     broken = next((n.name for n in nodes if n.deviation > tolerance), None)
     return TDDiagnosis(nodes, float(tolerance), broken)

@@ -17,7 +17,9 @@ __all__ = ["FP32_45NM", "INT8_45NM", "EnergyModel", "bit_matched_bits"]
 
 def _positive(name: str, value: object, *, allow_zero: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (picojoules), but got {type(value).__name__} ({value!r}).")
+        raise TypeError(
+            f"{name} must be a real number (picojoules), but got {type(value).__name__} ({value!r})."
+        )
     number = float(value)
     if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite non-negative number of picojoules, but got {number}.")
@@ -67,7 +69,9 @@ class EnergyModel:
 #: fp32, 45 nm (Horowitz, ISSCC 2014): MAC 4.6 pJ, add 0.9 pJ; memory access 5 pJ (32-bit SRAM).
 FP32_45NM = EnergyModel("fp32, 45 nm (Horowitz 2014)", mac_pj=4.6, add_pj=0.9, memory_pj=5.0, weight_bits=32)
 #: int8, 45 nm (Horowitz, ISSCC 2014): MAC 0.23 pJ, add 0.03 pJ; memory access 1.25 pJ (a quarter of 32 bits).
-INT8_45NM = EnergyModel("int8, 45 nm (Horowitz 2014)", mac_pj=0.23, add_pj=0.03, memory_pj=1.25, weight_bits=8)
+INT8_45NM = EnergyModel(
+    "int8, 45 nm (Horowitz 2014)", mac_pj=0.23, add_pj=0.03, memory_pj=1.25, weight_bits=8
+)
 
 
 def bit_matched_bits(time_steps: int) -> int:

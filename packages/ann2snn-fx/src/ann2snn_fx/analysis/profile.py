@@ -54,7 +54,9 @@ def _run(snn: fx.GraphModule, inputs: torch.Tensor, t: int, mode: str, chunk: in
             reset_net(snn)
             out = snn(inputs)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"profile_snn supports models returning one tensor, but got {type(out).__name__}.")
+            raise TypeError(
+                f"profile_snn supports models returning one tensor, but got {type(out).__name__}."
+            )
         return out.sum(0)
     return run_snn(snn, inputs, t, multi_step=mode == "multi", chunk_elements=chunk)[-1]
 
@@ -107,7 +109,9 @@ def profile_snn(
     batch = _check(snn, inputs, time_steps, mode, labels)
     models = tuple(energy_models)
     if not models or not all(isinstance(m, EnergyModel) for m in models):
-        raise TypeError(f"energy_models must be a non-empty sequence of EnergyModel, but got {energy_models!r}.")
+        raise TypeError(
+            f"energy_models must be a non-empty sequence of EnergyModel, but got {energy_models!r}."
+        )
     t = int(time_steps)
     info = analyse(snn)
     neurons = {str(n.target): info.modules[str(n.target)] for n in info.neurons}
@@ -170,11 +174,19 @@ def _layer_record(
             try:
                 fan = fanout_map(tuple(counter.absolute.shape[1:]), leading, chain, node, kind, info.modules)
             except Opaque as error:
-                reason = f"events of {source.target!r} reach it through an op the accounting cannot fold: {error}"
+                reason = (
+                    f"events of {source.target!r} reach it through an op the accounting cannot fold: {error}"
+                )
             else:
                 sop = float((counter.absolute.sum(0) * fan).sum()) / batch
                 return LayerRecord(
-                    name, op, "spikes", str(source.target), synapses=float(fan.sum()), sop=sop, ann_mac=per_step
+                    name,
+                    op,
+                    "spikes",
+                    str(source.target),
+                    synapses=float(fan.sum()),
+                    sop=sop,
+                    ann_mac=per_step,
                 )
     if node in info.static and mode != "sequence":
         return LayerRecord(name, op, "analog, once", "time-invariant input", mac=per_step, ann_mac=per_step)
@@ -202,5 +214,7 @@ def profile_sweep(
     if not steps:
         raise ValueError("time_steps must name at least one T, but got an empty sequence.")
     if mode == "sequence":
-        raise ValueError("profile_sweep feeds a constant input; mode must be 'step' or 'multi', not 'sequence'.")
+        raise ValueError(
+            "profile_sweep feeds a constant input; mode must be 'step' or 'multi', not 'sequence'."
+        )
     return [profile_snn(snn, inputs, t, mode=mode, labels=labels, energy_models=energy_models) for t in steps]

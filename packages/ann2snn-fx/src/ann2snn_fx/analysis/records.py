@@ -106,7 +106,7 @@ class EnergyEstimate:
 def _fmt(value: float | int | str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) < 1e6):
         return f"{int(value)}"
     return f"{value:.4g}"
 
@@ -215,7 +215,8 @@ class SNNProfile:
                  _fmt(self._sum("state_compares")), _fmt(self.sop), _fmt(self.mac), _fmt(self.ann_mac)]  # fmt: skip
         parts = [
             f"SNN accounting, T={self.time_steps}, {self.mode} execution, per inference over "
-            f"{self.batch_size} sample(s)" + ("" if self.accuracy is None else f"; accuracy {self.accuracy:.4f}"),
+            f"{self.batch_size} sample(s)"
+            + ("" if self.accuracy is None else f"; accuracy {self.accuracy:.4f}"),
             "",
             _table([name for name, _ in _COLUMNS], [*rows, total]),
             "",
@@ -224,9 +225,16 @@ class SNNProfile:
         for model in self.energy_models:
             e = self.energy(model)
             energy_rows.append(
-                [model.name, _fmt(e.snn_compute_pj), _fmt(e.snn_memory_pj), _fmt(e.ann_compute_pj),
-                 _fmt(e.ann_memory_pj), f"{e.qann_bits}-bit: {_fmt(e.qann_compute_pj)}",
-                 f"{e.measured_rate:.4f}", f"{e.break_even_rate:.4f}"]  # fmt: skip
+                [
+                    model.name,
+                    _fmt(e.snn_compute_pj),
+                    _fmt(e.snn_memory_pj),
+                    _fmt(e.ann_compute_pj),
+                    _fmt(e.ann_memory_pj),
+                    f"{e.qann_bits}-bit: {_fmt(e.qann_compute_pj)}",
+                    f"{e.measured_rate:.4f}",
+                    f"{e.break_even_rate:.4f}",
+                ]
             )
         header = ["constants", "SNN pJ (compute-only)", "SNN pJ (with memory)", "ANN pJ (compute-only)",
                   "ANN pJ (with memory)", "bit-matched QANN pJ (compute-only)", "measured rate",
@@ -250,7 +258,9 @@ class SNNProfile:
         writer.writeheader()
         for record in self.layers:
             writer.writerow(asdict(record))
-        totals = {name: self._sum(name) for name in names if name not in ("name", "op", "role", "source")}
+        totals: dict[str, float | str] = {
+            name: self._sum(name) for name in names if name not in ("name", "op", "role", "source")
+        }
         totals["neurons"] = self.neurons
         totals["firing_rate"] = self.firing_rate
         totals["silent_fraction"] = ""
