@@ -30,6 +30,7 @@ class EventCounter:
         self.signed: torch.Tensor | None = None
         self.absolute: torch.Tensor | None = None
         self.depth = 0
+        self.mixed = False
 
     def _time_leading(self, entry: str) -> bool:
         if entry != "forward":
@@ -37,6 +38,26 @@ class EventCounter:
         if getattr(self.module, "step_mode", "s") == "m":
             return True
         return self.sequence and not getattr(self.module, "streaming", False)
+
+    @property
+    def magnitude(self) -> torch.Tensor | None:
+        """Per-element event counts, negative events counted positive (``|events|`` summed over time)."""
+        return self.absolute if self.mixed else self.signed
+
+    def _accumulate(self, name: str, value: torch.Tensor, over_time: bool) -> None:
+        """Add ``value`` (``[B, *]``, or ``[t, B, *]`` summed over ``t``) into the accumulator ``name``."""
+        total = getattr(self, name)
+        shape = value.shape[1:] if over_time else value.shape
+        if total is None:
+            total = torch.zeros(shape, dtype=torch.float32, device=value.device)
+            setattr(self, name, total)
+        elif total.shape != shape:
+            raise ValueError(
+                f"neuron {type(self.module).__name__} changed its output shape from {tuple(total.shape)} to "
+                f"{tuple(shape)} during one run."
+            )
+        for step in value if over_time else (value,):  # in-place adds: no [t, B, *] reduction buffer
+            total.add_(step)
 
     def add(self, out: Any, entry: str) -> None:
         if not isinstance(out, torch.Tensor):
@@ -47,20 +68,14 @@ class EventCounter:
         unit: Any = self.module.spike_unit
         if not (isinstance(unit, (int, float)) and unit == 1):
             events = torch.round(events / unit)
-        magnitude = events.abs()
-        if self._time_leading(entry):
-            events, magnitude = events.sum(0), magnitude.sum(0)
-        if self.signed is None or self.absolute is None or self.signed.shape != events.shape:
-            if self.signed is not None and self.signed.shape != events.shape:
-                raise ValueError(
-                    f"neuron {type(self.module).__name__} changed its output shape from "
-                    f"{tuple(self.signed.shape)} to {tuple(events.shape)} during one run."
-                )
-            self.signed = events.to(torch.float32, copy=True)
-            self.absolute = magnitude.to(torch.float32, copy=True)
-        else:
-            self.signed.add_(events)
-            self.absolute.add_(magnitude)
+        over_time = self._time_leading(entry)
+        # Until a negative event appears, |events| == events and one accumulator serves both.
+        if not self.mixed and events.numel() and bool(events.min() < 0):
+            self.mixed = True
+            self.absolute = None if self.signed is None else self.signed.clone()
+        self._accumulate("signed", events, over_time)
+        if self.mixed:
+            self._accumulate("absolute", events.abs(), over_time)
 
     def wrap(self, entry: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)

@@ -131,14 +131,15 @@ def _records(profile: SNNProfile, info: GraphInfo, inst: Instrumentation, mode: 
     rows: list[tuple[int, LayerRecord]] = []
     for node in info.neurons:
         counter = inst.counters[str(node.target)]
-        if counter.absolute is None or counter.signed is None:
+        magnitude = counter.magnitude
+        if magnitude is None or counter.signed is None:
             profile.notes.append(f"neuron {node.target!r} was never called in this run; it has no row.")
             continue
-        n = counter.absolute[0].numel()
-        total = float(counter.absolute.sum()) / batch
+        n = magnitude[0].numel()
+        total = float(magnitude.sum()) / batch
         signed = float(counter.signed.sum()) / batch
         pos, neg = (total + signed) / 2, (total - signed) / 2
-        silent = float((counter.absolute == 0).float().mean())
+        silent = float((magnitude == 0).float().mean())
         record = LayerRecord(
             str(node.target), type(counter.module).__name__, "neuron", neurons=n, events_pos=pos,
             events_neg=neg, firing_rate=total / (n * t), silent_fraction=silent, state_adds=n * t + total,
@@ -170,15 +171,15 @@ def _layer_record(
     if kind in ("linear", "conv"):
         source, chain, reason = spike_source(node, info.modules)
         counter = inst.counters.get(str(source.target)) if source is not None else None
-        if source is not None and counter is not None and counter.absolute is not None:
+        if source is not None and counter is not None and counter.magnitude is not None:
             try:
-                fan = fanout_map(tuple(counter.absolute.shape[1:]), leading, chain, node, kind, info.modules)
+                fan = fanout_map(tuple(counter.magnitude.shape[1:]), leading, chain, node, kind, info.modules)
             except Opaque as error:
                 reason = (
                     f"events of {source.target!r} reach it through an op the accounting cannot fold: {error}"
                 )
             else:
-                sop = float((counter.absolute.sum(0) * fan).sum()) / batch
+                sop = float((counter.magnitude.sum(0) * fan).sum()) / batch
                 return LayerRecord(
                     name,
                     op,
