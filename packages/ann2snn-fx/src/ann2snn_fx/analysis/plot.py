@@ -95,11 +95,14 @@ def plot_sweep(profiles: Sequence[SNNProfile], model: EnergyModel, path: str | N
     ax.plot(ts, [e.snn_memory_pj for e in energies], "o--", label="SNN, with memory")
     ax.plot(ts, [e.ann_compute_pj for e in energies], "k-", label="ANN, compute-only")
     ax.plot(ts, [e.qann_compute_pj for e in energies], "s:", label="bit-matched QANN, compute-only")
-    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="pJ per inference", title=model.name)
+    ax.set(yscale="log", xlabel="T", ylabel="pJ per inference", title=model.name)
+    for axis in axes if with_accuracy else (axes,):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ts, [str(t) for t in ts])
     ax.legend(fontsize=8)
     if with_accuracy:
         axes[1].plot(ts, [p.accuracy for p in ordered], "o-")
-        axes[1].set(xscale="log", xlabel="T", ylabel="accuracy", title="SNN accuracy")
+        axes[1].set(xlabel="T", ylabel="accuracy", title="SNN accuracy")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
