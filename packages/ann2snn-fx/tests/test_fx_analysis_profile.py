@@ -347,3 +347,27 @@ def test_analog_layer_after_neurons_counts_macs_every_step(mode: str) -> None:
     row = _row(profile_snn(snn, torch.rand(4, 2), 6, mode=mode), "3")
     assert (row.role, row.mac, row.ann_mac, row.sop) == ("analog", 6 * 15.0, 15.0, 0.0)
     assert "not spike events" in row.source
+
+
+def test_attention_products_count_macs_as_the_ann() -> None:
+    from ann2snn_fx import replace_by_td_operators
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = self.q(x) @ self.k(x).transpose(-1, -2)  # [B, L, L]
+            out, _ = self.mha(x, x, x, need_weights=False)
+            return scores.sum(-1, keepdim=True) + out
+
+    torch.manual_seed(0)
+    td = replace_by_td_operators(Attention().eval())
+    profile = profile_snn(td, torch.randn(3, 2, 5, 4), 3, mode="sequence")  # T=3, B=2, L=5, E=4
+    by_op = {r.op: r for r in profile.layers}
+    assert by_op["TDMatMul"].ann_mac == 5 * 5 * 4  # L x L outputs, E each
+    assert by_op["TDMatMul"].mac == 3 * 5 * 5 * 4
+    # projections q, k, v, out: 4 x (L E E); scores and weighted sum: 2 x (L L E)
+    assert by_op["TDMultiheadAttention"].ann_mac == 4 * 5 * 4 * 4 + 2 * 5 * 5 * 4
