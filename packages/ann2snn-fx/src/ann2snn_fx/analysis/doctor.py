@@ -292,6 +292,8 @@ def diagnose_td(
         )
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError(f"inputs must be a time sequence [T, *], but got {type(inputs).__name__}.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive real number, but got {tolerance!r}.")
     ann_modules = dict(ann.named_modules())
     names = [str(n.target) for n in td_model.graph.nodes if n.op == "call_module" and n.target in ann_modules]
     outputs: dict[tuple[str, str], torch.Tensor] = {}

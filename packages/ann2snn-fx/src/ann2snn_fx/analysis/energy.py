@@ -28,7 +28,9 @@ def _positive(name: str, value: object, *, allow_zero: bool = True) -> float:
 
 @dataclass(frozen=True)
 class EnergyModel:
-    """Energy per operation and per memory access, in picojoules.
+    """Energy per operation and per memory access, in picojoules, at one precision (weights and arithmetic).
+
+    The SNN and both ANN baselines are priced with the same model, so they share the weight precision.
 
     Args:
         name: Label printed with the figures (e.g. ``"fp32, 45 nm (Horowitz 2014)"``).
@@ -36,7 +38,6 @@ class EnergyModel:
         add_pj: One add (an accumulate, a compare, a subtract) at this precision.
         memory_pj: One memory access (a weight read, a membrane read or write, an activation write) in the
             memory-inclusive variant.
-        weight_bits: Weight precision, used for the bit-matched quantised ANN.
 
     Examples:
         >>> FP32_45NM.mac_pj, FP32_45NM.add_pj
@@ -49,17 +50,12 @@ class EnergyModel:
     mac_pj: float
     add_pj: float
     memory_pj: float = 5.0
-    weight_bits: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, but got {type(self.name).__name__}.")
         for field_name in ("mac_pj", "add_pj", "memory_pj"):
             object.__setattr__(self, field_name, _positive(field_name, getattr(self, field_name)))
-        bits = self.weight_bits
-        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or int(bits) < 1:
-            raise ValueError(f"weight_bits must be a positive integer, but got {bits!r}.")
-        object.__setattr__(self, "weight_bits", int(bits))
 
     def describe(self) -> str:
         """One line with every constant, printed under each table that uses them."""
@@ -67,11 +63,9 @@ class EnergyModel:
 
 
 #: fp32, 45 nm (Horowitz, ISSCC 2014): MAC 4.6 pJ, add 0.9 pJ; memory access 5 pJ (32-bit SRAM).
-FP32_45NM = EnergyModel("fp32, 45 nm (Horowitz 2014)", mac_pj=4.6, add_pj=0.9, memory_pj=5.0, weight_bits=32)
+FP32_45NM = EnergyModel("fp32, 45 nm (Horowitz 2014)", mac_pj=4.6, add_pj=0.9, memory_pj=5.0)
 #: int8, 45 nm (Horowitz, ISSCC 2014): MAC 0.23 pJ, add 0.03 pJ; memory access 1.25 pJ (a quarter of 32 bits).
-INT8_45NM = EnergyModel(
-    "int8, 45 nm (Horowitz 2014)", mac_pj=0.23, add_pj=0.03, memory_pj=1.25, weight_bits=8
-)
+INT8_45NM = EnergyModel("int8, 45 nm (Horowitz 2014)", mac_pj=0.23, add_pj=0.03, memory_pj=1.25)
 
 
 def bit_matched_bits(time_steps: int) -> int:
