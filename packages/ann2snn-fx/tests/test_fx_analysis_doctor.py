@@ -107,3 +107,21 @@ def test_diagnose_td_locates_a_broken_node() -> None:
     assert deviations["2"] < 1e-5
     assert deviations["4"] > 1e-3
     assert "first broken at '3'" in d.to_markdown()
+
+
+def test_per_channel_thresholds_are_broadcast_per_channel() -> None:
+    from ann2snn_fx import ThresholdOptimizer
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).eval()
+    x = torch.rand(16, 1, 5, 5)
+    ann[0].weight.data[1] *= 5.0  # channels with very different ranges
+    converter = Converter(
+        DataLoader(TensorDataset(x), batch_size=8),
+        progress=False,
+        threshold_optimizer=ThresholdOptimizer("per_channel"),
+    )
+    snn = converter.convert_to_spiking_neurons(ann)
+    assert snn.get_submodule("spiking_0.scaler1").scale.numel() == 4
+    d = diagnose(ann, snn, x, 3)
+    assert d.layers[0].remainder < 1e-6  # the predicted quantised value uses each channel's own threshold

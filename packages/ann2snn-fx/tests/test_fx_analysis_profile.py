@@ -371,3 +371,19 @@ def test_attention_products_count_macs_as_the_ann() -> None:
     assert by_op["TDMatMul"].mac == 3 * 5 * 5 * 4
     # projections q, k, v, out: 4 x (L E E); scores and weighted sum: 2 x (L L E)
     assert by_op["TDMultiheadAttention"].ann_mac == 4 * 5 * 4 * 4 + 2 * 5 * 5 * 4
+
+
+def test_a_neuron_run_past_the_counter_raises_instead_of_miscounting() -> None:
+    class Sneaky(nn.Module):
+        spike_unit = 1.0
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:  # bypasses forward and every wrapped entry point
+            return self.step(x)
+
+        def step(self, x: torch.Tensor) -> torch.Tensor:
+            return (x > 0).float()
+
+    snn = trace_model(nn.Sequential(IFNode(), nn.Linear(2, 2)))
+    snn.add_submodule("0", Sneaky())  # called by the graph, but never through forward
+    with pytest.raises(RuntimeError, match="entry point"):
+        profile_snn(snn, torch.ones(1, 2), 2)

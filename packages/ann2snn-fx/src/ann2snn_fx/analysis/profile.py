@@ -171,6 +171,12 @@ def _layer_record(
     if kind in ("linear", "conv"):
         source, chain, reason = spike_source(node, info.modules)
         counter = inst.counters.get(str(source.target)) if source is not None else None
+        if source is not None and counter is not None and counter.magnitude is None:
+            raise RuntimeError(
+                f"layer {name!r} ran but its input neuron {source.target!r} emitted nothing the event counter "
+                "saw: the runner called the neuron through an entry point the accounting does not wrap "
+                "(forward, multi_step_forward, _inference_sequence), so its events cannot be counted."
+            )
         if source is not None and counter is not None and counter.magnitude is not None:
             try:
                 fan = fanout_map(tuple(counter.magnitude.shape[1:]), leading, chain, node, kind, info.modules)
