@@ -387,3 +387,31 @@ def test_a_neuron_run_past_the_counter_raises_instead_of_miscounting() -> None:
     snn.add_submodule("0", Sneaky())  # called by the graph, but never through forward
     with pytest.raises(RuntimeError, match="entry point"):
         profile_snn(snn, torch.ones(1, 2), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_profile_and_diagnose_on_cuda_match_cpu(mode: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ann2snn_fx import Converter
+    from ann2snn_fx.analysis import diagnose
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 16, 3)
+    ).eval()
+    x = torch.rand(8, 1, 8, 8)
+    snn = Converter(DataLoader(TensorDataset(x), batch_size=8), progress=False).convert_to_spiking_neurons(
+        ann
+    )
+    cpu = profile_snn(snn, x, 8, mode=mode)
+    gpu_snn, gpu_x = snn.cuda(), x.cuda()
+    gpu = profile_snn(gpu_snn, gpu_x, 8, mode=mode)
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert (a.name, a.role) == (b.name, b.role)
+        assert [a.events_pos, a.silent_fraction, a.sop, a.mac] == pytest.approx(
+            [b.events_pos, b.silent_fraction, b.sop, b.mac]
+        )
+    d = diagnose(ann.cuda(), gpu_snn, gpu_x, 4)
+    assert d.layers[0].remainder < 1e-5

@@ -185,7 +185,7 @@ def _layer_record(
                     f"events of {source.target!r} reach it through an op the accounting cannot fold: {error}"
                 )
             else:
-                sop = float((counter.magnitude.sum(0) * fan).sum()) / batch
+                sop = float((counter.magnitude.sum(0) * fan.to(counter.magnitude.device)).sum()) / batch
                 return LayerRecord(
                     name,
                     op,
