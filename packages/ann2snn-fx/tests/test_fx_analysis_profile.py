@@ -415,3 +415,34 @@ def test_profile_and_diagnose_on_cuda_match_cpu(mode: str) -> None:
         )
     d = diagnose(ann.cuda(), gpu_snn, gpu_x, 4)
     assert d.layers[0].remainder < 1e-5
+
+
+def test_overlapping_padded_pooling_and_conv1d_against_brute_force() -> None:
+    torch.manual_seed(2)
+    pool = nn.AvgPool2d(3, stride=2, padding=1)
+    conv1d = nn.Conv1d(2, 3, 3, stride=2, padding=1)
+    snn = _trace(nn.Conv2d(1, 2, 1), IFNode(v_reset=None), pool, nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.rand(2, 1, 7, 7) * 1.5
+    profile = profile_snn(snn, x, 5)
+    with torch.no_grad():
+        events = sum(_reference_if([snn.get_submodule("0")(x)] * 5))
+    windows = torch.zeros(2, 7, 7)  # how many pooling windows hold each input, by looping over the windows
+    for c, oy, ox in itertools.product(range(2), range(4), range(4)):
+        for ky, kx in itertools.product(range(3), range(3)):
+            iy, ix = oy * 2 - 1 + ky, ox * 2 - 1 + kx
+            if 0 <= iy < 7 and 0 <= ix < 7:
+                windows[c, iy, ix] += 1
+    assert _row(profile, "4").sop == pytest.approx(float((events.sum(0) * windows * 3).sum()) / 2)
+
+    snn1d = _trace(nn.Conv1d(1, 2, 1), IFNode(v_reset=None), conv1d)
+    x1 = torch.rand(2, 1, 9) * 1.5
+    with torch.no_grad():
+        events1 = sum(_reference_if([snn1d.get_submodule("0")(x1)] * 4))
+    fan = torch.zeros(2, 9)
+    for _co, o, ci, k in itertools.product(range(3), range(5), range(2), range(3)):
+        i = o * 2 - 1 + k
+        if 0 <= i < 9:
+            fan[ci, i] += 1
+    row = _row(profile_snn(snn1d, x1, 4, mode="multi"), "2")
+    assert row.sop == pytest.approx(float((events1.sum(0) * fan).sum()) / 2)
+    assert row.synapses == float(fan.sum())

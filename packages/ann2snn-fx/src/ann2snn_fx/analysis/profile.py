@@ -120,7 +120,7 @@ def profile_snn(
         final = _run(snn, inputs, t, mode, chunk_elements)
     profile = SNNProfile(t, batch, mode, energy_models=models)
     if labels is not None:
-        profile.accuracy = float((final.argmax(-1) == labels).float().mean())
+        profile.accuracy = float((final.argmax(-1) == labels.to(final.device)).float().mean())
     _records(profile, info, inst, mode)
     return profile
 
