@@ -71,3 +71,13 @@ def test_energy_model_validation() -> None:
     with pytest.raises(ValueError, match="time_steps"):
         bit_matched_bits(True)  # type: ignore[arg-type]
     assert EnergyModel("np", mac_pj=torch.tensor(1.5).item(), add_pj=1).add_pj == 1.0
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    snn = trace_model(nn.Sequential(IFNode(v_reset=None), nn.Linear(2, 3)))
+    profile = profile_sweep(snn, torch.ones(1, 2), [2])[0]
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"ann2snn-fx\[plot\]"):
+        plot_profile(profile)
