@@ -14,7 +14,7 @@ __all__ = ["plot_profile", "plot_sweep"]
 def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
-    except ImportError as error:  # pragma: no cover - depends on the environment
+    except ImportError as error:
         raise ImportError(
             "plotting needs matplotlib: pip install 'ann2snn-fx[plot]' (or matplotlib>=3.7)."
         ) from error
