@@ -125,3 +125,10 @@ def test_per_channel_thresholds_are_broadcast_per_channel() -> None:
     assert snn.get_submodule("spiking_0.scaler1").scale.numel() == 4
     d = diagnose(ann, snn, x, 3)
     assert d.layers[0].remainder < 1e-6  # the predicted quantised value uses each channel's own threshold
+
+
+def test_training_mode_ann_is_refused() -> None:
+    ann, x, loader = _setup()
+    snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)
+    with pytest.raises(ValueError, match=r"ann\.eval\(\)"):
+        diagnose(ann.train(), snn, x, 4)

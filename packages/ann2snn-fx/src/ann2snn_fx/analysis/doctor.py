@@ -28,8 +28,8 @@ class LayerDiagnosis:
     """One converted activation: the ANN's ``a`` against the SNN's mean output ``m`` after ``T`` steps.
 
     With ``c = clamp(a, 0, s)`` (``s`` the layer threshold) and ``q`` the value ``T`` spikes can carry
-    (``clamp(floor(T c / s + v_init / theta), 0, T) * s / T``), each error is a norm over the inputs, as a share
-    of ``||a||``:
+    (``clamp(floor(T c / s + v_init / theta), 0, T) * s / T``, exact for a soft-reset IF neuron under a constant
+    input), each error is a norm over the inputs, as a share of ``||a||``:
 
     Attributes:
         node: The activation's node name (as in the conversion report).
@@ -61,6 +61,7 @@ class Diagnosis:
     left: list[LeftActivation] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     def to_markdown(self) -> str:
         """The layer table, the unconverted activations and the suggestions, as markdown."""
@@ -81,6 +82,7 @@ class Diagnosis:
         parts = [f"Conversion diagnosis at T={self.time_steps} (errors as shares of the activation norm)", ""]
         parts += [_table(header, rows), ""]
         parts += [f"- left unconverted: {a.node} ({a.kind}): {a.reason}" for a in self.left]
+        parts += [f"- not diagnosed: {why}" for why in self.skipped]
         parts += [f"{i}. {s}" for i, s in enumerate(self.suggestions, 1)]
         return "\n".join(parts)
 
@@ -160,6 +162,12 @@ def diagnose(ann: nn.Module, snn: fx.GraphModule, inputs: torch.Tensor, time_ste
     """
     if not isinstance(ann, nn.Module):
         raise TypeError(f"ann must be an nn.Module, but got {type(ann).__name__}.")
+    training = [name or "<root>" for name, m in ann.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"ann must be in eval mode (its activations are the reference), but {training[0]!r} is training; "
+            "call ann.eval() first."
+        )
     report = getattr(snn, "conversion_report", None)
     if not isinstance(snn, fx.GraphModule) or not isinstance(report, ConversionReport):
         raise TypeError(
@@ -190,6 +198,10 @@ def diagnose(ann: nn.Module, snn: fx.GraphModule, inputs: torch.Tensor, time_ste
     result = Diagnosis(t, left=list(report.left))
     for item in items:
         if item.node not in activations or item.node not in sums:
+            where = (
+                "the traced ANN has no node of that name" if item.node not in activations else "it never ran"
+            )
+            result.skipped.append(f"{item.node} ({item.block}): {where}")
             continue
         a = activations[item.node]
         scaler = snn.get_submodule(f"{item.block}.scaler1")
