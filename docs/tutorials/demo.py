@@ -4,6 +4,8 @@
    print a table of accuracy against T beside the ANN's, and write a plot.
 2. Train a tiny transformer on the same digits, convert it with TD operators, and print how closely its
    cumulative output reproduces the ANN.
+3. Account for the CNN's spikes, operations and energy at T = 4 and 32, and plot energy against T beside
+   accuracy (``demo_accounting.py``).
 
 Usage::
 
