@@ -69,8 +69,9 @@ class EventCounter:
         if not (isinstance(unit, (int, float)) and unit == 1):
             events = torch.round(events / unit)
         over_time = self._time_leading(entry)
-        # Until a negative event appears, |events| == events and one accumulator serves both.
-        if not self.mixed and events.numel() and bool(events.min() < 0):
+        # Until a negative event appears, |events| == events and one accumulator serves both. On accelerators
+        # the check would synchronise every step, so there both accumulators run from the start.
+        if not self.mixed and events.numel() and (events.device.type != "cpu" or bool(events.min() < 0)):
             self.mixed = True
             self.absolute = None if self.signed is None else self.signed.clone()
         self._accumulate("signed", events, over_time)
