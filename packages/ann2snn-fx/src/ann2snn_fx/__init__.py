@@ -50,3 +50,42 @@ __all__ = [
     "td_impulse",
     "trace_model",
 ]
+
+# Accounting and the conversion doctor (issue 14).
+from ann2snn_fx.analysis import (
+    FP32_45NM,
+    INT8_45NM,
+    Diagnosis,
+    EnergyEstimate,
+    EnergyModel,
+    LayerDiagnosis,
+    LayerRecord,
+    SNNProfile,
+    TDDiagnosis,
+    TDNodeDeviation,
+    diagnose,
+    diagnose_td,
+    plot_profile,
+    plot_sweep,
+    profile_snn,
+    profile_sweep,
+)
+
+__all__ += [
+    "FP32_45NM",
+    "INT8_45NM",
+    "Diagnosis",
+    "EnergyEstimate",
+    "EnergyModel",
+    "LayerDiagnosis",
+    "LayerRecord",
+    "SNNProfile",
+    "TDDiagnosis",
+    "TDNodeDeviation",
+    "diagnose",
+    "diagnose_td",
+    "plot_profile",
+    "plot_sweep",
+    "profile_snn",
+    "profile_sweep",
+]

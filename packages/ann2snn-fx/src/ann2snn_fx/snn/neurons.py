@@ -102,6 +102,8 @@ class IFNode(SequenceSteps, nn.Module):
     """
 
     v: float | torch.Tensor
+    #: Output per spike event (``output / spike_unit`` is the signed event count per element and step).
+    spike_unit: float = 1.0
 
     def __init__(
         self,
