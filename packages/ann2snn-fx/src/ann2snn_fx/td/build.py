@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -95,6 +96,15 @@ def build_td_module(module: nn.Module) -> nn.Module | None:
     if kind is nn.Softmax and getattr(module, "dim", None) is None:
         return None
     td: nn.Module
+    if kind is nn.MultiheadAttention and module.dropout != 0.0:
+        if module.training:
+            raise ValueError(
+                f"TD MHA conversion: this nn.MultiheadAttention (dropout={module.dropout}) is in training mode, "
+                "where dropout draws a different mask at every time step; call model.eval() first (in eval "
+                "mode dropout is inactive and is ignored)."
+            )
+        module = copy.copy(module)  # shares the parameters; dropout is inactive in eval mode
+        vars(module)["dropout"] = 0.0
     if kind in _FROM_MODULE:
         td = _FROM_MODULE[kind].from_module(module)
     elif kind in _ELEMENTWISE_MODULES:
