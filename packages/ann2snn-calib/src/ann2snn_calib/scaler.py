@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ann2snn_calib._numbers import as_integral, as_real
+
 __all__ = ["VoltageScaler"]
 
 
 def _as_buffer(value: Any, name: str) -> Tensor:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+    if not isinstance(value, Tensor) and as_real(value) is None:
         raise TypeError(f"{name} must be a real number or a real tensor, got {type(value).__name__}.")
     t = torch.as_tensor(value).detach().clone()
     if t.dtype == torch.bool or t.dtype.is_complex:
@@ -59,8 +60,10 @@ class VoltageScaler(nn.Module):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"VoltageScaler needs a finite scale, got {scale!r}.")
         if channel_dim is not None:
-            if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            dim = as_integral(channel_dim)
+            if dim is None:
                 raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}.")
+            channel_dim = dim
             if t.dim() > 1:
                 raise ValueError(
                     f"VoltageScaler(channel_dim={channel_dim}) needs a 0-dim or 1-D scale, got shape {tuple(t.shape)}."
