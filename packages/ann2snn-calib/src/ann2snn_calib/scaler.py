@@ -21,6 +21,11 @@ def _as_buffer(value: Any, name: str) -> Tensor:
     return t
 
 
+def _adoptable(shape: torch.Size, channel_dim: int | None) -> bool:
+    """Whether a scaler of this ``channel_dim`` applies a saved scale of ``shape`` as it was applied."""
+    return len(shape) == 0 or (channel_dim is not None and len(shape) == 1)
+
+
 class VoltageScaler(nn.Module):
     """Multiply the input by a fixed scale: ``forward(x) = x * scale``.
 
@@ -112,6 +117,20 @@ class VoltageScaler(nn.Module):
         error_msgs: list[str],
     ) -> None:
         saved = state_dict.get(prefix + "scale")
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.scale.shape
+            and not _adoptable(saved.shape, self.channel_dim)
+        ):
+            # A per-channel scale broadcast without its channel dimension would give another output.
+            error_msgs.append(
+                f"VoltageScaler {prefix.rstrip('.') or '(root)'!r}: the saved scale has shape {tuple(saved.shape)} "
+                f"but this scaler has shape {tuple(self.scale.shape)} and channel_dim={self.channel_dim}, so "
+                "it cannot apply it along the saved channels (a per-channel state_dict into a skeleton "
+                "converted per-tensor?). Convert the skeleton with the same ThresholdOptimizer (e.g. "
+                "'per_channel' with its channel_dim) as the saved model."
+            )
+            return
         if isinstance(saved, Tensor) and (saved.shape != self.scale.shape or saved.dtype != self.scale.dtype):
             self._buffers["scale"] = torch.empty(saved.shape, dtype=saved.dtype, device=self.scale.device)
         super()._load_from_state_dict(
