@@ -1,7 +1,8 @@
 """NaN/inf in calibration data (SPEC 13.4): one error, raised at once, on every rank of a process group.
 
 The max statistics detect non-finite values inside their own reduction (``torch.aminmax``: one pass);
-the percentile statistics, which read the data several times anyway, test ``torch.isfinite`` first.
+the percentile statistics run one ``torch.aminmax`` first (NaN propagates through it; it costs about a
+third of ``x.max()`` and much less than ``torch.isfinite(x).all()``, which builds a bool copy).
 In a process group the verdict is reduced with the statistic (or with one small all-reduce), so every
 rank raises together instead of one rank raising while the others wait in a collective.
 """
@@ -57,7 +58,11 @@ def check_all_finite(hook: Any, x: Tensor, group: Any) -> None:
     """Raise :func:`describe_nonfinite`'s error unless every element of ``x`` (on every rank) is finite."""
     if not x.is_floating_point() or (x.numel() == 0 and group is None):
         return
-    bad = ~torch.isfinite(x).all() if x.numel() else torch.tensor(False, device=x.device)
+    if x.numel():
+        low, high = torch.aminmax(x)  # NaN propagates: one pass, no (N,) bool temporary as isfinite(x) makes
+        bad = ~(torch.isfinite(low) & torch.isfinite(high))
+    else:
+        bad = torch.tensor(False, device=x.device)
     if group is not None:
         flag = bad.to(torch.int64).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
