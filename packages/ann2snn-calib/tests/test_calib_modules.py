@@ -417,10 +417,17 @@ def test_calibration_inside_and_outside_inference_mode(mode: str) -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
+    import ann2snn_calib._finite
+    import ann2snn_calib._numbers
     import ann2snn_calib._select
     import ann2snn_calib.modules
 
-    for module in (ann2snn_calib.modules, ann2snn_calib._select):
+    for module in (
+        ann2snn_calib.modules,
+        ann2snn_calib._select,
+        ann2snn_calib._finite,
+        ann2snn_calib._numbers,
+    ):
         failed, attempted = doctest.testmod(module, raise_on_error=False)
         assert attempted > 0
         assert failed == 0

@@ -22,8 +22,9 @@ class NonFiniteError(ValueError):
     """Calibration data holds NaN or inf. ``hook`` is the observer that saw it (None if unknown).
 
     Examples:
+        >>> import torch
         >>> from ann2snn_calib import VoltageHook
-        >>> VoltageHook()(torch.tensor([1.0, float("nan")]))
+        >>> VoltageHook()(torch.tensor([1.0, float("nan")]))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ann2snn_calib.NonFiniteError: VoltageHook(mode='Max') received NaN/inf activations: ...
@@ -69,3 +70,7 @@ def check_all_finite(hook: Any, x: Tensor, group: Any) -> None:
         bad = flag[0] > 0
     if bool(bad):
         raise describe_nonfinite(hook, x)
+
+
+# NonFiniteError says it lives in ann2snn_calib, so doctest.testmod of this module finds it only here.
+__test__ = {"NonFiniteError": NonFiniteError}

@@ -50,7 +50,7 @@ def batch_input(data: Any, index: int | None = None) -> Any:
         >>> x = torch.ones(2)
         >>> batch_input({"batch": {"image": x, "label": 0}}) is x
         True
-        >>> batch_input(None, index=3)
+        >>> batch_input(None, index=3)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         TypeError: Batch 3 is of type NoneType, not a supported batch: a tensor or numpy array, ...
