@@ -46,6 +46,8 @@ def _scenarios(rank: int, world: int) -> dict[str, Any]:
         "uneven_iter": gen(rank + 1),
         "empty_rank": [] if rank == world - 1 else [_batch(rank, 0)],
         "empty_rank_iter": gen(0 if rank == 0 else 1),
+        "nan_on_rank_0": [_batch(rank, 0) * (float("nan") if rank == 0 else 1.0)],
+        "nan_on_rank_0_percentile": [_batch(rank, 0) * (float("nan") if rank == 0 else 1.0)],
         "even_after_errors": gen(2),
     }
 
@@ -63,7 +65,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         for name, loader in _scenarios(rank, world).items():
             try:
-                snn = Converter(loader, momentum=None, progress=False).convert_to_spiking_neurons(_ann())
+                mode = "99%" if name.endswith("percentile") else "Max"
+                converter = Converter(loader, mode=mode, momentum=None, progress=False)
+                snn = converter.convert_to_spiking_neurons(_ann())
                 results[name] = snn.spiking_0.scaler1.scale.clone()
             except ValueError as err:
                 results[name] = str(err)
@@ -110,3 +114,10 @@ def test_uneven_batch_counts_raise_on_every_rank_and_even_ones_use_the_union(
         message = messages.pop()
         assert isinstance(message, str), (name, message)
         assert re.search(pattern, message), (name, message)
+    for name in ("nan_on_rank_0", "nan_on_rank_0_percentile"):
+        for rank in range(world):  # every rank raises, the one with the NaN and the others
+            message = per_rank[rank][name]
+            assert isinstance(message, str), (name, rank, message)
+            assert re.search(r"layer 'voltage_hook_0' .*NaN/inf activations", message), (name, rank, message)
+        assert re.search(r"\b20 NaN, 0 \+inf", per_rank[0][name]), per_rank[0][name]
+        assert "on another rank" in per_rank[1][name]
