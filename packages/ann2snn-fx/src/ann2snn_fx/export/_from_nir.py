@@ -54,6 +54,8 @@ class NIRIFNode(IFNode):
         [[[0.0, 0.0]], [[0.0, 1.0]]]
     """
 
+    v_reset_value: torch.Tensor | None
+
     def __init__(
         self,
         v_threshold: torch.Tensor,
@@ -67,9 +69,8 @@ class NIRIFNode(IFNode):
         del self.v_threshold
         self.register_buffer("v_threshold", torch.as_tensor(v_threshold, dtype=torch.float32))
         self.register_buffer("v_start", torch.as_tensor(v_init, dtype=torch.float32))
-        self.v_reset_value: torch.Tensor | None = None
-        if v_reset is not None:
-            self.register_buffer("v_reset_value", torch.as_tensor(v_reset, dtype=torch.float32))
+        reset_value = None if v_reset is None else torch.as_tensor(v_reset, dtype=torch.float32)
+        self.register_buffer("v_reset_value", reset_value)
         self.spike_condition = spike_condition
 
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,9 +131,9 @@ def _neuron(name: str, node: Any, graph: Any, reset: str | None, spike_condition
         raise ValueError(f"IF node {name!r}: unknown reset {mode!r}; accepted: {_RESETS}.")
     condition = spike_condition or _meta(node, graph, "spike_condition") or ">"
     v_init = _meta(node, graph, "v_init") if reset is None and spike_condition is None else None
-    init = torch.zeros_like(theta) if v_init is None or isinstance(v_init, str) else torch.as_tensor(
-        np.broadcast_to(_arr(v_init), theta.shape), dtype=torch.float32
-    )
+    init = torch.zeros_like(theta)
+    if v_init is not None and not isinstance(v_init, str):
+        init = torch.as_tensor(np.broadcast_to(_arr(v_init), theta.shape).copy(), dtype=torch.float32)
     v_reset = getattr(node, "v_reset", None)
     value = torch.zeros_like(theta) if v_reset is None else torch.as_tensor(_arr(v_reset), dtype=torch.float32)
     return NIRIFNode(theta, None if mode == "subtract" else value, init, condition)

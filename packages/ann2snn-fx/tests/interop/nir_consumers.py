@@ -135,6 +135,7 @@ def sinabs_spikes(graph: Any, x: torch.Tensor) -> tuple[dict[str, torch.Tensor],
 
     b = x.shape[0]
     model = sinabs.from_nir(graph, batch_size=b)
+    model.execution_order = topological(model)
     neurons = {}
     for name, m in model.named_modules():
         if isinstance(m, sl.IAFSqueeze):
@@ -153,6 +154,24 @@ def sinabs_spikes(graph: Any, x: torch.Tensor) -> tuple[dict[str, torch.Tensor],
         return t.reshape(b, T, *t.shape[1:]).transpose(0, 1)
     names = {re_name(n): n for n in graph.nodes}
     return {names[k]: tb(v[0]) for k, v in store.items()}, tb(out)
+
+
+def topological(executor: Any) -> list[Any]:
+    """nirtorch.load's GraphExecutor (sinabs's loader) orders nodes depth-first, pre-order, which runs a
+    join before its longer branch and silently drops that input; this orders them so every node runs after
+    all of its sources."""
+    order, done = [], set()
+    pending = list(executor.execution_order)
+    while pending:
+        for node in pending:
+            if all(s.name in done for s in executor.graph.find_source_nodes_of(node)):
+                order.append(node)
+                done.add(node.name)
+                pending.remove(node)
+                break
+        else:
+            raise ValueError("cycle")
+    return order
 
 
 def re_name(name: str) -> str:
