@@ -50,3 +50,15 @@ __all__ = [
     "td_impulse",
     "trace_model",
 ]
+
+# NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
+_EXPORT_NAMES = ("ExportError", "from_nir", "to_nir", "write_nir")
+__all__ += list(_EXPORT_NAMES)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORT_NAMES:
+        from ann2snn_fx import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ann2snn_fx' has no attribute {name!r}")

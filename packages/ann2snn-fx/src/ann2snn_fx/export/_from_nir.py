@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import operator
 import os
 import re
@@ -261,7 +262,7 @@ def from_nir(
         if isinstance(node, nir.NIRGraph):
             raise NotImplementedError(f"NIR node {name!r} is a nested graph; flatten it before from_nir.")
         target = re.sub(r"\W", "_", name)
-        while target in names or not target.isidentifier():
+        while target in names or not target.isidentifier() or keyword.iskeyword(target):
             target = "n_" + target
         names[target] = name
         root.add_module(target, _module(name, node, graph, nir, reset, spike_condition))
