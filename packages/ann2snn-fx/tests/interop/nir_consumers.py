@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ann2snn_fx import Converter, IFNode, run_snn
+from ann2snn_fx import IFNode
 
 T = 32
 
@@ -101,7 +101,9 @@ def _hooked(modules: dict[str, nn.Module], store: dict[str, list[torch.Tensor]])
     return handles
 
 
-def record_steps(model: nn.Module, neurons: dict[str, nn.Module], x: torch.Tensor, reset: Callable[[], None]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def record_steps(
+    model: nn.Module, neurons: dict[str, nn.Module], x: torch.Tensor, reset: Callable[[], None]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Call ``model`` once per step for T steps on ``x``; spikes ``[T, B, *]`` per neuron, outputs ``[T, B, *]``."""
     store: dict[str, list[torch.Tensor]] = {}
     handles = _hooked(neurons, store)
@@ -110,7 +112,9 @@ def record_steps(model: nn.Module, neurons: dict[str, nn.Module], x: torch.Tenso
         outs = [model(x) for _ in range(T)]
     for h in handles:
         h.remove()
-    return {k: torch.stack(v) for k, v in store.items()}, torch.stack([o[0] if isinstance(o, tuple) else o for o in outs])
+    return {k: torch.stack(v) for k, v in store.items()}, torch.stack(
+        [o[0] if isinstance(o, tuple) else o for o in outs]
+    )
 
 
 def original_spikes(snn: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -150,8 +154,10 @@ def sinabs_spikes(graph: Any, x: torch.Tensor) -> tuple[dict[str, torch.Tensor],
     out = out[0] if isinstance(out, tuple) else out
     for h in handles:
         h.remove()
+
     def tb(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(b, T, *t.shape[1:]).transpose(0, 1)
+
     names = {re_name(n): n for n in graph.nodes}
     return {names[k]: tb(v[0]) for k, v in store.items()}, tb(out)
 
@@ -196,9 +202,11 @@ def snntorch_spikes(graph: Any, x: torch.Tensor) -> tuple[dict[str, torch.Tensor
             neurons[name] = m
         elif isinstance(m, nn.Flatten) and m.start_dim == 0:
             m.start_dim = 1
+
     def reset() -> None:
         for m in neurons.values():
             m.mem = torch.zeros(0)
+
     names = {re_name(n): n for n in graph.nodes}
     spikes, out = record_steps(model, neurons, x, reset)
     return {names[k]: v for k, v in spikes.items()}, out

@@ -10,10 +10,10 @@ from torch import nn
 
 pytest.importorskip("nir", reason="needs the ann2snn-fx[nir] extra (nox -s interop installs it)")
 
-import nir  # noqa: E402
+import nir
 
-from ann2snn_fx import Converter, IFNode, NeuronFactory, reset_net, run_snn, trace_model  # noqa: E402
-from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir  # noqa: E402
+from ann2snn_fx import Converter, IFNode, NeuronFactory, reset_net, run_snn, trace_model
+from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir
 
 
 def _convert(ann: nn.Module, shape: tuple[int, ...], **options: object) -> torch.fx.GraphModule:
@@ -24,7 +24,9 @@ def _convert(ann: nn.Module, shape: tuple[int, ...], **options: object) -> torch
 
 def _mlp() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 5, bias=False), nn.ReLU(), nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 5, bias=False), nn.ReLU(), nn.Linear(5, 3)
+    )
 
 
 def test_folded_graph_matches_hand_reference() -> None:
@@ -49,29 +51,44 @@ def test_folded_graph_matches_hand_reference() -> None:
         np.testing.assert_array_equal(nodes[name].r, 1.0)
         assert nodes[name].metadata["reset"] == "subtract"
     assert set(graph.edges) == {
-        ("input", "_0"), ("_0", "spiking_0_if_node"), ("spiking_0_if_node", "_2"),
-        ("_2", "spiking_1_if_node"), ("spiking_1_if_node", "_4"), ("_4", "output"),
+        ("input", "_0"),
+        ("_0", "spiking_0_if_node"),
+        ("spiking_0_if_node", "_2"),
+        ("_2", "spiking_1_if_node"),
+        ("spiking_1_if_node", "_4"),
+        ("_4", "output"),
     }
     meta = graph.metadata
-    assert (meta["reset"], meta["spike_condition"], meta["dt"], meta["v_init"]) == ("subtract", ">=", 1.0, 0.0)
+    assert (meta["reset"], meta["spike_condition"], meta["dt"], meta["v_init"]) == (
+        "subtract",
+        ">=",
+        1.0,
+        0.0,
+    )
     assert meta["exporter"].startswith("ann2snn-fx ")
 
 
 def test_pool_folds_one_over_k_squared_and_flatten_counts_without_batch() -> None:
     torch.manual_seed(0)
-    ann = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(12, 4))
+    ann = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3), nn.Flatten(), nn.Linear(12, 4)
+    )
     snn = _convert(ann, (2, 6, 6))
     graph = to_nir(snn, torch.rand(1, 2, 6, 6))
     pools = [n for n in graph.nodes.values() if isinstance(n, nir.SumPool2d)]
     flat = [n for n in graph.nodes.values() if isinstance(n, nir.Flatten)]
-    assert len(pools) == 1 and list(pools[0].kernel_size) == [3, 3]
-    assert len(flat) == 1 and flat[0].start_dim == 0
+    assert len(pools) == 1
+    assert list(pools[0].kernel_size) == [3, 3]
+    assert len(flat) == 1
+    assert flat[0].start_dim == 0
     s = float(snn.spiking_0.scaler1.scale)
     expected = (snn.get_submodule("4").weight.detach().double() * s / 9).float().numpy()
     np.testing.assert_array_equal(graph.nodes["_4"].weight, expected)
     x = torch.rand(3, 2, 6, 6)
     reference = run_snn(snn, x, 16, running_mean=False)
-    torch.testing.assert_close(run_snn(from_nir(graph), x, 16, running_mean=False), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        run_snn(from_nir(graph), x, 16, running_mean=False), reference, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_caller_model_untouched_and_file_round_trip(tmp_path: pytest.TempPathFactory) -> None:
@@ -82,7 +99,8 @@ def test_caller_model_untouched_and_file_round_trip(tmp_path: pytest.TempPathFac
     assert all(torch.equal(before[k], v) for k, v in snn.state_dict().items())
     assert snn.spiking_0.if_node.v == 0.0
     again = nir.read(path)
-    assert again.metadata["reset"] == "subtract" and sorted(again.nodes) == sorted(graph.nodes)
+    assert again.metadata["reset"] == "subtract"
+    assert sorted(again.nodes) == sorted(graph.nodes)
     x = torch.rand(4, 6)
     torch.testing.assert_close(run_snn(from_nir(path), x, 20), run_snn(snn, x, 20), rtol=1e-5, atol=1e-5)
 
@@ -102,7 +120,9 @@ def test_v_init_is_refused_then_exported_with_warning_and_honoured() -> None:
     assert not torch.allclose(plain, reference)  # a consumer starting at 0 differs
 
 
-@pytest.mark.parametrize(("attribute", "value", "match"), [("burst", 4, "burst=4"), ("signed", True, "signed=True")])
+@pytest.mark.parametrize(
+    ("attribute", "value", "match"), [("burst", 4, "burst=4"), ("signed", True, "signed=True")]
+)
 def test_burst_and_signed_neurons_are_refused(attribute: str, value: object, match: str) -> None:
     snn = _convert(_mlp(), (6,))
     setattr(snn.spiking_1.if_node, attribute, value)
@@ -157,13 +177,17 @@ def test_foreign_graph_in_nir_semantics() -> None:
             np.testing.assert_array_equal(got[t, b].numpy(), spike.astype(np.float32))
             v = np.where(spike, v_reset, v)
     with pytest.raises(NotImplementedError, match="LIF"):
-        from_nir(nir.NIRGraph.from_list(nir.LIF(tau=np.ones(1), r=np.ones(1), v_leak=np.zeros(1), v_threshold=np.ones(1))))
+        from_nir(
+            nir.NIRGraph.from_list(
+                nir.LIF(tau=np.ones(1), r=np.ones(1), v_leak=np.zeros(1), v_threshold=np.ones(1))
+            )
+        )
 
 
 def test_legacy_refuses_non_zero_v_reset(tmp_path: pytest.TempPathFactory) -> None:
     net = trace_model(nn.Sequential(nn.Linear(2, 2), IFNode(v_threshold=1.0, v_reset=0.5, v_init=0.0)))
     graph = to_nir(net, torch.rand(1, 2))
-    with pytest.raises(ValueError, match="legacy=True.*v_reset"):
+    with pytest.raises(ValueError, match=r"legacy=True.*v_reset"):
         write_nir(graph, tmp_path / "g.nir", legacy=True)  # type: ignore[operator]
     reset_net(net)
     x = torch.rand(3, 2) * 2
@@ -176,5 +200,8 @@ def test_docstring_examples() -> None:
     from ann2snn_fx.export import _from_nir, _nir
 
     for module in (_nir, _from_nir):
-        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs={"nn": nn, "torch": torch})
-        assert result.attempted > 0 and result.failed == 0, module.__name__
+        result = doctest.testmod(
+            module, optionflags=doctest.NORMALIZE_WHITESPACE, extraglobs={"nn": nn, "torch": torch}
+        )
+        assert result.attempted > 0, module.__name__
+        assert result.failed == 0, module.__name__

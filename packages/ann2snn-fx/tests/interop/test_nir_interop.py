@@ -14,13 +14,16 @@ import torch
 
 pytest.importorskip("nir", reason="needs the ann2snn-fx[nir] extra (nox -s interop installs it)")
 
-import importlib.util  # noqa: E402
-import pathlib  # noqa: E402
+import importlib.util
+import pathlib
 
-import nir  # noqa: E402
+import nir
 
-_spec = importlib.util.spec_from_file_location("nir_consumers", pathlib.Path(__file__).with_name("nir_consumers.py"))
-assert _spec is not None and _spec.loader is not None
+_spec = importlib.util.spec_from_file_location(
+    "nir_consumers", pathlib.Path(__file__).with_name("nir_consumers.py")
+)
+assert _spec is not None
+assert _spec.loader is not None
 consumers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(consumers)
 ResCNN, digits, digits_cnn, train = consumers.ResCNN, consumers.digits, consumers.digits_cnn, consumers.train
@@ -38,7 +41,9 @@ def _model(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
         xtr, ytr, xte, yte = digits()
         torch.manual_seed(0)
         ann = train(digits_cnn() if name == "digits" else ResCNN(), xtr, ytr, epochs=3)
-        snn = Converter([xtr[i : i + 256] for i in range(0, 1024, 256)], progress=False).convert_to_spiking_neurons(ann)
+        snn = Converter(
+            [xtr[i : i + 256] for i in range(0, 1024, 256)], progress=False
+        ).convert_to_spiking_neurons(ann)
         path = tmp_path_factory.mktemp("nir") / f"{name}.nir"
         write_nir(snn, path, xte[:1])
         _MODELS[name] = {"snn": snn, "graph": nir.read(path), "x": xte[:96], "y": yte[:96]}
@@ -61,7 +66,9 @@ CASES = [("digits", 1), ("digits", 96), ("res", 1), ("res", 96)]
 
 
 @pytest.mark.parametrize(("name", "batch"), CASES)
-def test_from_nir_reproduces_every_spike(name: str, batch: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_from_nir_reproduces_every_spike(
+    name: str, batch: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     m = _model(name, tmp_path_factory)
     x = m["x"][:batch]
     reference, out = original_spikes(m["snn"], x)
@@ -72,7 +79,9 @@ def test_from_nir_reproduces_every_spike(name: str, batch: int, tmp_path_factory
 
 
 @pytest.mark.parametrize(("name", "batch"), CASES)
-def test_sinabs_reproduces_every_spike(name: str, batch: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_sinabs_reproduces_every_spike(
+    name: str, batch: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     pytest.importorskip("sinabs", reason="sinabs is installed by nox -s interop")
     m = _model(name, tmp_path_factory)
     x = m["x"][:batch]
@@ -85,7 +94,9 @@ def test_sinabs_reproduces_every_spike(name: str, batch: int, tmp_path_factory: 
 
 
 @pytest.mark.parametrize(("name", "batch"), CASES)
-def test_snntorch_reproduces_every_spike(name: str, batch: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_snntorch_reproduces_every_spike(
+    name: str, batch: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """snnTorch fires on ``v > θ``: it equals from_nir(spike_condition=">") exactly, and the original SNN
     wherever no membrane lands exactly on a threshold (counted: the ties)."""
     pytest.importorskip("snntorch", reason="snnTorch is installed by nox -s interop")
@@ -105,7 +116,9 @@ def test_snntorch_reproduces_every_spike(name: str, batch: int, tmp_path_factory
 
 
 @pytest.mark.parametrize("name", ["digits", "res"])
-def test_reset_to_zero_consumer_differs_as_documented(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_reset_to_zero_consumer_differs_as_documented(
+    name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Plain NIR semantics (reset to v_reset = 0, fire on >), as Norse and SpikingJelly run an IF: the
     residual charge above the threshold is lost, so neurons fire less; measured and shown."""
     m = _model(name, tmp_path_factory)
@@ -115,7 +128,9 @@ def test_reset_to_zero_consumer_differs_as_documented(name: str, tmp_path_factor
     total = sum(int(s.sum()) for s in reference.values())
     total_zero = sum(int(s.sum()) for s in zero.values())
     acc, acc_zero = _accuracy(out, y), _accuracy(out_zero, y)
-    print(f"{name}: spikes {total} (subtract, >=) vs {total_zero} (reset to 0, >); accuracy {acc:.3f} vs {acc_zero:.3f}")
+    print(
+        f"{name}: spikes {total} (subtract, >=) vs {total_zero} (reset to 0, >); accuracy {acc:.3f} vs {acc_zero:.3f}"
+    )
     assert total_zero < total
     differ = sum(int((zero[k] != reference[k]).sum()) for k in reference)
     assert differ > 0
@@ -123,7 +138,8 @@ def test_reset_to_zero_consumer_differs_as_documented(name: str, tmp_path_factor
 
 def test_norse_resets_to_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
     norse = pytest.importorskip(
-        "norse.torch", reason="Norse needs torchvision, which does not load beside the CPU torch of this project"
+        "norse.torch",
+        reason="Norse needs torchvision, which does not load beside the CPU torch of this project",
     )
     m = _model("digits", tmp_path_factory)
     x = m["x"][:8]
@@ -135,7 +151,8 @@ def test_norse_resets_to_zero(tmp_path_factory: pytest.TempPathFactory) -> None:
         for _ in range(32):
             out, state = model(x, state)
             outs.append(out)
-    assert len(outs) == 32 and sum(int(s.sum()) for s in zero.values()) > 0
+    assert len(outs) == 32
+    assert sum(int(s.sum()) for s in zero.values()) > 0
 
 
 def test_per_channel_thresholds_round_trip(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -150,7 +167,10 @@ def test_per_channel_thresholds_round_trip(tmp_path_factory: pytest.TempPathFact
     graph = to_nir(snn, xte[:1])
     thresholds = [n.v_threshold for n in graph.nodes.values() if isinstance(n, nir.IF)]
     assert any(len(set(t.flatten().tolist())) > 1 for t in thresholds)  # per channel, at the joins
-    assert all(t.shape == n.r.shape for t, n in zip(thresholds, [n for n in graph.nodes.values() if isinstance(n, nir.IF)]))
+    assert all(
+        t.shape == n.r.shape
+        for t, n in zip(thresholds, [n for n in graph.nodes.values() if isinstance(n, nir.IF)])
+    )
     x = xte[:16]
     reference, _ = original_spikes(snn, x)
     _assert_same(from_nir_spikes(from_nir(graph), x)[0], reference)
@@ -165,7 +185,8 @@ def test_legacy_file_for_old_nir(tmp_path_factory: pytest.TempPathFactory) -> No
     write_nir(m["graph"], path, legacy=True)
     with h5py.File(path) as f:
         groups = [g for g in f["node"]["nodes"].values() if g["type"][()] == b"IF"]
-        assert groups and all("v_reset" not in g for g in groups)
+        assert groups
+        assert all("v_reset" not in g for g in groups)
     again = nir.read(path)
     x = m["x"][:4]
     _assert_same(from_nir_spikes(from_nir(again), x)[0], original_spikes(m["snn"], x)[0])

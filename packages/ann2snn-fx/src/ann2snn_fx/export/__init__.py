@@ -7,9 +7,7 @@ nir), and without it the ImportError names the extra.
 try:
     import numpy  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised where numpy is absent
-    raise ImportError(
-        "ann2snn_fx.export needs numpy and nir: pip install 'ann2snn-fx[nir]'."
-    ) from error
+    raise ImportError("ann2snn_fx.export needs numpy and nir: pip install 'ann2snn-fx[nir]'.") from error
 
 from ann2snn_fx.export._from_nir import NIRIFNode, SumPool2d, from_nir
 from ann2snn_fx.export._lower import ExportError

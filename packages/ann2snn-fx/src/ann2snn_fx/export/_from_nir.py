@@ -77,7 +77,8 @@ class NIRIFNode(IFNode):
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            return torch.broadcast_to(self.v_start.to(dtype=x.dtype, device=x.device), x.shape).clone()
+            start: torch.Tensor = self.v_start  # type: ignore[assignment]
+            return torch.broadcast_to(start.to(dtype=x.dtype, device=x.device), x.shape).clone()
         return v
 
     def _sequence_fast_path_ok(self, x_seq: torch.Tensor) -> bool:
@@ -97,7 +98,9 @@ class NIRIFNode(IFNode):
 
     def extra_repr(self) -> str:
         reset = "subtract" if self.v_reset_value is None else "to v_reset"
-        return f"shape={tuple(self.v_threshold.shape)}, reset={reset}, spike_condition='{self.spike_condition}'"  # type: ignore[union-attr]
+        return (
+            f"shape={tuple(self.v_threshold.shape)}, reset={reset}, spike_condition='{self.spike_condition}'"  # type: ignore[union-attr]
+        )
 
 
 def _arr(x: Any) -> np.ndarray:
@@ -136,11 +139,15 @@ def _neuron(name: str, node: Any, graph: Any, reset: str | None, spike_condition
     if v_init is not None and not isinstance(v_init, str):
         init = torch.as_tensor(np.broadcast_to(_arr(v_init), theta.shape).copy(), dtype=torch.float32)
     v_reset = getattr(node, "v_reset", None)
-    value = torch.zeros_like(theta) if v_reset is None else torch.as_tensor(_arr(v_reset), dtype=torch.float32)
+    value = (
+        torch.zeros_like(theta) if v_reset is None else torch.as_tensor(_arr(v_reset), dtype=torch.float32)
+    )
     return NIRIFNode(theta, None if mode == "subtract" else value, init, condition)
 
 
-def _module(name: str, node: Any, graph: Any, nir: Any, reset: str | None, condition: str | None) -> nn.Module:
+def _module(
+    name: str, node: Any, graph: Any, nir: Any, reset: str | None, condition: str | None
+) -> nn.Module:
     if isinstance(node, (nir.Affine, nir.Linear)):
         weight = torch.as_tensor(_arr(node.weight), dtype=torch.float32)
         bias = getattr(node, "bias", None)
@@ -154,8 +161,13 @@ def _module(name: str, node: Any, graph: Any, nir: Any, reset: str | None, condi
         cls = nn.Conv1d if isinstance(node, nir.Conv1d) else nn.Conv2d
         groups = int(_arr(node.groups))
         conv = cls(
-            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=_ints(node.stride),
-            padding=_ints(node.padding), dilation=_ints(node.dilation), groups=groups,
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),  # type: ignore[arg-type]
+            stride=_ints(node.stride),
+            padding=_ints(node.padding),
+            dilation=_ints(node.dilation),
+            groups=groups,
         )
         conv.weight.data = weight.clone()
         conv.bias.data = torch.as_tensor(_arr(node.bias), dtype=torch.float32).reshape(-1).clone()  # type: ignore[union-attr]
@@ -194,9 +206,7 @@ def _order(graph: Any) -> list[str]:
     return order
 
 
-def from_nir(
-    graph: Any, *, reset: str | None = None, spike_condition: str | None = None
-) -> fx.GraphModule:
+def from_nir(graph: Any, *, reset: str | None = None, spike_condition: str | None = None) -> fx.GraphModule:
     """Build an SNN of this project's modules from a NIR graph (or a path to a ``.nir`` file).
 
     ``Affine`` / ``Linear`` become ``nn.Linear``, ``Conv1d`` / ``Conv2d`` the torch convolutions,

@@ -9,6 +9,7 @@ that none of these can absorb becomes an explicit diagonal ``Affine`` / depthwis
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -221,7 +222,7 @@ class _Lowering:
             raise ExportError(f"node {node.name!r} ({self._describe(node)}) has no NIR form; {extra}.")
 
     def _affine(self, node: fx.Node, module: nn.Module, val: _Val, shape: tuple[int, ...]) -> None:
-        weight = module.weight.detach().to(torch.float64).cpu().clone()  # type: ignore[union-attr]
+        weight = torch.as_tensor(module.weight).detach().to(torch.float64).cpu().clone()
         bias_param = getattr(module, "bias", None)
         bias = (
             torch.zeros(weight.shape[0], dtype=torch.float64)
@@ -256,19 +257,27 @@ class _Lowering:
             op = Op(node.name, "conv", shape, val.shape, params)
         op.inputs = list(val.sources)
         self.add_op(op)
-        self.vals[node.name] = _Val([node.name], torch.tensor(1.0, dtype=torch.float64), shape, len(node.users) == 1)
+        self.vals[node.name] = _Val(
+            [node.name], torch.tensor(1.0, dtype=torch.float64), shape, len(node.users) == 1
+        )
 
     def _neuron(self, node: fx.Node, module: IFNode, val: _Val, shape: tuple[int, ...]) -> None:
         if int(getattr(module, "burst", 1)) > 1:
-            self.refuse(node, f"burst={module.burst} emits several spikes per step", "NIR IF emits one; use burst=1")  # type: ignore[attr-defined]
+            self.refuse(
+                node, f"burst={module.burst} emits several spikes per step", "NIR IF emits one; use burst=1"
+            )  # type: ignore[attr-defined]
         if bool(getattr(module, "signed", False)):
-            self.refuse(node, "signed=True emits negative spikes", "NIR IF has no negative spikes; use signed=False")
+            self.refuse(
+                node, "signed=True emits negative spikes", "NIR IF has no negative spikes; use signed=False"
+            )
         scale = val.scale
-        if not _is_one(scale) and val.exclusive and all(self.ops[s].kind in ("affine", "conv") for s in val.sources):
-            try:
+        if (
+            not _is_one(scale)
+            and val.exclusive
+            and all(self.ops[s].kind in ("affine", "conv") for s in val.sources)
+        ):
+            with contextlib.suppress(ExportError):
                 self.fold_output_side(val, scale.clone())
-            except ExportError:
-                pass
             scale = val.scale
         if bool((scale <= 0).any()):
             raise ExportError(
@@ -279,21 +288,33 @@ class _Lowering:
         while theta.dim() > len(shape):
             theta = theta.squeeze(0)
         threshold = torch.broadcast_to(theta / scale, shape).clone()
-        v_init = module.v_init if module.v_init is not None else (0.0 if module.v_reset is None else float(module.v_reset))
+        v_init = (
+            module.v_init
+            if module.v_init is not None
+            else (0.0 if module.v_reset is None else float(module.v_reset))
+        )
         init = torch.broadcast_to(torch.as_tensor(v_init, dtype=torch.float64) / scale, shape).clone()
         if module.v_reset is None:
             reset = "subtract"
             v_reset = torch.zeros(shape, dtype=torch.float64)
         else:
             reset = "value"
-            v_reset = torch.broadcast_to(torch.as_tensor(float(module.v_reset), dtype=torch.float64) / scale, shape).clone()
+            v_reset = torch.broadcast_to(
+                torch.as_tensor(float(module.v_reset), dtype=torch.float64) / scale, shape
+            ).clone()
         if bool((init != 0).any()):
             self.refuse(
                 node,
                 f"the membrane starts at v_init={v_init} (NIR has no initial potential, every consumer starts at 0)",
                 "convert with v_init=None (NeuronFactory default)",
             )
-        params = {"v_threshold": threshold, "v_reset": v_reset, "v_init": init, "reset": reset, "source": str(node.target)}
+        params = {
+            "v_threshold": threshold,
+            "v_reset": v_reset,
+            "v_init": init,
+            "reset": reset,
+            "source": str(node.target),
+        }
         self.add_op(Op(node.name, "if", shape, val.shape, params, list(val.sources)))
         self.vals[node.name] = _Val([node.name], torch.tensor(1.0, dtype=torch.float64), shape, False)
 
@@ -311,7 +332,11 @@ class _Lowering:
         else:
             assert isinstance(module, nn.AvgPool2d)
             pair = nn.modules.utils._pair
-            kernel, stride, padding = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding)
+            kernel, stride, padding = (
+                pair(module.kernel_size),
+                pair(module.stride or module.kernel_size),
+                pair(module.padding),
+            )
             if any(padding) or module.ceil_mode or module.divisor_override is not None:
                 raise ExportError(
                     f"node {node.name!r} ({self._describe(node)}): padding, ceil_mode or divisor_override "
@@ -341,7 +366,7 @@ class _Lowering:
         elif target in _FLATTENS:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            self._flatten(node, self.value(node.args[0], node), self.shapes[node.name], int(start), int(end))  # type: ignore[call-overload]
+            self._flatten(node, self.value(node.args[0], node), self.shapes[node.name], int(start), int(end))  # type: ignore[arg-type]
         else:
             raise ExportError(
                 f"node {node.name!r} ({self._describe(node)}) has no NIR form; the graph may use additions "
@@ -353,7 +378,7 @@ class _Lowering:
             self._add(node)
         elif node.target == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            self._flatten(node, self.value(node.args[0], node), self.shapes[node.name], int(start), -1)  # type: ignore[call-overload]
+            self._flatten(node, self.value(node.args[0], node), self.shapes[node.name], int(start), -1)  # type: ignore[arg-type]
         else:
             self._call_function(node)
 

@@ -77,7 +77,12 @@ def _node(nir: Any, op: Op) -> Any:
         return nir.Flatten(input_type={"input": np.array(op.in_shape)}, start_dim=0, end_dim=-1)
     assert op.kind == "if", op.kind
     threshold = _f32(p["v_threshold"])
-    metadata = {"reset": p["reset"], "spike_condition": ">=", "v_init": _f32(p["v_init"]), "source": p["source"]}
+    metadata = {
+        "reset": p["reset"],
+        "spike_condition": ">=",
+        "v_init": _f32(p["v_init"]),
+        "source": p["source"],
+    }
     return nir.IF(
         r=np.ones_like(threshold), v_threshold=threshold, v_reset=_f32(p["v_reset"]), metadata=metadata
     )
@@ -131,7 +136,11 @@ def to_nir(snn: nn.Module, sample_input: torch.Tensor, strict: bool = True) -> A
     if not isinstance(sample_input, torch.Tensor) or sample_input.dim() < 2:
         raise TypeError(
             "sample_input must be a batched tensor [B, *], but got "
-            + (f"shape {tuple(sample_input.shape)}" if isinstance(sample_input, torch.Tensor) else type(sample_input).__name__)
+            + (
+                f"shape {tuple(sample_input.shape)}"
+                if isinstance(sample_input, torch.Tensor)
+                else type(sample_input).__name__
+            )
             + "."
         )
     if not isinstance(strict, bool):
@@ -143,9 +152,11 @@ def to_nir(snn: nn.Module, sample_input: torch.Tensor, strict: bool = True) -> A
     edges = [(src, name) for name, op in lowered.ops.items() for src in op.inputs]
     metadata: dict[str, Any] = {**METADATA, "exporter": f"ann2snn-fx {__version__}"}
     inits = [op.params["v_init"] for op in lowered.ops.values() if op.kind == "if"]
-    metadata["v_init"] = float(inits[0].flatten()[0]) if inits and all(
-        bool((i == inits[0].flatten()[0]).all()) for i in inits
-    ) else "per IF node"
+    metadata["v_init"] = (
+        float(inits[0].flatten()[0])
+        if inits and all(bool((i == inits[0].flatten()[0]).all()) for i in inits)
+        else "per IF node"
+    )
     if lowered.warnings:
         metadata["approximations"] = "\n".join(lowered.warnings)
     return nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
