@@ -1,5 +1,7 @@
 """torch.fx converters: ReLU -> IF neurons with calibration, and transformers -> TD operators."""
 
+from typing import TYPE_CHECKING
+
 from ann2snn_fx.__about__ import __version__
 from ann2snn_fx.converter import Converter
 from ann2snn_fx.factories import HookFactory, NeuronFactory
@@ -52,8 +54,11 @@ __all__ = [
 ]
 
 # NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
+if TYPE_CHECKING:
+    from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir
+
 _EXPORT_NAMES = ("ExportError", "from_nir", "to_nir", "write_nir")
-__all__ += list(_EXPORT_NAMES)
+__all__ += ["ExportError", "from_nir", "to_nir", "write_nir"]
 
 
 def __getattr__(name: str) -> object:
