@@ -10,38 +10,31 @@ that none of these can absorb becomes an explicit diagonal ``Affine`` / depthwis
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ann2snn_calib import VoltageScaler
+from ann2snn_fx.export._params import (
+    ExportError,
+    Op,
+    affine_op,
+    channel_scale,
+    is_one,
+    neuron_params,
+    per_sample,
+    pool_window,
+)
 from ann2snn_fx.neuron import IFNode
 
 __all__ = ["ExportError", "LoweredGraph", "Op", "lower"]
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _FLATTENS = {torch.flatten}
-
-
-class ExportError(ValueError):
-    """A node of the SNN that NIR cannot express (the message names the node and the way out)."""
-
-
-@dataclass
-class Op:
-    """One NIR-to-be node: ``kind`` in input/affine/conv/if/sumpool/flatten/output, float64 parameters."""
-
-    name: str
-    kind: str
-    shape: tuple[int, ...]  # output shape, per sample
-    in_shape: tuple[int, ...] = ()
-    params: dict[str, Any] = field(default_factory=dict)
-    inputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -58,34 +51,9 @@ class LoweredGraph:
     warnings: list[str]
 
 
-def _per_sample(scale: torch.Tensor, ndim: int, channel_dim: int | None) -> torch.Tensor:
-    """A VoltageScaler's scale as a float64 tensor broadcastable to one sample of ``ndim - 1`` dims."""
-    s = scale.detach().to(torch.float64).cpu()
-    if s.numel() == 1:
-        return s.reshape(())
-    if channel_dim is not None and s.dim() == 1:
-        cd = channel_dim % ndim
-        shape = [1] * (ndim - 1)
-        shape[cd - 1] = s.shape[0]
-        return s.reshape(shape)
-    while s.dim() >= ndim:
-        s = s.squeeze(0)
-    return s
+class _Values:
+    """The lowering's state: ops so far, and the value (sources, pending scale) of each fx node."""
 
-
-def _is_one(scale: torch.Tensor) -> bool:
-    return bool((scale == 1.0).all())
-
-
-def _channel_scale(scale: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """The scale as one value per channel (dim 0 of the sample), or an ExportError if it varies spatially."""
-    full = torch.broadcast_to(scale, shape).reshape(shape[0], -1)
-    if not bool((full == full[:, :1]).all()):
-        raise ExportError(f"{what}: the scale varies inside a channel, which a convolution cannot absorb.")
-    return full[:, 0].clone()
-
-
-class _Lowering:
     def __init__(self, gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]], strict: bool) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
@@ -116,7 +84,7 @@ class _Lowering:
         """Multiply the outputs of the (exclusive affine/conv) sources of ``val`` by ``factor``."""
         for name in val.sources:
             op = self.ops[name]
-            f = factor if op.kind == "affine" else _channel_scale(factor, op.shape, name)
+            f = factor if op.kind == "affine" else channel_scale(factor, op.shape, name)
             f = torch.broadcast_to(f, (op.shape[0],)) if op.kind == "affine" else f
             view = (-1,) + (1,) * (op.params["weight"].dim() - 1)
             op.params["weight"] = op.params["weight"] * f.reshape(view)
@@ -131,7 +99,7 @@ class _Lowering:
             diag = torch.broadcast_to(val.scale, shape)
             op = Op(name, "affine", shape, shape, {"weight": torch.diag(diag), "bias": torch.zeros(shape[0])})
         else:
-            per_channel = _channel_scale(val.scale, shape, name)
+            per_channel = channel_scale(val.scale, shape, name)
             conv = {
                 "weight": per_channel.reshape(-1, 1, *([1] * (len(shape) - 1))),
                 "bias": torch.zeros(shape[0]),
@@ -154,6 +122,11 @@ class _Lowering:
         return self.vals[arg.name]
 
     # ------------------------------------------------------------------ nodes
+
+
+class _Lowering(_Values):
+    """One handler per fx node kind, in graph order."""
+
     def run(self) -> LoweredGraph:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -178,7 +151,7 @@ class _Lowering:
 
     def _output(self, node: fx.Node) -> None:
         val = self.value(node.args[0], node)
-        if not _is_one(val.scale):
+        if not is_one(val.scale):
             if val.exclusive:
                 self.fold_output_side(val, val.scale)
             else:
@@ -194,7 +167,7 @@ class _Lowering:
         val = self.value(node.args[0], node)
         if isinstance(module, VoltageScaler):
             ndim = len(val.shape) + 1
-            scale = _per_sample(module.scale, ndim, module.channel_dim)
+            scale = per_sample(module.scale, ndim, module.channel_dim)
             exclusive = val.exclusive and len(node.users) == 1
             self.vals[node.name] = _Val(val.sources, val.scale * scale, shape, exclusive)
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -222,130 +195,45 @@ class _Lowering:
             raise ExportError(f"node {node.name!r} ({self._describe(node)}) has no NIR form; {extra}.")
 
     def _affine(self, node: fx.Node, module: nn.Module, val: _Val, shape: tuple[int, ...]) -> None:
-        weight = torch.as_tensor(module.weight).detach().to(torch.float64).cpu().clone()
-        bias_param = getattr(module, "bias", None)
-        bias = (
-            torch.zeros(weight.shape[0], dtype=torch.float64)
-            if bias_param is None
-            else bias_param.detach().to(torch.float64).cpu().clone()
-        )
-        if isinstance(module, nn.Linear):
-            if not _is_one(val.scale):
-                weight = weight * torch.broadcast_to(val.scale, val.shape).reshape(1, -1)
-            op = Op(node.name, "affine", shape, val.shape, {"weight": weight, "bias": bias})
-        else:
-            assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-            if module.padding_mode != "zeros" or isinstance(module.padding, str):
-                raise ExportError(
-                    f"node {node.name!r} ({self._describe(node)}): padding {module.padding!r} with mode "
-                    f"{module.padding_mode!r}; NIR consumers read integer zero padding only."
-                )
-            if not _is_one(val.scale):
-                per_in = _channel_scale(val.scale, val.shape, node.name)
-                groups = module.groups
-                cout, cin_g = weight.shape[0], weight.shape[1]
-                per_w = per_in.reshape(groups, cin_g).repeat_interleave(cout // groups, dim=0)
-                weight = weight * per_w.reshape(cout, cin_g, *([1] * (weight.dim() - 2)))
-            params = {
-                "weight": weight,
-                "bias": bias,
-                "stride": tuple(module.stride),
-                "padding": tuple(module.padding),  # type: ignore[arg-type]
-                "dilation": tuple(module.dilation),
-                "groups": module.groups,
-            }
-            op = Op(node.name, "conv", shape, val.shape, params)
+        op = affine_op(node.name, module, val.scale, val.shape, shape)
         op.inputs = list(val.sources)
         self.add_op(op)
-        self.vals[node.name] = _Val(
-            [node.name], torch.tensor(1.0, dtype=torch.float64), shape, len(node.users) == 1
-        )
+        one = torch.tensor(1.0, dtype=torch.float64)
+        self.vals[node.name] = _Val([node.name], one, shape, len(node.users) == 1)
 
     def _neuron(self, node: fx.Node, module: IFNode, val: _Val, shape: tuple[int, ...]) -> None:
-        if int(getattr(module, "burst", 1)) > 1:
-            self.refuse(
-                node, f"burst={module.burst} emits several spikes per step", "NIR IF emits one; use burst=1"
-            )  # type: ignore[attr-defined]
+        burst = getattr(module, "burst", 1)
+        if int(burst) > 1:
+            self.refuse(node, f"burst={burst} emits several spikes per step", "NIR IF emits one; use burst=1")
         if bool(getattr(module, "signed", False)):
             self.refuse(
                 node, "signed=True emits negative spikes", "NIR IF has no negative spikes; use signed=False"
             )
-        scale = val.scale
-        if (
-            not _is_one(scale)
-            and val.exclusive
-            and all(self.ops[s].kind in ("affine", "conv") for s in val.sources)
-        ):
+        foldable = all(self.ops[s].kind in ("affine", "conv") for s in val.sources)
+        if not is_one(val.scale) and val.exclusive and foldable:
             with contextlib.suppress(ExportError):
-                self.fold_output_side(val, scale.clone())
-            scale = val.scale
-        if bool((scale <= 0).any()):
+                self.fold_output_side(val, val.scale.clone())
+        if bool((val.scale <= 0).any()):
             raise ExportError(
                 f"node {node.name!r} ({self._describe(node)}): its input is scaled by a non-positive factor, "
                 "which cannot be folded into a threshold."
             )
-        theta = torch.as_tensor(module.v_threshold, dtype=torch.float64)
-        while theta.dim() > len(shape):
-            theta = theta.squeeze(0)
-        threshold = torch.broadcast_to(theta / scale, shape).clone()
-        v_init = (
-            module.v_init
-            if module.v_init is not None
-            else (0.0 if module.v_reset is None else float(module.v_reset))
-        )
-        init = torch.broadcast_to(torch.as_tensor(v_init, dtype=torch.float64) / scale, shape).clone()
-        if module.v_reset is None:
-            reset = "subtract"
-            v_reset = torch.zeros(shape, dtype=torch.float64)
-        else:
-            reset = "value"
-            v_reset = torch.broadcast_to(
-                torch.as_tensor(float(module.v_reset), dtype=torch.float64) / scale, shape
-            ).clone()
-        if bool((init != 0).any()):
+        params, v_init = neuron_params(module, val.scale, shape)
+        if bool((params["v_init"] != 0).any()):
             self.refuse(
                 node,
                 f"the membrane starts at v_init={v_init} (NIR has no initial potential, every consumer starts at 0)",
                 "convert with v_init=None (NeuronFactory default)",
             )
-        params = {
-            "v_threshold": threshold,
-            "v_reset": v_reset,
-            "v_init": init,
-            "reset": reset,
-            "source": str(node.target),
-        }
+        params["source"] = str(node.target)
         self.add_op(Op(node.name, "if", shape, val.shape, params, list(val.sources)))
         self.vals[node.name] = _Val([node.name], torch.tensor(1.0, dtype=torch.float64), shape, False)
 
     def _pool(self, node: fx.Node, module: nn.Module, val: _Val, shape: tuple[int, ...]) -> None:
-        in_hw = val.shape[1:]
-        if isinstance(module, nn.AdaptiveAvgPool2d):
-            out_hw = shape[1:]
-            if any(i % o for i, o in zip(in_hw, out_hw, strict=True)):
-                raise ExportError(
-                    f"node {node.name!r} ({self._describe(node)}): windows of {in_hw} -> {out_hw} are uneven; "
-                    "NIR pools have one kernel. Use an input size divisible by the output size."
-                )
-            kernel = tuple(i // o for i, o in zip(in_hw, out_hw, strict=True))
-            stride = kernel
-        else:
-            assert isinstance(module, nn.AvgPool2d)
-            pair = nn.modules.utils._pair
-            kernel, stride, padding = (
-                pair(module.kernel_size),
-                pair(module.stride or module.kernel_size),
-                pair(module.padding),
-            )
-            if any(padding) or module.ceil_mode or module.divisor_override is not None:
-                raise ExportError(
-                    f"node {node.name!r} ({self._describe(node)}): padding, ceil_mode or divisor_override "
-                    "(the consumers' sum pools take no padding); use AvgPool2d(k, stride) without them."
-                )
-        per_channel = _channel_scale(val.scale, val.shape, node.name).reshape(-1, 1, 1)
+        kernel, stride, area = pool_window(node.name, module, val.shape[1:], shape[1:])
+        per_channel = channel_scale(val.scale, val.shape, node.name).reshape(-1, 1, 1)
         params = {"kernel_size": kernel, "stride": stride}
         self.add_op(Op(node.name, "sumpool", shape, val.shape, params, list(val.sources)))
-        area = math.prod(kernel)
         self.vals[node.name] = _Val([node.name], per_channel / area, shape, False)
 
     def _flatten(self, node: fx.Node, val: _Val, shape: tuple[int, ...], start: int, end: int) -> None:
