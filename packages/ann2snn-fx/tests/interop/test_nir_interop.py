@@ -7,6 +7,7 @@ versions. Without them (the plain ``tests(fx)`` session) every test here is skip
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -45,7 +46,9 @@ def _model(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
             [xtr[i : i + 256] for i in range(0, 1024, 256)], progress=False
         ).convert_to_spiking_neurons(ann)
         path = tmp_path_factory.mktemp("nir") / f"{name}.nir"
+        start = time.perf_counter()
         write_nir(snn, path, xte[:1])
+        print(f"{name}: to_nir + nir.write took {time.perf_counter() - start:.3f} s")  # a figure, not a check
         _MODELS[name] = {"snn": snn, "graph": nir.read(path), "x": xte[:96], "y": yte[:96]}
     return _MODELS[name]
 
