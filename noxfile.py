@@ -318,4 +318,6 @@ def interop(session: nox.Session) -> None:
     _install(session, "--no-deps", "sinabs", "snntorch", "nirtorch")
     _install(session, "pbr")
     session.run("python", "-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')")
-    session.run("pytest", str(fx / "tests" / "interop"), str(fx / "tests" / "test_fx_nir_extra.py"), *session.posargs)
+    session.run(
+        "pytest", str(fx / "tests" / "interop"), str(fx / "tests" / "test_fx_nir_extra.py"), *session.posargs
+    )
