@@ -205,3 +205,43 @@ def test_docstring_examples() -> None:
         )
         assert result.attempted > 0, module.__name__
         assert result.failed == 0, module.__name__
+
+
+class _TwoBranches(nn.Module):
+    """relu(a(x)) + relu(b(x)) -> linear: a join of two spike trains with different scales (neither side has
+    a weight to absorb the other's scale, so the exporter adds an explicit diagonal Affine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+        self.ra, self.rb = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ra(self.a(x)) + self.rb(self.b(x)))
+
+
+def test_join_of_spike_trains_gets_an_explicit_scale() -> None:
+    torch.manual_seed(0)
+    snn = _convert(_TwoBranches(), (4,))
+    graph = to_nir(snn, torch.rand(1, 4))
+    extra = [n for name, n in graph.nodes.items() if name.endswith("_scale")]
+    assert len(extra) == 1
+    assert isinstance(extra[0], nir.Affine)
+    x = torch.rand(6, 4)
+    reference = run_snn(snn, x, 20, running_mean=False)
+    torch.testing.assert_close(
+        run_snn(from_nir(graph), x, 20, running_mean=False), reference, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_conv1d_model() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
+    snn = _convert(ann, (2, 8))
+    graph = to_nir(snn, torch.rand(1, 2, 8))
+    assert any(isinstance(n, nir.Conv1d) for n in graph.nodes.values())
+    x = torch.rand(5, 2, 8)
+    reference = run_snn(snn, x, 20, running_mean=False)
+    torch.testing.assert_close(
+        run_snn(from_nir(graph), x, 20, running_mean=False), reference, rtol=1e-5, atol=1e-5
+    )

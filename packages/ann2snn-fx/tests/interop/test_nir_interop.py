@@ -193,3 +193,25 @@ def test_legacy_file_for_old_nir(tmp_path_factory: pytest.TempPathFactory) -> No
     again = nir.read(path)
     x = m["x"][:4]
     _assert_same(from_nir_spikes(from_nir(again), x)[0], original_spikes(m["snn"], x)[0])
+
+
+def test_reads_a_graph_written_by_sinabs() -> None:
+    """Another tool's graph: sinabs.to_nir writes no metadata, so from_nir reads NIR semantics by default; told
+    sinabs's own (subtract, >=), it reproduces sinabs's simulation exactly."""
+    sinabs = pytest.importorskip("sinabs", reason="sinabs is installed by nox -s interop")
+    import sinabs.layers as sl
+    from torch import nn
+
+    from ann2snn_fx import run_snn
+
+    torch.manual_seed(0)
+    iaf = sl.IAFSqueeze(batch_size=1, spike_fn=sinabs.activation.SingleSpike, min_v_mem=None)
+    net = nn.Sequential(nn.Linear(4, 6), iaf, nn.Linear(6, 3))
+    graph = sinabs.to_nir(net, torch.rand(1, 4))
+    assert not graph.metadata
+    x = torch.rand(1, 4)
+    with torch.no_grad():
+        iaf.reset_states()
+        reference = net(x.expand(32, 4))
+    ours = run_snn(from_nir(graph, reset="subtract", spike_condition=">="), x, 32, running_mean=False)
+    torch.testing.assert_close(ours[:, 0], reference, rtol=0, atol=0)
