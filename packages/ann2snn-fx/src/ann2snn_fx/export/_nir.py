@@ -12,11 +12,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ann2snn_fx.__about__ import __version__
-from ann2snn_fx.export._lower import ExportError, Op, lower
+from ann2snn_fx.export._lower import lower
+from ann2snn_fx.export._params import ExportError, Op
 from ann2snn_fx.neuron import reset_net
 from ann2snn_fx.tracing import trace_model
 
-__all__ = ["ExportError", "import_nir", "to_nir", "write_nir"]
+__all__ = ["METADATA", "ExportError", "import_nir", "to_nir", "write_nir"]
 
 #: Graph metadata keys written by :func:`to_nir` (not normative in NIR; :func:`from_nir` honours them).
 METADATA = {"reset": "subtract", "spike_condition": ">=", "dt": 1.0}
@@ -226,7 +227,3 @@ def _drop_zero_v_reset(graph: Any, path: str | os.PathLike[str]) -> None:
                 group = f["node"]["nodes"][name]
                 if "v_reset" in group:
                     del group["v_reset"]
-
-
-__all__ += ["METADATA"]
-_ = ExportError
