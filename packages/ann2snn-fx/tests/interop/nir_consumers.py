@@ -78,14 +78,20 @@ class ResCNN(nn.Module):
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 6) -> nn.Module:
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for i in range(0, len(x), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
-            opt.step()
+    """Seeded training on one thread, so the weights do not depend on the machine's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(epochs):
+            for i in range(0, len(x), 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
