@@ -60,7 +60,7 @@ def _assert_same(spikes: dict[str, torch.Tensor], reference: dict[str, torch.Ten
         differ = int((spikes[name] != ref).sum())
         # A difference means a membrane within float32 rounding of its threshold: the folded weights and
         # thresholds are rounded products (measured on all 360 test digits: 0 for the digits CNN, 2 of
-        # 23.6 million entries for the residual CNN; see docs/guides/neuromorphic-hardware.md).
+        # 23.6 million entries for the residual CNN, at its 1x1-conv join; see the guide).
         assert differ == 0, f"{name}: {differ} of {ref.numel()} spike entries differ"
 
 
