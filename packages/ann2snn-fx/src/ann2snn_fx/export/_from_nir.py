@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from ann2snn_calib import VoltageScaler
 from ann2snn_fx.export._nir import import_nir
-from ann2snn_fx.neuron import IFNode
+from ann2snn_fx.snn.neurons import IFNode
 
 __all__ = ["NIRIFNode", "SumPool2d", "from_nir"]
 

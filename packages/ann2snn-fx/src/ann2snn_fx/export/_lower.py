@@ -29,7 +29,7 @@ from ann2snn_fx.export._params import (
     per_sample,
     pool_window,
 )
-from ann2snn_fx.neuron import IFNode
+from ann2snn_fx.snn.neurons import IFNode
 
 __all__ = ["ExportError", "LoweredGraph", "Op", "lower"]
 

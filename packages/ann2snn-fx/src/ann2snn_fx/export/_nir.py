@@ -14,7 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ann2snn_fx.__about__ import __version__
 from ann2snn_fx.export._lower import lower
 from ann2snn_fx.export._params import ExportError, Op
-from ann2snn_fx.neuron import reset_net
+from ann2snn_fx.snn.neurons import reset_net
 from ann2snn_fx.tracing import trace_model
 
 __all__ = ["METADATA", "ExportError", "import_nir", "to_nir", "write_nir"]

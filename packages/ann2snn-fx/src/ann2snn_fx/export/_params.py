@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ann2snn_fx.neuron import IFNode
+from ann2snn_fx.snn.neurons import IFNode
 
 __all__ = [
     "ExportError",
