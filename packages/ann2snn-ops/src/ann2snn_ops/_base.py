@@ -96,12 +96,11 @@ class TDModule(nn.Module):
         """Forget the streaming state (the cumulative input/output of the steps seen so far)."""
         self._state = {}
 
-    def _check_stream_shapes(self, **steps: torch.Tensor) -> None:
-        """Raise if a streaming step's shape differs from the shape of the sequence's earlier steps.
+    def _check_stream_shapes(self, **shapes: torch.Size) -> None:
+        """Raise if a streaming step's shape (without the time axis) differs from the earlier steps' shapes.
 
         Call before updating the state; records the shapes on the first step of a sequence.
         """
-        shapes = {name: tuple(t.shape) for name, t in steps.items()}
         seen = self._state.get("shapes")
         if seen is None:
             self._state["shapes"] = shapes
@@ -109,14 +108,14 @@ class TDModule(nn.Module):
         for name, shape in shapes.items():
             if seen[name] != shape:
                 raise RuntimeError(
-                    f"{self._op_name()} in streaming mode got {name} of shape {shape}, but the earlier steps "
-                    f"of this sequence had shape {seen[name]}; call reset() (or reset_streaming(model)) "
+                    f"{self._op_name()} in streaming mode got {name} of shape {tuple(shape)}, but the earlier "
+                    f"steps of this sequence had shape {tuple(seen[name])}; call reset() (or reset_streaming(model)) "
                     "before feeding a sequence of another shape or batch size."
                 )
 
     def _stream_unary(self, x_t: torch.Tensor, fn: CumFn, *params: torch.Tensor | None) -> torch.Tensor:
         """One streaming step of ``diff(fn(cumsum(x)))``: ``x_t`` is the current step with a time axis of 1."""
-        self._check_stream_shapes(input=x_t)
+        self._check_stream_shapes(input=x_t.shape[1:])
         acc = accumulation_dtype(x_t.dtype)
         prev_x = self._state.get("x_cum")
         x_cum = x_t.to(acc, copy=True) if prev_x is None else prev_x + x_t  # never alias the caller's tensor

@@ -37,7 +37,9 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
             f"{k.dtype}, and {v.dtype}."
         )
     if not q.is_floating_point():
-        raise TypeError(f"{name} expects floating-point query_seq, key_seq, and value_seq, but got {q.dtype}.")
+        raise TypeError(
+            f"{name} expects floating-point query_seq, key_seq, and value_seq, but got {q.dtype}."
+        )
 
 
 def check_mask_dtype(name: str, attn_mask: object, query_dtype: torch.dtype) -> None:
@@ -45,7 +47,9 @@ def check_mask_dtype(name: str, attn_mask: object, query_dtype: torch.dtype) -> 
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"{name} expects attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__}.")
+        raise TypeError(
+            f"{name} expects attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__}."
+        )
     if attn_mask.dtype not in (torch.bool, torch.float32, query_dtype):
         raise TypeError(
             f"{name} expects attn_mask of dtype torch.bool (a boolean mask) or a float mask of the query's dtype "

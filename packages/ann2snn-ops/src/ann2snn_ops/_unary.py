@@ -92,8 +92,8 @@ class _TDUnary(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
         if torch.is_grad_enabled():
-            grad_x, *param_grads = composite_grads(ctx.fn, x, params, grad_out, wanted)
-            return (grad_x, None, None, *param_grads)
+            grad_x, *composite = composite_grads(ctx.fn, x, params, grad_out, wanted)
+            return (grad_x, None, None, *composite)
         x_cum = cumulative(x, accumulation_dtype(x.dtype))
         grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
         param_grads: list[torch.Tensor | None] = [None] * len(params)
@@ -105,9 +105,8 @@ class _TDUnary(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_(True) if p is not None else None for p in params]
                 y_cum = ctx.fn(leaf, *leaves)
-                grads = torch.autograd.grad(
-                    y_cum, [leaf, *[leaves[i] for i in picked]], grad_y_cum, allow_unused=True
-                )
+                targets = [leaf, *[t for i, t in enumerate(leaves) if i in picked and t is not None]]
+                grads = torch.autograd.grad(y_cum, targets, grad_y_cum, allow_unused=True)
             grad_x_cum = grads[0]
             for i, g in zip(picked, grads[1:]):
                 param_grads[i] = g

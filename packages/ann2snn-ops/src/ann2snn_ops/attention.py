@@ -7,7 +7,6 @@ Both fold the time axis into the batch and run torch's SDPA kernel once on a 4-D
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ann2snn_ops._base import TDModule
 from ann2snn_ops._checks import check_step, needs_grad
@@ -37,6 +36,7 @@ class TDScaledDotProductAttention(TDModule):
         - Output: ``[T, *, L, Ev]``.
 
     Examples:
+        >>> import torch.nn.functional as F
         >>> op = TDScaledDotProductAttention()
         >>> q, k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 6)
         >>> ref = F.scaled_dot_product_attention(q.cumsum(0), k.cumsum(0), v.cumsum(0))
@@ -117,7 +117,7 @@ class TDScaledDotProductAttention(TDModule):
     def _stream(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        self._check_stream_shapes(query_seq=q, key_seq=k, value_seq=v)
+        self._check_stream_shapes(query_seq=q.shape[1:], key_seq=k.shape[1:], value_seq=v.shape[1:])
         acc = accumulation_dtype(q.dtype)
         st = self._state
         first = "y" not in st

@@ -121,7 +121,7 @@ class TDLinear(TDModule):
         if self.streaming:
             check_step(x_seq, "TDLinear")
             first = not self._state
-            self._check_stream_shapes(input=x_seq)
+            self._check_stream_shapes(input=x_seq.shape)
             y = F.linear(x_seq, self.weight)
             if self.bias is not None and first:
                 y = y + self.bias
@@ -309,7 +309,7 @@ class TDConv2d(TDModule):
                     f"but got shape {tuple(x_seq.shape)}."
                 )
             first = not self._state
-            self._check_stream_shapes(input=x_seq)
+            self._check_stream_shapes(input=x_seq.shape)
             y = self._conv(x_seq)
             if self.bias is not None and first:
                 y = y + self.bias.view(-1, 1, 1)

@@ -194,7 +194,9 @@ class TDMultiheadAttention(TDModule):
         self_attention = key_seq is query_seq and value_seq is query_seq
         first = "a" not in self._state
         if self.streaming:
-            self._check_stream_shapes(query_seq=query_seq, key_seq=key_seq, value_seq=value_seq)
+            self._check_stream_shapes(
+                query_seq=query_seq.shape[1:], key_seq=key_seq.shape[1:], value_seq=value_seq.shape[1:]
+            )
             st = self._state
             q_cum = query_seq.to(acc, copy=True) if first else st["q"] + query_seq
             k_cum = key_seq.to(acc, copy=True) if first else st["k"] + key_seq
@@ -309,7 +311,9 @@ def _check_inputs(
     for x in (q, k, v):
         check_time_sequence(x, name)
         if x.dim() != 4:
-            raise ValueError(f"{name} expects input with shape [T, batch, seq, embed_dim], but got {tuple(x.shape)}.")
+            raise ValueError(
+                f"{name} expects input with shape [T, batch, seq, embed_dim], but got {tuple(x.shape)}."
+            )
         if x.shape[-1] != op.embed_dim:
             raise ValueError(
                 f"{name} expects the last dimension to match embed_dim={op.embed_dim}, but got {x.shape[-1]}."
@@ -333,4 +337,6 @@ def _check_inputs(
             f"(as nn.MultiheadAttention), but got {q.dtype}; convert the module with .to(dtype)."
         )
     if is_causal and mask is not None:
-        raise ValueError(f"{name} does not allow attn_mask when is_causal=True; use one masking mode at a time.")
+        raise ValueError(
+            f"{name} does not allow attn_mask when is_causal=True; use one masking mode at a time."
+        )

@@ -52,7 +52,7 @@ class _TDBinary(TDModule):
             check_step(b, name)
             a, b = a.unsqueeze(0), b.unsqueeze(0)
             self._check_pair(a, b)
-            self._check_stream_shapes(a_seq=a, b_seq=b)
+            self._check_stream_shapes(a_seq=a.shape[1:], b_seq=b.shape[1:])
             acc = accumulation_dtype(a.dtype)
             st = self._state
             first = "y" not in st
