@@ -140,6 +140,7 @@ class TDModule(nn.Module):
         elementwise_backward: ElementwiseBackward | None = None,
         grad_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
         inplace_fn: Callable[[torch.Tensor], object] | None = None,
+        row: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -156,4 +157,6 @@ class TDModule(nn.Module):
         self._check_sequence(x)
         if grad_path is not None and needs_grad(x, *params):
             return grad_path(x)
-        return td_unary(x, fn, *params, elementwise_backward=elementwise_backward, inplace_fn=inplace_fn)
+        return td_unary(
+            x, fn, *params, elementwise_backward=elementwise_backward, inplace_fn=inplace_fn, row=row
+        )

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ann2snn_ops._base import TDModule
+from ann2snn_ops._checks import needs_grad
 from ann2snn_ops._cumsum import (
     accumulation_dtype,
     cumulative,
@@ -52,6 +53,10 @@ class _TDSoftmaxFn(torch.autograd.Function):
         grad_y_cum = difference_adjoint(grad_out.to(y_cum.dtype))
         grad_x_cum = torch._softmax_backward_data(grad_y_cum, y_cum, ctx.dim, y_cum.dtype)
         return reverse_cumulative_(grad_x_cum).to(x.dtype), None
+
+
+def _softmax_last(x_cum: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x_cum, -1)
 
 
 class TDSoftmax(TDModule):
@@ -118,6 +123,9 @@ class TDSoftmax(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD softmax to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
+        last = isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 and self.dim in (-1, x_seq.dim() - 1)
+        if last and not self.streaming and not needs_grad(x_seq):  # a last-dim softmax acts on rows
+            return self._unary_forward(x_seq, _softmax_last, row=(x_seq.shape[-1],))
         return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path)
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -174,8 +182,9 @@ class TDGELU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD GELU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
+        row = (x_seq.shape[-1],) if isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 else None
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace, row=row
         )
 
     def _inplace(self, x_cum: torch.Tensor) -> None:
@@ -222,8 +231,9 @@ class TDSiLU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD SiLU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
+        row = (x_seq.shape[-1],) if isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 else None
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace, row=row
         )
 
     @staticmethod

@@ -261,7 +261,12 @@ class TDLayerNorm(TDModule):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD LayerNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
         return self._unary_forward(
-            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, self.bias, grad_path=self._grad_path
+            x_seq,
+            partial(self._fn, _dtype_of(x_seq)),
+            self.weight,
+            self.bias,
+            grad_path=self._grad_path,
+            row=self.normalized_shape,
         )
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -367,7 +372,11 @@ class TDRMSNorm(TDModule):
             ):  # else torch's mixed-dtype path
                 grad_path = self._grad_path
         return self._unary_forward(
-            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, grad_path=grad_path
+            x_seq,
+            partial(self._fn, _dtype_of(x_seq)),
+            self.weight,
+            grad_path=grad_path,
+            row=self.normalized_shape,
         )
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
