@@ -34,7 +34,7 @@ from ann2snn_ops._cumsum import (
     reverse_cumulative_,
     td_chunked,
 )
-from ann2snn_ops._unary import CumFn, ElementwiseBackward, output_dtype, td_unary
+from ann2snn_ops._unary import CumFn, ElementwiseBackward, RowsOut, output_dtype, td_unary
 
 __all__ = [
     "TDModule",
@@ -141,6 +141,7 @@ class TDModule(nn.Module):
         grad_path: Callable[[torch.Tensor], torch.Tensor] | None = None,
         inplace_fn: Callable[[torch.Tensor], object] | None = None,
         row: tuple[int, ...] | None = None,
+        row_out: RowsOut | None = None,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -158,5 +159,11 @@ class TDModule(nn.Module):
         if grad_path is not None and needs_grad(x, *params):
             return grad_path(x)
         return td_unary(
-            x, fn, *params, elementwise_backward=elementwise_backward, inplace_fn=inplace_fn, row=row
+            x,
+            fn,
+            *params,
+            elementwise_backward=elementwise_backward,
+            inplace_fn=inplace_fn,
+            row=row,
+            row_out=row_out,
         )

@@ -25,7 +25,15 @@ from ann2snn_ops._cumsum import (
     reverse_cumulative_,
 )
 
-__all__ = ["CumFn", "ElementwiseBackward", "composite_grads", "output_dtype", "td_unary"]
+__all__ = [
+    "CumFn",
+    "ElementwiseBackward",
+    "RowsOut",
+    "composite_grads",
+    "output_dtype",
+    "td_rows",
+    "td_unary",
+]
 
 CumFn = Callable[..., torch.Tensor]
 """``f(x_cum, *params) -> y_cum``: the ANN op applied to the whole ``[T, ...]`` cumulative tensor."""
@@ -122,13 +130,37 @@ _BLOCK_ELEMENTS = 1 << 16
 stay in a core's L2 cache while the time steps go by."""
 
 
-def td_rows(x: torch.Tensor, fn: CumFn, row: tuple[int, ...], *params: torch.Tensor | None) -> torch.Tensor:
+RowsOut = Callable[[torch.Tensor, torch.Tensor], object]
+"""``fn_out(x_cum_block, out)``: the op written into ``out`` (an ``out=`` variant, no allocation)."""
+
+
+def _apply(
+    fn: CumFn,
+    fn_out: RowsOut | None,
+    run: torch.Tensor,
+    slot: torch.Tensor | None,
+    params: tuple[torch.Tensor | None, ...],
+) -> torch.Tensor:
+    if fn_out is None or slot is None:
+        return fn(run, *params)
+    fn_out(run, slot)
+    return slot
+
+
+def td_rows(
+    x: torch.Tensor,
+    fn: CumFn,
+    row: tuple[int, ...],
+    *params: torch.Tensor | None,
+    fn_out: RowsOut | None = None,
+) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd, for ``fn`` acting independently on rows of shape ``row``
     (the trailing dims; ``fn`` gets ``[n, *row]`` blocks).
 
     Fused for memory traffic: a block of rows at a time, one time step after the other, the running sum,
     ``fn``'s result and the previous step's result stay in cache, so ``x`` is read once and the output
     written once, as the plain op does; the running sum is the same float sum as :func:`cumulative`'s.
+    ``fn_out``, when given, writes the op into two reused result buffers instead of allocating per step.
     """
     t_len = x.shape[0]
     acc = accumulation_dtype(x.dtype)
@@ -136,17 +168,23 @@ def td_rows(x: torch.Tensor, fn: CumFn, row: tuple[int, ...], *params: torch.Ten
     n_rows = xv.shape[1]
     out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
     per_block = max(1, _BLOCK_ELEMENTS // max(math.prod(row), 1))
-    running = torch.empty((min(per_block, n_rows), *row), dtype=acc, device=x.device)
+    block = (min(per_block, n_rows), *row)
+    running = torch.empty(block, dtype=acc, device=x.device)
+    results = torch.empty((2, *block), dtype=acc, device=x.device) if fn_out is not None else None
+
     for r0 in range(0, n_rows, per_block):
         r1 = min(n_rows, r0 + per_block)
         run = running[: r1 - r0]
-        run.copy_(xv[0, r0:r1])
-        prev = fn(run, *params)
-        out[0, r0:r1].copy_(prev)
+        steps = xv[:, r0:r1].unbind(0)  # views made in one call each: the loop is dispatch-bound
+        outs = out[:, r0:r1].unbind(0)
+        slots = (None, None) if results is None else results[:, : r1 - r0].unbind(0)
+        run.copy_(steps[0])
+        prev = _apply(fn, fn_out, run, slots[0], params)
+        outs[0].copy_(prev)
         for t in range(1, t_len):
-            run.add_(xv[t, r0:r1])
-            cur = fn(run, *params)
-            torch.sub(cur, prev, out=out[t, r0:r1])
+            run.add_(steps[t])
+            cur = _apply(fn, fn_out, run, slots[t % 2], params)
+            torch.sub(cur, prev, out=outs[t])
             prev = cur
     return out.view(x.shape)
 
@@ -158,6 +196,7 @@ def td_unary(
     elementwise_backward: ElementwiseBackward | None = None,
     inplace_fn: Callable[[torch.Tensor], object] | None = None,
     row: tuple[int, ...] | None = None,
+    row_out: RowsOut | None = None,
 ) -> torch.Tensor:
     """Apply ``f`` the TD way: ``diff(fn(cumsum(x), *params))``, accumulating half inputs in float32.
 
@@ -171,7 +210,8 @@ def td_unary(
         inplace_fn: Optional in-place version of ``fn`` (params bound), used without autograd: one buffer
             instead of two (a fresh CPU buffer costs about a pass over it).
         row: When ``fn`` acts independently on rows of this trailing shape (pointwise ops, norms, a
-            last-dim softmax), the no-autograd path runs fused with :func:`td_rows`.
+            last-dim softmax), the no-autograd path runs fused with :func:`td_rows` (``row_out``: its
+            ``fn_out``).
 
     Returns:
         The differential output, in ``x.dtype`` (or ``fn``'s result dtype when ``fn`` changes the dtype,
@@ -182,7 +222,7 @@ def td_unary(
         return out
     with torch.no_grad():
         if row is not None and x.is_floating_point():
-            return td_rows(x, fn, row, *params)
+            return td_rows(x, fn, row, *params, fn_out=row_out)
         acc = accumulation_dtype(x.dtype)
         x_cum = cumulative(x, acc)
         if inplace_fn is not None and x_cum.is_floating_point():

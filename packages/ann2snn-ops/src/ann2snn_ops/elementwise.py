@@ -59,6 +59,10 @@ def _softmax_last(x_cum: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x_cum, -1)
 
 
+def _softmax_last_out(x_cum: torch.Tensor, out: torch.Tensor) -> None:
+    torch._softmax(x_cum, -1, False, out=out)
+
+
 class TDSoftmax(TDModule):
     """Temporal-difference softmax: ``Y.cumsum(0)[t] == softmax(X.cumsum(0)[t], dim)``.
 
@@ -125,7 +129,9 @@ class TDSoftmax(TDModule):
         """Apply TD softmax to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
         last = isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 and self.dim in (-1, x_seq.dim() - 1)
         if last and not self.streaming and not needs_grad(x_seq):  # a last-dim softmax acts on rows
-            return self._unary_forward(x_seq, _softmax_last, row=(x_seq.shape[-1],))
+            return self._unary_forward(
+                x_seq, _softmax_last, row=(x_seq.shape[-1],), row_out=_softmax_last_out
+            )
         return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path)
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -182,9 +188,8 @@ class TDGELU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD GELU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        row = (x_seq.shape[-1],) if isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 else None
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace, row=row
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
         )
 
     def _inplace(self, x_cum: torch.Tensor) -> None:
@@ -231,9 +236,8 @@ class TDSiLU(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD SiLU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        row = (x_seq.shape[-1],) if isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 else None
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace, row=row
+            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
         )
 
     @staticmethod
