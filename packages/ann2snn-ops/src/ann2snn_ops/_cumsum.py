@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "accumulation_dtype",
+    "cumsum_shared",
     "cumsum_time",
     "cumulative",
     "cumulative_exact",
@@ -178,6 +179,15 @@ def cumsum_time(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
         out: torch.Tensor = _Cumulative.apply(x, dtype)
         return out
     return cumulative_exact(x, dtype)
+
+
+def cumsum_shared(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`cumsum_time` of each input, computed once for an input passed several times (self-attention)."""
+    out: list[torch.Tensor] = []
+    for i, x in enumerate(inputs):
+        same = next((j for j in range(i) if inputs[j] is x), None)
+        out.append(out[same] if same is not None else cumsum_time(x, dtype))
+    return out
 
 
 def td_chunked(

@@ -10,7 +10,7 @@ import torch
 
 from ann2snn_ops._base import TDModule
 from ann2snn_ops._checks import check_step, needs_grad
-from ann2snn_ops._cumsum import accumulation_dtype, cumsum_time, difference, td_chunked
+from ann2snn_ops._cumsum import accumulation_dtype, cumsum_shared, difference, td_chunked
 from ann2snn_ops._sdpa import check_mask_dtype, check_qkv, check_sdpa_shapes, sdpa_on_cumulative
 from ann2snn_ops.multihead import TDMultiheadAttention
 
@@ -86,13 +86,7 @@ class TDScaledDotProductAttention(TDModule):
         if not needs_grad(query_seq, key_seq, value_seq):
             return self._inference(query_seq, key_seq, value_seq, attn_mask)
         acc = accumulation_dtype(query_seq.dtype)
-        q_cum = cumsum_time(query_seq, acc)
-        k_cum = q_cum if key_seq is query_seq else cumsum_time(key_seq, acc)
-        v_cum = (
-            k_cum
-            if value_seq is key_seq
-            else (q_cum if value_seq is query_seq else cumsum_time(value_seq, acc))
-        )
+        q_cum, k_cum, v_cum = cumsum_shared((query_seq, key_seq, value_seq), acc)
         y_cum = sdpa_on_cumulative(q_cum, k_cum, v_cum, attn_mask, self.is_causal, self.scale)
         return difference(y_cum).to(query_seq.dtype)
 

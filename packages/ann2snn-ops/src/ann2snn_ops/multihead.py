@@ -15,7 +15,7 @@ from torch import nn
 
 from ann2snn_ops._base import TDModule
 from ann2snn_ops._checks import check_step, check_time_sequence
-from ann2snn_ops._cumsum import accumulation_dtype, cumsum_time, difference
+from ann2snn_ops._cumsum import accumulation_dtype, cumsum_shared, difference
 from ann2snn_ops._sdpa import check_mask_dtype, check_qkv
 from ann2snn_ops.linear import TDLinear
 
@@ -205,13 +205,7 @@ class TDMultiheadAttention(TDModule):
             diff = a_cum if first else a_cum - st["a"]
             st.update(q=q_cum, k=k_cum, v=v_cum, a=a_cum)
         else:
-            q_cum = cumsum_time(query_seq, acc)
-            k_cum = q_cum if key_seq is query_seq else cumsum_time(key_seq, acc)
-            v_cum = (
-                k_cum
-                if value_seq is key_seq
-                else (q_cum if value_seq is query_seq else cumsum_time(value_seq, acc))
-            )
+            q_cum, k_cum, v_cum = cumsum_shared((query_seq, key_seq, value_seq), acc)
             diff = difference(
                 self._attend_cumulative(q_cum, k_cum, v_cum, params, mask, is_causal, self_attention)
             )

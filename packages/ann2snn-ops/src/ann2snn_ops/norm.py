@@ -267,16 +267,6 @@ class TDLayerNorm(TDModule):
             self.bias,
             grad_path=self._grad_path,
             row=self.normalized_shape,
-            row_out=partial(self._out, _dtype_of(x_seq)),
-        )
-
-    def _out(self, in_dtype: torch.dtype, x_cum: torch.Tensor, out: torch.Tensor) -> None:
-        w = _param_for(self.weight, x_cum, in_dtype)
-        b = _param_for(self.bias, x_cum, in_dtype)
-        stats = [torch.empty(0, dtype=x_cum.dtype, device=x_cum.device) for _ in range(2)]
-        shape = list(self.normalized_shape)
-        torch.ops.aten.native_layer_norm.out(
-            x_cum, shape, w, b, self.eps, out0=out, out1=stats[0], out2=stats[1]
         )
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
