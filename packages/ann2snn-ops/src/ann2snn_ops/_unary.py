@@ -70,9 +70,9 @@ def composite_grads(
 
 
 class _TDUnary(torch.autograd.Function):
-    """Forward keeps only the input (and parameters) for backward and differences ``y_cum`` in place.
+    """Forward keeps ``x_cum`` (and the input, for double backward) and differences ``y_cum`` in place.
 
-    Backward recomputes ``x_cum`` (one pass), then either calls an elementwise backward kernel or
+    Backward either calls an elementwise backward kernel or
     recomputes ``f(x_cum)`` under autograd for the vector-Jacobian product, and applies the adjoints of
     differencing and of the cumulative sum in place. Under ``create_graph=True`` it takes
     :func:`composite_grads` instead.
@@ -91,25 +91,24 @@ class _TDUnary(torch.autograd.Function):
         y_cum = fn(x_cum, *params)
         if shares_memory(y_cum, x_cum):
             y_cum = y_cum.clone()
-        ctx.save_for_backward(x, *params)
+        ctx.save_for_backward(x, x_cum, *params)  # x for the double-backward path only
         ctx.fn = fn
         ctx.elementwise_backward = elementwise_backward
         return difference_(y_cum).to(output_dtype(x.dtype, acc, y_cum.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, *params = ctx.saved_tensors
+        x, x_cum, *params = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]]
         if torch.is_grad_enabled():
             grad_x, *composite = composite_grads(ctx.fn, x, params, grad_out, wanted)
             return (grad_x, None, None, *composite)
-        x_cum = cumulative(x, accumulation_dtype(x.dtype))
         grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         if ctx.elementwise_backward is not None:
             grad_x_cum = ctx.elementwise_backward(grad_y_cum, x_cum)
         else:
-            leaf = x_cum.requires_grad_(True)
+            leaf = x_cum.detach().requires_grad_(True)
             picked = [i for i, p in enumerate(params) if p is not None and wanted[1 + i]]
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_(True) if p is not None else None for p in params]

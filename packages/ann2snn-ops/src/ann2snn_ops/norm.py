@@ -51,7 +51,7 @@ def _param_for(p: torch.Tensor | None, x_cum: torch.Tensor, in_dtype: torch.dtyp
 
 
 class _TDLayerNormFn(torch.autograd.Function):
-    """Keeps the input and the per-row statistics; backward recomputes ``x_cum`` and calls torch's layer-norm
+    """Keeps ``x_cum``, the input and the per-row statistics; backward calls torch's layer-norm
     backward kernel directly (or, under ``create_graph=True``, differentiates the composite op)."""
 
     @staticmethod
@@ -68,14 +68,14 @@ class _TDLayerNormFn(torch.autograd.Function):
         b = _param_for(bias, x_cum, x.dtype)
         y_cum, mean, rstd = torch.native_layer_norm(x_cum, list(normalized_shape), w, b, eps)
         out = difference_(y_cum)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_backward(x, weight, bias, x_cum, mean, rstd)
         ctx.normalized_shape = normalized_shape
         ctx.eps = eps
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, x_cum, mean, rstd = ctx.saved_tensors
         shape, eps = ctx.normalized_shape, ctx.eps
         if torch.is_grad_enabled():  # create_graph=True
 
@@ -84,7 +84,6 @@ class _TDLayerNormFn(torch.autograd.Function):
 
             grads = composite_grads(fn, x, (weight, bias), grad_out, ctx.needs_input_grad[:3])
             return (*grads, None, None)
-        x_cum = cumulative(x, accumulation_dtype(x.dtype))
         w = _param_for(weight, x_cum, x.dtype)
         b = _param_for(bias, x_cum, x.dtype)
         grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
@@ -106,7 +105,7 @@ _HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # returns (out
 
 
 class _TDRMSNormFn(torch.autograd.Function):
-    """Keeps the input and the per-row ``rstd``; the backward recomputes ``x_cum`` and is written out in a few
+    """Keeps ``x_cum``, the input and the per-row ``rstd``; the backward is written out in a few
     in-place passes (or, under ``create_graph=True``, differentiates the composite op)."""
 
     @staticmethod
@@ -121,14 +120,14 @@ class _TDRMSNormFn(torch.autograd.Function):
         w = _param_for(weight, x_cum, x.dtype)
         y_cum, rstd = torch.ops.aten._fused_rms_norm(x_cum, list(normalized_shape), w, eps)
         out = difference_(y_cum)
-        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_backward(x, weight, x_cum, rstd)
         ctx.normalized_shape = normalized_shape
         ctx.eps = eps
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, rstd = ctx.saved_tensors
+        x, weight, x_cum, rstd = ctx.saved_tensors
         shape, eps = ctx.normalized_shape, ctx.eps
         if torch.is_grad_enabled():  # create_graph=True
 
@@ -137,7 +136,6 @@ class _TDRMSNormFn(torch.autograd.Function):
 
             grads = composite_grads(fn, x, (weight,), grad_out, ctx.needs_input_grad[:2])
             return (*grads, None, None)
-        x_cum = cumulative(x, accumulation_dtype(x.dtype))
         w = _param_for(weight, x_cum, x.dtype)
         d = math.prod(shape)
         g = difference_adjoint(grad_out.to(x_cum.dtype)).view(-1, d)
