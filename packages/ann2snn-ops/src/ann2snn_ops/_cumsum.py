@@ -201,24 +201,32 @@ def td_chunked(
 
     Only one chunk of each cumulative input is alive at a time, so several-input ops (attention, products)
     do not hold ``len(inputs)`` full-size cumulative copies. The running sums are those of
-    :func:`cumulative_exact` (carried across chunks), so the result equals the one-shot computation on
-    ``torch.cumsum`` inputs. Each chunk calls ``fn`` once on its ``[k, ...]`` block (``k = ceil(T / chunks)``);
-    tensors in ``time_sliced`` are passed after the cumulative blocks, cut to the same time steps.
+    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across chunks, so the result equals the
+    one-shot computation on ``torch.cumsum`` inputs. Each chunk calls ``fn`` once on its
+    ``[k, ...]`` block (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in
+    ``time_sliced`` are passed after the cumulative blocks, cut to the same time steps.
     """
     t_len = inputs[0].shape[0]
     acc = accumulation_dtype(inputs[0].dtype)
     k = -(-t_len // chunks)
-    # One running sum per distinct input (an input passed twice is accumulated once).
+    # One buffer and running sum per distinct input (an input passed twice is accumulated once).
     distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
-    carry = {
-        i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in set(distinct)
+    buffers = {
+        i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
+    carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
     prev_y: torch.Tensor | None = None
     out: torch.Tensor | None = None
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
-        blocks = {i: cumulative_exact(inputs[i][t0:t1], acc, carry[i]) for i in carry}
-        y = fn(*(blocks[j] for j in distinct), *(a[t0:t1] for a in time_sliced))
+        for i, buf in buffers.items():
+            run, x = carry[i], inputs[i]
+            for t in range(t0, t1):
+                run.add_(x[t])
+                buf[t - t0].copy_(run)
+        y = fn(*(buffers[j][: t1 - t0] for j in distinct), *(a[t0:t1] for a in time_sliced))
+        if any(_shares(y, b) for b in buffers.values()):  # a view of (or written into) a reused buffer
+            y = y.clone()
         if out is None:
             out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
         if prev_y is None:
@@ -227,7 +235,11 @@ def td_chunked(
             torch.sub(y[0], prev_y, out=out[t0])
         if t1 - t0 > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
-        prev_y = y[-1]  # the blocks are fresh per chunk, so a view of them stays valid
+        prev_y = y[-1]
     if out is None:
         raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
     return out
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
