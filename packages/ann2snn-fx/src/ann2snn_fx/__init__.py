@@ -8,6 +8,17 @@ from ann2snn_fx.observers import ActivationStatsHook
 from ann2snn_fx.report import ConversionReport, ConvertedActivation, LeftActivation
 from ann2snn_fx.rules import ActivationRule, ClippedReLURule, FunctionalReLURule, ReLURule, all_rules
 from ann2snn_fx.runner import MultiStepSNN, run_snn
+
+# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16)
+from ann2snn_fx.spikezip import (
+    QANN,
+    QANNReport,
+    QuantSite,
+    SpikeZIPSNN,
+    calibrate_qann,
+    prepare_qann,
+    qann_to_snn,
+)
 from ann2snn_fx.td import (
     TDConversionReport,
     TDEquivalenceError,
@@ -21,6 +32,7 @@ from ann2snn_fx.threshold import ThresholdOptimizer
 from ann2snn_fx.tracing import ModelTraceError, trace_model
 
 __all__ = [
+    "QANN",
     "ActivationRule",
     "ActivationStatsHook",
     "ClippedReLURule",
@@ -34,8 +46,11 @@ __all__ = [
     "ModelTraceError",
     "MultiStepSNN",
     "NeuronFactory",
+    "QANNReport",
+    "QuantSite",
     "ReLURule",
     "SigmoidSurrogate",
+    "SpikeZIPSNN",
     "TDConversionReport",
     "TDEquivalenceError",
     "TDImpulse",
@@ -44,6 +59,9 @@ __all__ = [
     "ThresholdOptimizer",
     "__version__",
     "all_rules",
+    "calibrate_qann",
+    "prepare_qann",
+    "qann_to_snn",
     "replace_by_td_operators",
     "reset_net",
     "run_snn",

@@ -1,0 +1,168 @@
+"""SpikeZIP end to end: the SNN's settled cumulative output equals the QANN's, fed by spikes only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ann2snn_fx import QANN, calibrate_qann, prepare_qann, qann_to_snn
+from ann2snn_ops import TDMatMul, TDMul
+
+transformers = pytest.importorskip("transformers")
+
+
+class PatchEncoder(nn.Module):
+    """ViT-style: conv patches, class token, positional embedding, one nn.MultiheadAttention block, head."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 17, width))
+        self.ln1, self.ln2, self.norm = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x + self.mlp(self.ln2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+class GatedAttention(nn.Module):
+    """Hand-rolled heads with matmul + softmax, a sigmoid-gated SiLU feed-forward (a product of activations)."""
+
+    def __init__(self, width: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm, self.ff = nn.LayerNorm(width), nn.Sequential(nn.Linear(width, width), nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)).softmax(dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.ff(x) * torch.sigmoid(x)
+
+
+def _hf(name: str) -> tuple[nn.Module, dict[str, Any], str]:
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    if name.startswith("bert"):
+        cfg = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, max_position_embeddings=16, attn_implementation=name[5:], **small
+        )
+        return transformers.BertModel(cfg), {"attention_mask": mask}, "inputs_embeds"
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+        return transformers.GPT2Model(cfg), {}, "inputs_embeds"
+    if name == "vit":
+        cfg = transformers.ViTConfig(hidden_size=32, image_size=16, patch_size=4, **small)
+        return transformers.ViTModel(cfg), {}, "pixel_values"
+    cfg = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
+    return transformers.DistilBertModel(cfg), {"attention_mask": mask}, "inputs_embeds"
+
+
+def _model(name: str) -> tuple[nn.Module, Callable[[torch.Tensor], Any], tuple[int, ...], str | None]:
+    """(model, batch -> kwargs or tensor, input shape, time-input name)."""
+    torch.manual_seed(0)
+    if name == "patch_mha":
+        return PatchEncoder().eval(), lambda x: x, (3, 16, 16), None
+    if name == "gated":
+        return GatedAttention().eval(), lambda x: x, (7, 12), None
+    model, static, key = _hf(name)
+    shape = (3, 16, 16) if name == "vit" else (7, 32)
+    return model.eval(), lambda x: {key: x, **static}, shape, key
+
+
+def _output(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.last_hidden_state
+
+
+class _SpikeCheck(TorchFunctionMode):
+    """Outside the SNN: records every weight-layer call whose activation operand is not ternary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.analog: list[str] = []
+
+    def check(self, what: str, x: Any) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return
+        self.calls += 1
+        magnitudes = x.detach().abs().unique()
+        if magnitudes[magnitudes > 0].numel() > 1:
+            self.analog.append(what)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (F.linear, F.conv2d, torch.mm):
+            self.check(getattr(func, "__name__", str(func)), args[0])
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _spike_check() -> Iterator[_SpikeCheck]:
+    mode = _SpikeCheck()
+
+    def hook(module: nn.Module, args: Any) -> None:  # TD products: both operands are spike sequences
+        if isinstance(module, TDMatMul | TDMul):
+            for x in args[:2]:
+                mode.check(type(module).__name__, x)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with mode:
+            yield mode
+    finally:
+        handle.remove()
+
+
+MODELS = ["patch_mha", "gated", "bert_eager", "bert_sdpa", "gpt2", "vit", "distilbert"]
+
+
+@pytest.mark.parametrize("levels", [4, 8, 16, 32])
+@pytest.mark.parametrize("name", MODELS)
+def test_settled_snn_equals_qann(name: str, levels: int) -> None:
+    model, wrap, shape, key = _model(name)
+    torch.manual_seed(1)
+    calib = [torch.randn(2, *shape) for _ in range(2)]
+    qann = calibrate_qann(prepare_qann(model, levels, example_inputs=wrap(calib[0])), calib, input_fn=wrap)
+    assert len(qann.report.sites) > 0
+    snn = qann_to_snn(qann, time_inputs=None if key is None else {key})
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        ref = _output(_call(qann, wrap(x)))
+        with _spike_check() as check:
+            out, steps = snn.run_until_quiet(**_kwargs(wrap(x)), max_steps=2048)
+    got = _output(out)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert snn.report.equivalent, str(snn.report)
+    # the settle time: quiet at `steps`, not before, and bounded
+    assert 1 <= steps < 2048
+    assert snn.settle_steps == steps
+    # spike-driven: every weight layer and TD product is fed ternary values, except on the model input
+    assert check.calls > 0
+    assert len(check.analog) == sum(qann.report.left.values()), check.analog
+
+
+def _call(qann: QANN, inputs: Any) -> Any:
+    return qann(**inputs) if isinstance(inputs, dict) else qann(inputs)
+
+
+def _kwargs(inputs: Any) -> dict[str, Any]:
+    return inputs if isinstance(inputs, dict) else {"x" if inputs.dim() == 3 else "images": inputs}
