@@ -256,7 +256,7 @@ class STBIFNeuron(TDModule):
         spikes = torch.sub(counts[1:], counts[:-1], out=target)
         if self.record_activity:
             self.activity = x.flatten(1).any(1) | spikes.flatten(1).any(1)
-        return torch.mul(spikes, s).to(x.dtype)
+        return spikes.to(acc).mul_(s).to(x.dtype)
 
     def _stream(self, x: torch.Tensor, xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(xs.shape, s.shape)

@@ -86,6 +86,8 @@ class QuantMode(TorchFunctionMode):
         self._tags: dict[int, tuple[weakref.ReferenceType[Tensor], str]] = {}  # "act" | "input" | "nonneg"
         self._counts: Counter[tuple[str, str]] = Counter()
         self.left: Counter[str] = Counter()
+        # a tensor quantised once is reused by its other products (q, k and v projections of one input)
+        self._done: dict[tuple[int, bool], tuple[weakref.ReferenceType[Tensor], Tensor]] = {}
 
     def tag(self, value: Any) -> str | None:
         if not isinstance(value, Tensor):
@@ -106,13 +108,18 @@ class QuantMode(TorchFunctionMode):
         if tag == "input":
             self.left[f"{_op_name(func)}: a model input (analog, enters at t = 0)"] += 1
             return x
+        signed = tag != "nonneg" if signed is None else signed
+        done = self._done.get((id(x), signed))
+        if done is not None and done[0]() is x:
+            return done[1]
         module = (_MODULE_STACK.get() or ("<root>",))[-1]
         op = _op_name(func)
         k = self._counts[(module, op + operand)]
         self._counts[(module, op + operand)] += 1
         key = f"{module}:{op}{k}:{operand}".replace(".", "/")
-        out = self.site(key, module, op, operand, tag != "nonneg" if signed is None else signed, x)
-        return self.mark(out, "act")
+        out = self.mark(self.site(key, module, op, operand, signed, x), "act")
+        self._done[(id(x), signed)] = (weakref.ref(x), out)
+        return out
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
