@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ann2snn_fx import QANN, calibrate_qann, prepare_qann, qann_to_snn
-from ann2snn_ops import TDMatMul, TDMul
+from ann2snn_ops import Quantizer, STBIFNeuron, TDMatMul, TDMul
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,3 +166,81 @@ def _call(qann: QANN, inputs: Any) -> Any:
 
 def _kwargs(inputs: Any) -> dict[str, Any]:
     return inputs if isinstance(inputs, dict) else {"x" if inputs.dim() == 3 else "images": inputs}
+
+
+def test_report_placement_and_the_callers_model_untouched() -> None:
+    model, _wrap, shape, _ = _model("gated")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qann = prepare_qann(model, 8, example_inputs=torch.randn(2, *shape))
+    ops = [(s.module, s.op, s.operand, s.signed) for s in qann.report.sites]
+    # LN output feeds qkv (one quantiser), q/k and probs/v of the two matmuls, proj input, ff input, the gate
+    assert ("qkv", "linear", "x", True) in ops
+    assert ("<root>", "matmul", "a", True) in ops  # q of q @ k^T
+    probs = [s for s in qann.report.sites if s.module == "<root>" and s.op == "matmul"][2]
+    assert probs.signed is False  # the softmax output of the second matmul
+    assert sum(1 for s in qann.report.sites if s.op == "mul") == 2  # ff(x) * sigmoid(x): both operands
+    assert [s for s in qann.report.sites if s.op == "mul"][1].signed is False  # sigmoid output
+    assert "QANN: 9 quantisers" in str(qann.report)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is not Quantizer for m in model.modules())
+
+
+def test_quantisation_aware_training_updates_steps_and_weights() -> None:
+    model, _, shape, _ = _model("patch_mha")
+    x = torch.randn(8, *shape)
+    qann = prepare_qann(model, 16, example_inputs=x).train()
+    y = torch.randint(0, 5, (8,))
+    opt = torch.optim.SGD(qann.parameters(), lr=0.1)
+    loss = F.cross_entropy(qann(x), y)  # the first batch initialises every step (LSQ's rule)
+    loss.backward()
+    steps = {k: float(q.scale) for k, q in qann.quantizers.items()}
+    grads = [q.scale.grad for q in qann.quantizers.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs()) > 0 for g in grads if g is not None)
+    opt.step()
+    assert any(float(q.scale) != steps[k] for k, q in qann.quantizers.items())
+    snn = qann_to_snn(qann.eval())
+    with torch.no_grad():
+        out, _ = snn.run_until_quiet(images=x[:2])
+        torch.testing.assert_close(out, qann(x[:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_T_runs_report_unsettled_and_streaming_equals_full() -> None:
+    model, _wrap, shape, _ = _model("gated")
+    x = torch.randn(2, *shape)
+    qann = calibrate_qann(prepare_qann(model, 32, example_inputs=x), [x])
+    snn = qann_to_snn(qann)
+    seq = torch.cat([x.unsqueeze(0), torch.zeros(3, *x.shape)])
+    with torch.no_grad():
+        snn(seq)
+        assert snn.settle_steps is None  # level 32 needs more than 4 steps
+        out, steps = snn.run_until_quiet(x, start_steps=4)
+        assert steps > 4
+        full = snn(torch.cat([x.unsqueeze(0), torch.zeros(steps + 4, *x.shape)]))
+    assert snn.settle_steps == steps
+    assert torch.equal(full[steps:], torch.zeros_like(full[steps:]))  # quiet means nothing moves after
+    torch.testing.assert_close(full.sum(0), out, rtol=1e-6, atol=1e-6)
+    assert all(isinstance(n, STBIFNeuron) for n in snn.neurons())
+
+
+def test_errors() -> None:
+    model, _wrap, shape, _ = _model("gated")
+    x = torch.randn(2, *shape)
+    with pytest.raises(TypeError, match=r"prepare_qann expects an nn\.Module, but got list"):
+        prepare_qann([], example_inputs=x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="levels must be an integer >= 2, but got True"):
+        prepare_qann(model, True, example_inputs=x)  # type: ignore[arg-type]
+    qann = prepare_qann(model, 8, example_inputs=x)
+    with pytest.raises(RuntimeError, match=r"the quantiser at qkv:linear0:x has no step yet"):
+        qann_to_snn(qann)
+    with pytest.raises(ValueError, match="calibrate_qann: data gave no batch"):
+        calibrate_qann(qann, [])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        calibrate_qann(qann, [torch.full((2, *shape), float("nan"))])
+    with pytest.raises(
+        TypeError, match="calibrate_qann expects a QANN from prepare_qann, but got GatedAttention"
+    ):
+        calibrate_qann(model, [x])  # type: ignore[arg-type]
+    snn = qann_to_snn(calibrate_qann(qann, [x]))
+    with pytest.raises(ValueError, match="max_steps must be a positive integer, but got 0"):
+        snn.run_until_quiet(x, max_steps=0)
