@@ -81,6 +81,10 @@ class Quantizer(nn.Module):
         scale: ``nn.Parameter``, the step ``s``.
         initialized: Buffer, whether ``s`` holds a set value.
 
+    Shape:
+        - Input: any shape, floating point.
+        - Output: the input's shape and dtype.
+
     Examples:
         >>> import torch
         >>> q = Quantizer(4, scale=0.5)
@@ -157,6 +161,10 @@ class STBIFNeuron(TDModule):
     Args:
         scale: The step ``s``: positive real, or a float tensor broadcastable to one time step.
         n_min, n_max: Integer bounds of the count, ``n_min <= 0 <= n_max`` and ``n_min < n_max``.
+
+    Shape:
+        - Input: ``[T, ...]`` (one step ``[...]`` in streaming mode), floating point.
+        - Output: the same shape and dtype; values in ``{-s, 0, s}``.
 
     Attributes:
         activity: After a full-sequence call, a ``[T]`` bool tensor: whether any element received a non-zero
