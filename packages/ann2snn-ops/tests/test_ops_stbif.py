@@ -44,10 +44,11 @@ def test_impulse_sum_equals_quantizer(levels: int, signed: bool, scale: float, v
     x = torch.tensor(values)
     steps = q.n_max - q.n_min + 1
     out = neuron(impulse(x, steps))
-    # the integer count is exact; summing k floats s differs from k * s by rounding only
     counts = (out / neuron.scale).sum(0)
-    assert torch.equal(counts, torch.floor(x / q.scale.detach() + 0.5).clamp(q.n_min, q.n_max))
-    assert torch.allclose(out.sum(0), q(x).detach(), rtol=1e-6, atol=0)
+    assert torch.equal(counts, torch.floor(x / q.step.detach() + 0.5).clamp(q.n_min, q.n_max))
+    # the step has 12 significant bits, so the running sum of spikes is count * step bit for bit
+    assert torch.equal(out.cumsum(0)[-1], q(x).detach())
+    assert torch.equal(neuron.scale, q.step.detach())
     assert set((out / neuron.spike_unit).unique().tolist()) <= {-1.0, 0.0, 1.0}
     # at most one spike per step, at most n_max - n_min steps spiking; quiet at the end
     assert not bool(neuron.activity[-1]) or steps == 1
@@ -123,6 +124,16 @@ def test_per_channel_scale_broadcasts() -> None:
     out = neuron(impulse(x, 8))
     assert out.sum(0).tolist() == [[1.0, 1.0, 2.0]]
     assert torch.equal(neuron.spike_unit, s)
+
+
+def test_step_is_rounded_to_12_significant_bits() -> None:
+    q = Quantizer(16, scale=0.1)
+    mantissa, _ = torch.frexp(q.step.detach())
+    assert float(mantissa * 4096) == round(float(mantissa * 4096))
+    assert abs(float(q.step) - 0.1) <= 0.1 * 2**-12
+    q.step.backward()
+    assert q.scale.grad is not None
+    assert q.scale.grad.item() == 1.0  # straight through
 
 
 def test_quantizer_lsq_gradients() -> None:

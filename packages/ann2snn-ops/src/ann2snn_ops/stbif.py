@@ -108,6 +108,18 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"levels={self.levels}, signed={self.signed}, n_min={self.n_min}, n_max={self.n_max}"
 
+    @property
+    def step(self) -> torch.Tensor:
+        """The step in use: ``scale`` rounded to 12 significant bits (straight-through for its gradient).
+
+        Every multiple ``k * step`` with ``|k| < 4096``, and so every partial sum of ``±step`` spikes, is then
+        exact in float32: the SNN's running sums of spikes equal ``count * step`` bit for bit.
+        """
+        s = self.scale
+        mantissa, exponent = torch.frexp(s.detach())
+        rounded = torch.ldexp(torch.round(mantissa * 4096) / 4096, exponent)
+        return s + (rounded - s.detach())
+
     @torch.no_grad()
     def set_scale(self, scale: float | torch.Tensor) -> None:
         """Set ``s`` (positive, finite) and mark the quantiser initialised."""
@@ -133,7 +145,7 @@ class Quantizer(nn.Module):
             raise TypeError(f"Quantizer expects a floating-point input, but got dtype {x.dtype}.")
         if not bool(self.initialized):
             self.init_from(x)
-        s = self.scale.to(x.dtype)
+        s = self.step.to(x.dtype)
         with torch.no_grad():
             exact = torch.floor(x / s + 0.5).clamp_(self.n_min, self.n_max).mul_(s)
         if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
@@ -210,7 +222,7 @@ class STBIFNeuron(TDModule):
             raise RuntimeError(
                 "STBIFNeuron.from_quantizer: the Quantizer's step was never set; calibrate first."
             )
-        return cls(quantizer.scale.detach().clone(), quantizer.n_min, quantizer.n_max)
+        return cls(quantizer.step.detach().clone(), quantizer.n_min, quantizer.n_max)
 
     @property
     def spike_unit(self) -> float | torch.Tensor:

@@ -87,6 +87,7 @@ class QuantMode(TorchFunctionMode):
         self._counts: Counter[tuple[str, str]] = Counter()
         self.left: Counter[str] = Counter()
         # a tensor quantised once is reused by its other products (q, k and v projections of one input)
+        # (the quantised tensor lives as long as its source: the entry goes when the source is freed)
         self._done: dict[tuple[int, bool], tuple[weakref.ReferenceType[Tensor], Tensor]] = {}
 
     def tag(self, value: Any) -> str | None:
@@ -119,6 +120,7 @@ class QuantMode(TorchFunctionMode):
         key = f"{module}:{op}{k}:{operand}".replace(".", "/")
         out = self.mark(self.site(key, module, op, operand, signed, x), "act")
         self._done[(id(x), signed)] = (weakref.ref(x), out)
+        weakref.finalize(x, self._done.pop, (id(x), signed), None)
         return out
 
     def __torch_function__(
