@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _timing import median_times
+from _timing import bench_parser, emit, median_times
 
 from ann2snn_fx import QANN, calibrate_qann, prepare_qann, qann_to_snn
 
@@ -239,22 +239,14 @@ def run(quick: bool) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
-    parser.add_argument("--markdown", help="write the markdown section to this path")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser = bench_parser(__doc__)
     parser.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_of:
-        fns = paths(build(args.quick))
-        print(json.dumps(_peak_growth(fns[args.peak_of])))
+        print(json.dumps(_peak_growth(paths(build(args.quick))[args.peak_of])))
         return
-    text = run(args.quick)
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(text)
+    emit(run(args.quick), args.markdown)
 
 
 if __name__ == "__main__":
