@@ -123,7 +123,7 @@ def sj_qann(qann: QANN) -> nn.Module:
         def make(site: str) -> SJQuan:
             key = f"layers/{i}" + (site if site.startswith("/") else ":" + site)
             q: Any = qann.quantizers[key]
-            return SJQuan(float(q.scale.detach()), q.n_min, q.n_max, q.levels)
+            return SJQuan(float(q.step.detach()), q.n_min, q.n_max, q.levels)
 
         return make
 

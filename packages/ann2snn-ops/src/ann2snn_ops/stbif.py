@@ -239,6 +239,10 @@ class STBIFNeuron(TDModule):
         """``clamp(floor(u), n_min, n_max)`` as integers: the count that ``q = u - c`` in ``[0, 1)`` asks for."""
         return torch.floor(u).clamp_(self.n_min, self.n_max).to(self._count_dtype())
 
+    def _targets_(self, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`_targets` overwriting ``u``."""
+        return u.floor_().clamp_(self.n_min, self.n_max).to(self._count_dtype())
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full sequence ``[T, ...]`` in, spikes ``[T, ...]`` out (one step per call in streaming mode).
@@ -260,12 +264,12 @@ class STBIFNeuron(TDModule):
         xs = x.to(acc) / s
         if self.streaming:
             return self._stream(x, xs, s)
-        u = torch.empty(torch.broadcast_shapes(xs.shape, (1, *s.shape)), dtype=acc, device=x.device)
-        torch.add(xs[0], 0.5, out=u[0])
+        u = xs  # a fresh tensor: accumulated in place, u[t] = 1/2 + x[0]/s + ... + x[t]/s
+        u[0].add_(0.5)
         for t in range(1, x.shape[0]):
-            torch.add(u[t - 1], xs[t], out=u[t])
-        target = self._targets(u)
-        del u
+            u[t].add_(u[t - 1])
+        target = self._targets_(u)
+        del u, xs
         counts = torch.empty((x.shape[0] + 1, *target.shape[1:]), dtype=target.dtype, device=x.device)
         counts[0].zero_()
         step = torch.empty_like(target[0])
