@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         qat_epochs=1 if args.quick else 3,
         steps=8 if args.quick else 32,
         seed=args.seed,
+        progress=progress,
     )
     sz_table = demo_spikezip.format_table(sz)
     print(f"\n{sz_table}\n\nsettle steps: {sz.settle_steps}")
