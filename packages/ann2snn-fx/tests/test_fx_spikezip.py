@@ -244,3 +244,14 @@ def test_errors() -> None:
     snn = qann_to_snn(calibrate_qann(qann, [x]))
     with pytest.raises(ValueError, match="max_steps must be a positive integer, but got 0"):
         snn.run_until_quiet(x, max_steps=0)
+
+
+def test_hugging_face_bert_trains_as_a_qann() -> None:
+    model, wrap, shape, _ = _model("bert_sdpa")
+    x = torch.randn(2, *shape)
+    qann = prepare_qann(model.train(), 8, example_inputs=wrap(x))  # SDPA with dropout_p > 0 in training
+    out = qann(**wrap(x))
+    (out.last_hidden_state.square().mean() + out.pooler_output.square().mean()).backward()
+    assert all(q.scale.grad is not None for q in qann.quantizers.values())
+    with pytest.raises(ValueError, match="need_weights=False"):
+        prepare_qann(nn.MultiheadAttention(4, 2), example_inputs=(torch.randn(3, 1, 4),) * 3)

@@ -157,11 +157,6 @@ class QuantMode(TorchFunctionMode):
         enable_gqa: bool = False,
     ) -> Tensor:
         """SDPA in its parts (scores, softmax, probabilities @ V), each product's operands quantised."""
-        if dropout_p != 0.0:
-            raise ValueError(
-                f"prepare_qann: scaled_dot_product_attention with dropout_p={dropout_p} (training mode?) cannot "
-                "be quantised in its parts; run the model in eval mode."
-            )
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             groups = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
@@ -178,6 +173,9 @@ class QuantMode(TorchFunctionMode):
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             else:
                 scores = scores + attn_mask
-        probs = self.mark(torch.softmax(scores, dim=-1), "nonneg")  # this mode is off inside its handler
+        probs = torch.softmax(scores, dim=-1)
+        if dropout_p != 0.0:  # training (QAT): SDPA's dropout on the probabilities, before their quantiser
+            probs = F.dropout(probs, dropout_p, training=True)
+        probs = self.mark(probs, "nonneg")  # this mode is off inside its handler
         probs = self.quantise(torch.matmul, "probs", probs, signed=False)
         return torch.matmul(probs, self.quantise(torch.matmul, "v", value))

@@ -198,7 +198,8 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``levels`` is not an integer >= 2; an unsupported attention configuration.
+        ValueError: ``levels`` is not an integer >= 2; an ``nn.MultiheadAttention`` call or configuration
+            it cannot rewrite (``need_weights`` not False, ``add_bias_kv``, mixed bool/float masks).
 
     Examples:
         >>> import torch
@@ -218,6 +219,8 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
         raise TypeError(f"prepare_qann expects an nn.Module, but got {type(model).__name__}.")
     levels = _check_levels(levels)
     copied = copy.deepcopy(model)
+    if type(copied) is nn.MultiheadAttention:
+        copied = _DecomposedMHA(copied)
     for name, module in list(copied.named_modules()):
         if type(module) is nn.MultiheadAttention:
             parent_name, _, attr = name.rpartition(".")
