@@ -4,7 +4,9 @@
    print a table of accuracy against T beside the ANN's, and write a plot.
 2. Train a tiny transformer on the same digits, convert it with TD operators, and print how closely its
    cumulative output reproduces the ANN.
-3. Quantise the tiny transformer (level 16: post-training, then a short fine-tune) and convert it to a
+3. Account for the CNN's spikes, operations and energy at T = 4 and 32, and plot energy against T beside
+   accuracy (``demo_accounting.py``).
+4. Quantise the tiny transformer (level 16: post-training, then a short fine-tune) and convert it to a
    spike-driven ST-BIF SNN: accuracy against T beside the float ANN (``demo_spikezip.py``).
 
 Usage::
@@ -22,6 +24,7 @@ import sys
 import time
 
 import cnn
+import demo_accounting
 import demo_spikezip
 import torch
 import transformer
@@ -74,7 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{td_table}")
     print(f"(training, conversion and comparison: {time.perf_counter() - section:.0f} s)")
 
-    print("\n## 3. Spike-driven transformer: QANN -> ST-BIF SNN (SpikeZIP)\n")
+    print("\n## 3. Accounting: spikes, operations and energy of the CNN\n")
+    accounting = demo_accounting.run_accounting(
+        data,
+        args.out,
+        epochs=cnn_epochs,
+        max_steps=steps if args.quick else 64,
+        seed=args.seed,
+        progress=progress,
+    )
+    (args.out / "accounting.md").write_text(accounting + "\n")
+
+    print("\n## 4. Spike-driven transformer: QANN -> ST-BIF SNN (SpikeZIP)\n")
     section = time.perf_counter()
     sz = demo_spikezip.run_spikezip_demo(
         data,

@@ -1,24 +1,16 @@
 """torch.fx converters: ReLU -> IF neurons with calibration, and transformers -> TD operators."""
 
-from ann2snn_fx.__about__ import __version__
-from ann2snn_fx.converter import Converter
-from ann2snn_fx.factories import HookFactory, NeuronFactory
-from ann2snn_fx.neuron import IFNode, SigmoidSurrogate, reset_net
-from ann2snn_fx.observers import ActivationStatsHook
-from ann2snn_fx.report import ConversionReport, ConvertedActivation, LeftActivation
-from ann2snn_fx.rules import ActivationRule, ClippedReLURule, FunctionalReLURule, ReLURule, all_rules
-from ann2snn_fx.runner import MultiStepSNN, run_snn
+from typing import TYPE_CHECKING
 
-# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16)
-from ann2snn_fx.spikezip import (
-    QANN,
-    QANNReport,
-    QuantSite,
-    SpikeZIPSNN,
-    calibrate_qann,
-    prepare_qann,
-    qann_to_snn,
-)
+from ann2snn_fx.__about__ import __version__
+from ann2snn_fx.relu.converter import Converter
+from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
+from ann2snn_fx.relu.observers import ActivationStatsHook
+from ann2snn_fx.relu.report import ConversionReport, ConvertedActivation, LeftActivation
+from ann2snn_fx.relu.rules import ActivationRule, ClippedReLURule, FunctionalReLURule, ReLURule, all_rules
+from ann2snn_fx.relu.thresholds import ThresholdOptimizer
+from ann2snn_fx.snn.neurons import IFNode, SigmoidSurrogate, reset_net
+from ann2snn_fx.snn.runner import MultiStepSNN, run_snn
 from ann2snn_fx.td import (
     TDConversionReport,
     TDEquivalenceError,
@@ -28,11 +20,9 @@ from ann2snn_fx.td import (
     replace_by_td_operators,
     td_impulse,
 )
-from ann2snn_fx.threshold import ThresholdOptimizer
 from ann2snn_fx.tracing import ModelTraceError, trace_model
 
 __all__ = [
-    "QANN",
     "ActivationRule",
     "ActivationStatsHook",
     "ClippedReLURule",
@@ -46,11 +36,8 @@ __all__ = [
     "ModelTraceError",
     "MultiStepSNN",
     "NeuronFactory",
-    "QANNReport",
-    "QuantSite",
     "ReLURule",
     "SigmoidSurrogate",
-    "SpikeZIPSNN",
     "TDConversionReport",
     "TDEquivalenceError",
     "TDImpulse",
@@ -59,12 +46,76 @@ __all__ = [
     "ThresholdOptimizer",
     "__version__",
     "all_rules",
-    "calibrate_qann",
-    "prepare_qann",
-    "qann_to_snn",
     "replace_by_td_operators",
     "reset_net",
     "run_snn",
     "td_impulse",
     "trace_model",
 ]
+
+# Accounting and the conversion doctor (issue 14).
+from ann2snn_fx.analysis import (
+    FP32_45NM,
+    INT8_45NM,
+    Diagnosis,
+    EnergyEstimate,
+    EnergyModel,
+    LayerDiagnosis,
+    LayerRecord,
+    SNNProfile,
+    TDDiagnosis,
+    TDNodeDeviation,
+    diagnose,
+    diagnose_td,
+    plot_profile,
+    plot_sweep,
+    profile_snn,
+    profile_sweep,
+)
+
+__all__ += [
+    "FP32_45NM",
+    "INT8_45NM",
+    "Diagnosis",
+    "EnergyEstimate",
+    "EnergyModel",
+    "LayerDiagnosis",
+    "LayerRecord",
+    "SNNProfile",
+    "TDDiagnosis",
+    "TDNodeDeviation",
+    "diagnose",
+    "diagnose_td",
+    "plot_profile",
+    "plot_sweep",
+    "profile_snn",
+    "profile_sweep",
+]
+
+# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16).
+from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
+    QANN,
+    QANNReport,
+    QuantSite,
+    SpikeZIPSNN,
+    calibrate_qann,
+    prepare_qann,
+    qann_to_snn,
+)
+
+__all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
+
+# NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
+if TYPE_CHECKING:
+    from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir
+
+_EXPORT_NAMES = ("ExportError", "from_nir", "to_nir", "write_nir")
+__all__ += ["ExportError", "from_nir", "to_nir", "write_nir"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORT_NAMES:
+        from ann2snn_fx import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ann2snn_fx' has no attribute {name!r}")

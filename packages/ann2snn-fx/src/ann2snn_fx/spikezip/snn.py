@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ann2snn_fx._td_fold import _CURRENT_MODE  # the fold mode's public-to-the-package handle
 from ann2snn_fx.spikezip.qann import QANN
 from ann2snn_fx.td import TDTimeFolded
+from ann2snn_fx.td.fold import _CURRENT_MODE  # the running fold mode (package-internal handle)
 from ann2snn_ops import STBIFNeuron
 
 __all__ = ["SpikeZIPSNN", "qann_to_snn"]
