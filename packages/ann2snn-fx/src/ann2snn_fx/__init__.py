@@ -91,6 +91,20 @@ __all__ += [
     "profile_snn",
     "profile_sweep",
 ]
+
+# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16).
+from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
+    QANN,
+    QANNReport,
+    QuantSite,
+    SpikeZIPSNN,
+    calibrate_qann,
+    prepare_qann,
+    qann_to_snn,
+)
+
+__all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
+
 # NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
 if TYPE_CHECKING:
     from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir
