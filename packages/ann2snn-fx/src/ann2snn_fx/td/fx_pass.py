@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from ann2snn_fx.relu.rule_base import _is_inplace
 from ann2snn_fx.td.handlers import HANDLERS
 from ann2snn_fx.td.handlers.attention import replace_sdpa
 from ann2snn_fx.td.handlers.modules import replace_modules, visit_module
@@ -61,6 +63,22 @@ def analyse(state: PassState) -> None:
             visit_module(state, node)
         elif node.op in ("call_function", "call_method"):
             visit_call(state, node)
+
+
+def rewire_inplace(gm: fx.GraphModule) -> None:
+    """Readers of a tensor that an earlier op overwrote in place (``F.relu(y, inplace=True); return f(y)``)
+    read that op's output instead: the TD operators are not in place, so the mutation must become data flow."""
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or not _is_inplace(node, modules):
+            continue
+        for user in list(source.users):
+            if user is not node and order.get(user, -1) > order[node]:
+                user.replace_input_with(source, node)
 
 
 def _td_leaves(tracer_class: type[fx.Tracer], leaf_modules: Iterable[Any] | None = None) -> type[fx.Tracer]:
@@ -121,6 +139,7 @@ def replace_by_td_operators_fx(
     specialise_defaults(graph, concrete_args)
     fixed = [str(node.target) for node in specialised_placeholders(graph, concrete_args)]
     state = PassState(gm, [*static_inputs, *fixed])
+    rewire_inplace(gm)
     replace_modules(state)
     replace_sdpa(state)
     analyse(state)
@@ -133,4 +152,13 @@ def replace_by_td_operators_fx(
     gm.td_report = state.report  # type: ignore[assignment]
     if strict:
         state.report.raise_if_not_equivalent()
+    reshapes = [record.node for record in state.report.issues if "explicit sizes" in record.detail]
+    if reshapes:
+        warnings.warn(
+            f"replace_by_td_operators: {reshapes} reshape with explicit sizes, which do not count the leading "
+            "time axis: the converted graph fails or mixes steps at run time. Convert this model with "
+            "TDTimeFolded (it keeps the ANN's shapes), or size the reshape from x.shape[:-k].",
+            UserWarning,
+            stacklevel=3,
+        )
     return gm
