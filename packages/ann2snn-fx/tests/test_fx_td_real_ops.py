@@ -158,3 +158,38 @@ def test_explicit_size_reshape_is_detected_at_conversion() -> None:
     with pytest.warns(UserWarning, match="TDTimeFolded"):
         gm = replace_by_td_operators(ann)
     assert any("TDTimeFolded" in record.detail for record in gm.td_report.issues)
+
+
+class _TimmAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal)
+        return self.proj(out)
+
+
+class TimmViTLike(nn.Module):
+    """timm's ViT passes its forward's ``is_causal=False`` flag down to SDPA (timm itself needs torchvision,
+    which does not load beside this torch, so its layout is rebuilt here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.head = _TimmAttention(), nn.Linear(E, 3)
+
+    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        return self.head(self.attn(x, attn_mask=attn_mask, is_causal=is_causal).mean(-2))
+
+
+def test_a_bool_flag_of_the_forward_is_a_constant_not_a_refusal() -> None:
+    """Before: ``TD SDPA conversion only supports literal bool is_causal, but got is_causal``."""
+    torch.manual_seed(3)
+    ann = TimmViTLike().eval()
+    gm = replace_by_td_operators(ann, strict=True)
+    x = torch.randn(T, B, L, E)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x).cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="is_causal has been specialized"):
+        gm(x, None, True)  # a different flag at run time is refused loudly, not run on the wrong graph

@@ -224,14 +224,21 @@ def sequence_first_layers(model: nn.Module) -> list[str]:
 
 def torch_layer_defaults(model: nn.Module, static_inputs: Collection[str]) -> dict[str, Any] | None:
     """For a root swapped by :func:`make_traceable`: its optional inputs (masks, ``is_causal``) fixed to
-    their defaults for tracing, except those named in ``static_inputs`` (then given at run time); else None.
+    their defaults for tracing, except those named in ``static_inputs`` (then given at run time); for any
+    other root its ``bool``-default inputs (flags such as ``is_causal``); None if there is nothing to fix.
 
     Tracing a ``None`` default as an input would make a mask a time sequence; fx checks at run time that a
     specialised input is still ``None``.
     """
-    if not isinstance(model, tuple(_SWAPS.values())):
-        return None
     parameters = list(inspect.signature(model.forward).parameters.values())
+    if not isinstance(model, tuple(_SWAPS.values())):
+        # any root: literal bool flags (timm's ``is_causal=False``) are constants, not time sequences
+        flags = {
+            p.name: p.default
+            for p in parameters
+            if isinstance(p.default, bool) and p.name not in static_inputs
+        }
+        return flags or None
     return {
         p.name: p.default
         for p in parameters
