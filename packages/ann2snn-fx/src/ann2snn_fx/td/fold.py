@@ -29,6 +29,10 @@ class _FoldedMultiheadAttention(nn.Module):
     def __init__(self, td: nn.Module) -> None:
         super().__init__()
         self.td = td
+        # what code around an nn.MultiheadAttention reads of it (torch's own layers read batch_first)
+        self.batch_first = True
+        self.embed_dim = getattr(td, "embed_dim", None)
+        self.num_heads = getattr(td, "num_heads", None)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
