@@ -82,6 +82,9 @@ class VoltageHook(nn.Module):
     while ``min(p, 100 - p) / 100 * N + 2 <= max_candidates`` for ``N`` elements seen per channel over all
     ranks. Past that bound the hook raises RuntimeError rather than return an approximation.
 
+    A NaN, +inf or -inf in the activation raises :class:`ann2snn_calib.NonFiniteError` (a ValueError) in
+    every mode, before the state changes (in a process group on every rank at once).
+
     With ``channel_dim`` set, every statistic is taken per channel (over all other dimensions) and
     ``scale`` has shape ``(C,)``; use it with ``VoltageScaler(scale, channel_dim=...)``.
 

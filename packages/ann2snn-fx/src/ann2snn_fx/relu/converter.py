@@ -144,7 +144,12 @@ class Converter(SeedPasses):
 
         Raises:
             ValueError: when the dataloader yields no batch, a hook saw no data, or a threshold is not finite
-                and positive (the message names the layer).
+                and positive (the message names the layer); under torch.distributed, on every rank at once
+                when the ranks have different numbers of batches.
+            ann2snn_calib.NonFiniteError: (a ValueError) when an activation holds NaN/inf, naming the batch
+                and the layer.
+            TypeError: for a batch that is not a tensor/array, tuple/list or dict (naming its index and type)
+                and ``input_fn`` is not given, or for an ``input_fn`` result of another type.
             ann2snn_fx.ModelTraceError: when the model cannot be traced (the message says what to do).
         """
         if not isinstance(ann, nn.Module):
