@@ -401,6 +401,27 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def models(session: nox.Session) -> None:
+    """docs/models.md ("Which models convert"), written from the results of ann2snn-fx's model tests."""
+    dist = "ann2snn-fx"
+    _install_ours(session, [str(_pkg_dir(d)) for d in [*_siblings(dist), dist]], *_test_group(dist))
+    results = pathlib.Path(session.create_tmp()).resolve() / "models.json"
+    tests = _pkg_dir(dist) / "tests"
+    session.run(
+        "pytest",
+        str(tests / "test_fx_models.py"),
+        str(tests / "test_fx_td_models.py"),
+        "-p",
+        "models_page",
+        *session.posargs,
+        env={"PYTHONPATH": str(ROOT / "tools"), "ANN2SNN_MODELS_JSON": str(results)},
+    )
+    session.run(
+        "python", str(ROOT / "tools" / "models_page.py"), str(results), str(ROOT / "docs" / "models.md")
+    )
+
+
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Every package's benchmarks, side by side in one run; one markdown report in docs/benchmarks.md."""
     _install_ours(session, [str(_pkg_dir(d)) for d in PACKAGES.values()], "numpy", "requests", "scikit-learn")

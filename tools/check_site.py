@@ -29,7 +29,11 @@ class _Links(html.parser.HTMLParser):
         for key in ("href", "src"):
             if a.get(key) and not (tag == "link" and a.get("rel") in ("canonical", "alternate")):
                 self.links.append(a[key] or "")
-        if tag == "a" and "md-nav__link" in (a.get("class") or "").split() and not (a.get("href") or "#")[0] == "#":
+        if (
+            tag == "a"
+            and "md-nav__link" in (a.get("class") or "").split()
+            and (a.get("href") or "#")[0] != "#"
+        ):
             self._nav_href, self._nav_text = a.get("href"), []
 
     def handle_data(self, data: str) -> None:
