@@ -269,6 +269,7 @@ def integration(session: nox.Session, scenario: str) -> None:
             "numpy",
             "scikit-learn",
             "matplotlib",
+            "transformers",  # the fx README's TDTimeFolded example converts a Hugging Face BERT
         )
         session.run("pytest", str(ROOT / "tests-integration" / "full"), *session.posargs)
 
