@@ -120,7 +120,7 @@ def _check_torch(session: nox.Session) -> None:
         "if u.find_spec('torch') is None: print('absent')\n"
         "else:\n import torch; print(torch.__version__, torch.version.cuda or 'cpu')"
     )
-    found = str(session.run("python", "-c", probe, silent=True) or "").strip().splitlines()
+    found = str(session.run("python", "-c", probe, silent=True, log=False) or "").strip().splitlines()
     if not found or found[-1] == "absent":
         return
     _TORCH_CHECKED.add(bin_dir)

@@ -36,6 +36,17 @@ LABELS = {
         "TD: `replace_by_td_operators`",
     ),
 }
+# the first parameter of a test id -> how the page names it
+PARAMS = {
+    "TinyResNet": "ResNet-style CNN (residual adds, one ReLU module called twice)",
+    "TinyVGG": "VGG-style CNN",
+    "FunctionalNet": "CNN with functional ReLUs (`F.relu`, `torch.relu`, `Tensor.relu`)",
+    "vit": "ViT",
+    "distilbert": "DistilBERT",
+    "llama": "Llama (grouped-query attention, rotary embeddings)",
+    "eager": "eager attention",
+    "sdpa": "SDPA attention",
+}
 MEASURES = {
     "relative_error_T128": "relative L2 error of the SNN's mean output after T = 128 steps vs the ANN",
     "max_abs_error": "largest abs(cumulative SNN output - ANN output) over all steps",
@@ -63,7 +74,8 @@ def _label(nodeid: str) -> tuple[str, str]:
     match = re.match(r"(?P<func>[^\[]+)(?:\[(?P<param>.*)\])?$", name)
     assert match is not None
     func, param = match.group("func"), match.group("param") or ""
-    param = re.sub(r"(float64|float32)-?", "", param).strip("-") or param
+    param = param.split("-")[0]
+    param = PARAMS.get(param, param)
     family, path = LABELS.get(func, (func, "?"))
     return family.replace("{param}", param), path
 
@@ -72,7 +84,8 @@ def render(data: dict[str, Any]) -> str:
     rows = []
     for record in data["records"]:
         family, path = _label(record["nodeid"])
-        measured = "; ".join(f"{v}" for _, v in record["measures"]) or "-"
+        # several outputs of one model (BERT: hidden states and pooler): the largest error
+        measured = max((v for _, v in record["measures"]), key=lambda v: float(v.split()[0]), default="-")
         kinds = sorted({k for k, _ in record["measures"]})
         rows.append((path, family, measured, ", ".join(kinds) or "-", record["outcome"]))
     rows.sort()
