@@ -1,0 +1,220 @@
+"""Integrate-and-fire neurons for converted SNNs, and ``reset_net``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ann2snn_fx.snn._checks import check_neuron_options, check_potential
+from ann2snn_fx.snn.dynamics import integrate_and_fire
+from ann2snn_fx.snn.sequence import SequenceSteps
+
+__all__ = ["IFNode", "SigmoidSurrogate", "reset_net"]
+
+
+class _HeavisideSigmoid(torch.autograd.Function):
+    """Heaviside step (``x >= 0``) forward, sigmoid-derivative backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.alpha * x)
+        return grad_output * ctx.alpha * sig * (1.0 - sig), None
+
+
+class SigmoidSurrogate(nn.Module):
+    """Surrogate spike function: Heaviside forward, ``alpha * sigmoid'(alpha * x)`` backward.
+
+    Args:
+        alpha: Steepness of the sigmoid used for the gradient.
+
+    Shape:
+        - Input: any shape.
+        - Output: same shape as the input, values in {0, 1}.
+
+    Examples:
+        >>> SigmoidSurrogate()(torch.tensor([-0.5, 0.0, 0.5]))
+        tensor([0., 1., 1.])
+    """
+
+    def __init__(self, alpha: float = 4.0) -> None:
+        super().__init__()
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise TypeError(f"alpha must be a finite real number, but got {alpha!r}.")
+        self.alpha = float(alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _HeavisideSigmoid.apply(x, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}"
+
+
+class IFNode(SequenceSteps, nn.Module):
+    """Integrate-and-fire neuron with soft (subtractive) or hard reset.
+
+    Each single-step call integrates ``v = v + x``, emits ``spike = (v >= v_threshold)`` and resets the
+    spiking elements: ``v = v - spike * v_threshold`` when ``v_reset is None`` (soft reset, what the
+    converter uses) or ``v = spike * v_reset + (1 - spike) * v`` otherwise (hard reset).
+
+    The membrane potential starts at ``v_init`` (default: ``v_reset``, or 0.0 for soft reset) and
+    ``reset()`` brings it back there. Starting half-way to the threshold (``v_init=0.5`` with the
+    converter's threshold 1.0) rounds the firing rate instead of flooring it, which makes converted
+    networks accurate at a few time steps.
+
+    In training mode the spike is computed through ``surrogate_function(v - v_threshold)`` so that
+    gradients flow; the forward values are the same in both modes.
+
+    Args:
+        v_threshold: Firing threshold; int, float or 0-dim tensor, finite and positive. A tensor may also
+            be assigned to ``v_threshold`` after construction.
+        v_reset: Reset potential (hard reset), or ``None`` for soft reset.
+        surrogate_function: Callable used for the spike in training mode. Defaults to
+            :class:`SigmoidSurrogate` with ``alpha=4``.
+        detach_reset: Detach the spike used in the reset from the autograd graph.
+        step_mode: ``"s"`` (one step per call, input ``[N, ...]``) or ``"m"`` (input ``[T, N, ...]``).
+        backend: Only ``"torch"``.
+        store_v_seq: In multi-step mode, keep the membrane potential of every step in ``v_seq``.
+        v_init: Initial membrane potential, in the units of ``v_threshold``. ``None`` means ``v_reset``
+            (or 0.0 for soft reset).
+
+    Shape:
+        - Single-step input: ``[N, *]``; output: same shape, spikes in {0, 1} of the input's dtype.
+        - Multi-step input: ``[T, N, *]``; output: same shape.
+
+    Examples:
+        >>> node = IFNode(v_reset=None)
+        >>> [node(torch.tensor([0.6])).item() for _ in range(3)]
+        [0.0, 1.0, 0.0]
+        >>> node.reset()
+        >>> IFNode(v_reset=None, v_init=0.5)(torch.tensor([0.6])).item()
+        1.0
+    """
+
+    v: float | torch.Tensor
+    #: Output per spike event (``output / spike_unit`` is the signed event count per element and step).
+    spike_unit: float = 1.0
+
+    def __init__(
+        self,
+        v_threshold: float | torch.Tensor = 1.0,
+        v_reset: float | torch.Tensor | None = 0.0,
+        surrogate_function: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+        v_init: float | torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.v_threshold: float | torch.Tensor = check_potential("v_threshold", v_threshold, positive=True)
+        self.v_reset: float | torch.Tensor | None = (
+            None if v_reset is None else check_potential("v_reset", v_reset, positive=False)
+        )
+        self.v_init: float | None = (
+            None if v_init is None else float(check_potential("v_init", v_init, positive=False))
+        )
+        check_neuron_options(
+            detach_reset=detach_reset,
+            step_mode=step_mode,
+            backend=backend,
+            store_v_seq=store_v_seq,
+            surrogate_function=surrogate_function,
+        )
+        if surrogate_function is None:
+            surrogate_function = SigmoidSurrogate(alpha=4.0)
+        self.surrogate_function = surrogate_function
+        self.detach_reset = detach_reset
+        self.step_mode = step_mode
+        self.backend = backend
+        self.store_v_seq = store_v_seq
+        self.v = self._initial_v()
+        self.v_seq: torch.Tensor | None = None
+
+    def _initial_v(self) -> float:
+        if self.v_init is not None:
+            return self.v_init
+        return 0.0 if self.v_reset is None else float(self.v_reset)
+
+    def reset(self) -> None:
+        """Return the membrane potential to its initial value (a Python float)."""
+        self.v = self._initial_v()
+        self.v_seq = None
+
+    def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.v
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            # A new input shape (first call, or another batch size) starts from the initial potential.
+            return torch.full_like(x, self._initial_v())
+        if v.dtype != x.dtype or v.device != x.device:
+            v = v.to(dtype=x.dtype, device=x.device)
+        return v
+
+    def single_step_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One time step: integrate ``x``, fire, reset. Input and output ``[N, *]``."""
+        v = self._prepare_v(x)
+        spike, v = integrate_and_fire(
+            v,
+            x,
+            self.v_threshold,
+            self.v_reset,
+            surrogate=self.surrogate_function,
+            training=self.training,
+            detach_reset=self.detach_reset,
+        )
+        self.v = v
+        return spike
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"IFNode expects a tensor input, but got {type(x).__name__}.")
+        if self.step_mode == "s":
+            return self.single_step_forward(x)
+        if self.step_mode == "m":
+            return self.multi_step_forward(x)
+        raise ValueError(f"step_mode must be 's' or 'm', but got {self.step_mode!r}.")
+
+    def extra_repr(self) -> str:
+        def fmt(value: Any) -> str:
+            return str(value.item()) if isinstance(value, torch.Tensor) and value.numel() == 1 else str(value)
+
+        text = (
+            f"v_threshold={fmt(self.v_threshold)}, v_reset={fmt(self.v_reset)}, detach_reset={self.detach_reset}, "
+            f"step_mode={self.step_mode}, backend={self.backend}"
+        )
+        if self.v_init is not None:
+            text += f", v_init={self.v_init}"
+        return text
+
+
+def reset_net(net: nn.Module) -> None:
+    """Call ``reset()`` on every submodule of ``net`` (``net`` included) that has a callable ``reset``.
+
+    Only modules inside ``net`` are touched, so several networks can be simulated side by side.
+
+    Args:
+        net: The network whose state (membrane potentials) is cleared.
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2), IFNode())
+        >>> _ = net(torch.ones(1, 2))
+        >>> reset_net(net)
+        >>> net[1].v
+        0.0
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"reset_net expects an nn.Module, but got {type(net).__name__}.")
+    for module in net.modules():
+        reset = getattr(module, "reset", None)
+        if callable(reset):
+            reset()
