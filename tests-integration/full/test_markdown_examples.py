@@ -25,7 +25,7 @@ def _markdown_files() -> list[pathlib.Path]:
         *sorted(ROOT.glob("packages/*/README.md")),
         *sorted(ROOT.glob("docs/**/*.md")),
     ]
-    return [f for f in files if f.is_file()]
+    return [f for f in files if f.is_file() and python_blocks(f.read_text(encoding="utf-8"))]
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -50,11 +50,15 @@ def test_the_extractor_finds_blocks_and_line_numbers() -> None:
     assert python_blocks(text) == [(3, "x = 1\n"), (10, "y = 2\n")]
 
 
+def test_the_collection_sees_the_readmes_and_guides() -> None:
+    names = {str(f.relative_to(ROOT)) for f in _markdown_files()}
+    assert {"packages/ann2snn-fx/README.md", "packages/ann2snn-utils/README.md"} <= names
+    assert any(name.startswith("docs/guides/") for name in names)
+
+
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_markdown_python_blocks_run(path: pathlib.Path, tmp_path: pathlib.Path) -> None:
     blocks = python_blocks(path.read_text(encoding="utf-8"))
-    if not blocks:
-        pytest.skip("no python block")
     namespace: dict[str, object] = {"__name__": "__markdown__"}
     cwd = os.getcwd()
     os.chdir(tmp_path)
