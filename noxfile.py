@@ -442,3 +442,20 @@ def bench(session: nox.Session) -> None:
     )
     report.write_text(header + "\n".join(sections))
     session.log(f"wrote {report}")
+
+
+@nox.session(python=PYTHON, default=False)
+def interop(session: nox.Session) -> None:
+    """NIR export/import against third-party consumers (sinabs, snnTorch) at the versions pinned in
+    constraints/ci.txt: ann2snn-fx[nir] plus the consumers, then the interop tests."""
+    fx = _pkg_dir("ann2snn-fx")
+    local = [str(_pkg_dir(d)) for d in _siblings("ann2snn-fx")]
+    _install_ours(session, [*local, f"{fx}[nir]"], *_test_group("ann2snn-fx"))
+    # --no-deps: sinabs declares samna (SynSense's hardware driver, not needed to simulate), and the
+    # consumers must not resolve their own torch; their real dependencies are listed and pinned.
+    _install(session, "--no-deps", "sinabs", "snntorch", "nirtorch")
+    _install(session, "pbr")
+    session.run("python", "-c", "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')")
+    session.run(
+        "pytest", str(fx / "tests" / "interop"), str(fx / "tests" / "test_fx_nir_extra.py"), *session.posargs
+    )
