@@ -270,6 +270,8 @@ def integration(session: nox.Session, scenario: str) -> None:
             "scikit-learn",
             "matplotlib",
             "transformers",  # the fx README's TDTimeFolded example converts a Hugging Face BERT
+            "nir",  # with h5py: ann2snn-fx[nir], for the NIR guide's export example
+            "h5py",
         )
         session.run("pytest", str(ROOT / "tests-integration" / "full"), *session.posargs)
 
