@@ -8,7 +8,8 @@ exact on-device ``numpy.percentile`` both rely on.
 """
 
 from ann2snn_calib.__about__ import __version__
+from ann2snn_calib._finite import NonFiniteError
 from ann2snn_calib._select import percentile
 from ann2snn_calib.modules import VoltageHook, VoltageScaler
 
-__all__ = ["VoltageHook", "VoltageScaler", "__version__", "percentile"]
+__all__ = ["NonFiniteError", "VoltageHook", "VoltageScaler", "__version__", "percentile"]

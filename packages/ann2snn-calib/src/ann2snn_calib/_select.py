@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ann2snn_calib._numbers import as_real
+
 __all__ = ["percentile"]
 
 # Elements per block of the tail method: at most 64 float32 values (one or two cache lines), at least 8.
@@ -354,8 +356,10 @@ def percentile(x: Tensor, q: float) -> Tensor:
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"percentile expects a torch.Tensor, got {type(x).__name__}.")
-    if isinstance(q, bool) or not isinstance(q, (int, float)):
+    value = as_real(q)
+    if value is None:
         raise TypeError(f"percentile expects q as a real number in [0, 100], got {type(q).__name__}.")
+    q = value
     if not math.isfinite(q) or not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile expects q in [0, 100], got {q!r}.")
     if x.numel() == 0:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ann2snn_calib._finite import NonFiniteError, check_all_finite, describe_nonfinite, flag_nonfinite
+from ann2snn_calib._numbers import as_integral, as_real
 from ann2snn_calib._select import lerp, positions, stat_dtype
 from ann2snn_calib._stats import channel_pair, gather_counts, global_max, rows_percentile, rows_top
 from ann2snn_calib.scaler import VoltageScaler, _as_buffer
 
-__all__ = ["VoltageHook", "VoltageScaler"]
+__all__ = ["NonFiniteError", "VoltageHook", "VoltageScaler"]
 
 # doctest.testmod(ann2snn_calib.modules) also runs the Examples of VoltageScaler (now in scaler.py).
 __test__ = {"VoltageScaler": VoltageScaler}
@@ -35,19 +36,18 @@ def _parse_mode(mode: Any) -> tuple[str, float]:
             if math.isfinite(p) and 0.0 <= p <= 100.0:
                 return "percentile", p / 100
         raise NotImplementedError(_MODE_ERROR)
-    if isinstance(mode, numbers.Real) and not isinstance(mode, bool):
-        f = float(mode)
-        if math.isfinite(f) and 0.0 < f <= 1.0:
-            return "fraction", f
+    f = as_real(mode)
+    if f is not None and math.isfinite(f) and 0.0 < f <= 1.0:
+        return "fraction", f
     raise NotImplementedError(_MODE_ERROR)
 
 
 def _check_momentum(momentum: Any) -> float | None:
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    m = as_real(momentum)
+    if m is None:
         raise TypeError(f"momentum must be a float in [0, 1] or None, got {type(momentum).__name__}.")
-    m = float(momentum)
     if not (math.isfinite(m) and 0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be a float in [0, 1] or None, got {momentum!r}.")
     return m
@@ -81,6 +81,9 @@ class VoltageHook(nn.Module):
     and the result is exact as long as the percentile needs no more than that many order statistics, i.e.
     while ``min(p, 100 - p) / 100 * N + 2 <= max_candidates`` for ``N`` elements seen per channel over all
     ranks. Past that bound the hook raises RuntimeError rather than return an approximation.
+
+    A NaN, +inf or -inf in the activation raises :class:`ann2snn_calib.NonFiniteError` (a ValueError) in
+    every mode, before the state changes (in a process group on every rank at once).
 
     With ``channel_dim`` set, every statistic is taken per channel (over all other dimensions) and
     ``scale`` has shape ``(C,)``; use it with ``VoltageScaler(scale, channel_dim=...)``.
@@ -155,16 +158,19 @@ class VoltageHook(nn.Module):
     ) -> None:
         super().__init__()
         self._kind, self._value = _parse_mode(mode)
-        self.mode = mode
+        # a numpy or 0-dim torch fraction is kept as the Python float it stands for
+        self.mode = mode if isinstance(mode, (str, int, float)) else self._value
         self.momentum = _check_momentum(momentum)
-        if channel_dim is not None and (isinstance(channel_dim, bool) or not isinstance(channel_dim, int)):
+        dim = None if channel_dim is None else as_integral(channel_dim)
+        if channel_dim is not None and dim is None:
             raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}.")
-        self.channel_dim = channel_dim
-        if isinstance(max_candidates, bool) or not isinstance(max_candidates, int):
+        self.channel_dim = dim
+        cap = as_integral(max_candidates)
+        if cap is None:
             raise TypeError(f"max_candidates must be a positive int, got {type(max_candidates).__name__}.")
-        if max_candidates < 1:
+        if cap < 1:
             raise ValueError(f"max_candidates must be a positive int, got {max_candidates}.")
-        self.max_candidates = max_candidates
+        self.max_candidates = cap
         self.process_group = process_group
         self.sync = bool(sync)
         self.register_buffer("scale", _as_buffer(scale, "scale"))
@@ -249,13 +255,25 @@ def _batch_stat(hook: VoltageHook, x: Tensor, dtype: torch.dtype, group: Any) ->
         rows = 1 if hook.channel_dim is None else x.shape[_channel_dim(hook, x)]
         local = torch.full((rows,), float("-inf"), dtype=dtype, device=x.device)
     elif hook.channel_dim is None:
-        local = x.max().to(dtype).reshape(1)
+        if x.is_floating_point():
+            low, high = torch.aminmax(x)  # NaN/inf are found by the pass that finds the maximum
+            local = flag_nonfinite(hook, x, high.to(dtype).reshape(1), low, high, group)
+        else:
+            local = x.max().to(dtype).reshape(1)
     else:
         cd = _channel_dim(hook, x)
         others = [d for d in range(x.dim()) if d != cd]
         local = (x.amax(dim=others) if others else x).to(dtype)
+        if x.is_floating_point():  # the maxima hold NaN and +inf; -inf needs the minimum
+            local = flag_nonfinite(hook, x, local, x.min(), local, group)
     s = global_max(local, group)
-    if group is not None and bool(torch.isinf(s).any().item()) and x.numel() == 0:
+    if (
+        x.is_floating_point()
+        and (group is not None or x.device.type != "cpu")
+        and bool(torch.isposinf(s).any())
+    ):
+        raise describe_nonfinite(hook, x)
+    if group is not None and bool(torch.isneginf(s).any().item()) and x.numel() == 0:
         raise ValueError("VoltageHook received only empty tensors across the process group.")
     return s * hook._value if hook._kind == "fraction" else s
 
@@ -329,6 +347,8 @@ def _observe(hook: VoltageHook, x: Tensor) -> None:
                 f"got an input of shape {tuple(x.shape)} with {channels}."
             )
     dtype = stat_dtype(x.dtype)
+    if hook._kind == "percentile":
+        check_all_finite(hook, x, group)
     if hook._dataset_percentile:
         s = _dataset_percentile_stat(hook, x, dtype, group)
     else:

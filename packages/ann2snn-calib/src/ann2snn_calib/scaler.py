@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ann2snn_calib._numbers import as_integral, as_real
+
 __all__ = ["VoltageScaler"]
 
 
 def _as_buffer(value: Any, name: str) -> Tensor:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+    if not isinstance(value, Tensor) and as_real(value) is None:
         raise TypeError(f"{name} must be a real number or a real tensor, got {type(value).__name__}.")
     t = torch.as_tensor(value).detach().clone()
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise TypeError(f"{name} must be a real number or a real tensor, got dtype {t.dtype}.")
     return t
+
+
+def _adoptable(shape: torch.Size, channel_dim: int | None) -> bool:
+    """Whether a scaler of this ``channel_dim`` applies a saved scale of ``shape`` as it was applied."""
+    return len(shape) == 0 or (channel_dim is not None and len(shape) == 1)
 
 
 class VoltageScaler(nn.Module):
@@ -59,8 +65,10 @@ class VoltageScaler(nn.Module):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"VoltageScaler needs a finite scale, got {scale!r}.")
         if channel_dim is not None:
-            if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            dim = as_integral(channel_dim)
+            if dim is None:
                 raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}.")
+            channel_dim = dim
             if t.dim() > 1:
                 raise ValueError(
                     f"VoltageScaler(channel_dim={channel_dim}) needs a 0-dim or 1-D scale, got shape {tuple(t.shape)}."
@@ -109,6 +117,20 @@ class VoltageScaler(nn.Module):
         error_msgs: list[str],
     ) -> None:
         saved = state_dict.get(prefix + "scale")
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.scale.shape
+            and not _adoptable(saved.shape, self.channel_dim)
+        ):
+            # A per-channel scale broadcast without its channel dimension would give another output.
+            error_msgs.append(
+                f"VoltageScaler {prefix.rstrip('.') or '(root)'!r}: the saved scale has shape {tuple(saved.shape)} "
+                f"but this scaler has shape {tuple(self.scale.shape)} and channel_dim={self.channel_dim}, so "
+                "it cannot apply it along the saved channels (a per-channel state_dict into a skeleton "
+                "converted per-tensor?). Convert the skeleton with the same ThresholdOptimizer (e.g. "
+                "'per_channel' with its channel_dim) as the saved model."
+            )
+            return
         if isinstance(saved, Tensor) and (saved.shape != self.scale.shape or saved.dtype != self.scale.dtype):
             self._buffers["scale"] = torch.empty(saved.shape, dtype=saved.dtype, device=self.scale.device)
         super()._load_from_state_dict(

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from ann2snn_fx._numbers import as_integral, as_real
 from ann2snn_fx.relu import stages
 from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
 from ann2snn_fx.relu.options import check_converter_options, check_mode
@@ -20,6 +21,7 @@ from ann2snn_fx.relu.passes import SeedPasses
 from ann2snn_fx.relu.report import ConversionReport, build_report
 from ann2snn_fx.relu.rules import ReLURule, describe, is_activation
 from ann2snn_fx.relu.thresholds import ThresholdOptimizer
+from ann2snn_fx.snn.inputs import check_input_fn
 
 __all__ = ["Converter"]
 
@@ -54,10 +56,14 @@ class Converter(SeedPasses):
             clipped ReLUs). Any object with the four :class:`ActivationRule` methods works.
         neuron_factory: Builds the neurons (default ``NeuronFactory()``: ``IFNode(1.0, v_reset=None)``).
         threshold_optimizer: Chooses each layer's threshold (default ``ThresholdOptimizer("fixed")``).
-        progress: Show a tqdm progress bar over the calibration batches.
+        progress: Show a tqdm progress bar over the calibration batches; ``None`` (the default) shows it
+            unless the environment sets ``TQDM_DISABLE`` (an explicit ``True``/``False`` overrides it).
         num_batches: Stop calibration after this many batches (``None``: the whole dataloader).
         hook_factory: Builds the calibration hooks (default: ``HookFactory(mode, momentum)`` plus what the
             threshold optimizer's ``hook_options()`` asks for).
+        input_fn: ``None`` for the batch rules above, or a callable ``batch -> model input`` returning a
+            tensor, or an ``(args tuple, kwargs dict)`` pair for several or keyword inputs (nested dicts,
+            ``{"images": ...}``, ``(image, mask, label)`` tuples); see :func:`ann2snn_fx.snn.inputs.call_with_batch`.
 
     Raises:
         NotImplementedError: ``"You have used a non-defined VoltageScale Method."`` for an invalid ``mode``.
@@ -85,9 +91,10 @@ class Converter(SeedPasses):
         neuron_factory: Any = None,
         threshold_optimizer: Any = None,
         *,
-        progress: bool = True,
+        progress: bool | None = None,
         num_batches: int | None = None,
         hook_factory: Any = None,
+        input_fn: Callable[[Any], Any] | None = None,
     ) -> None:
         check_mode(mode)
         self.mode, self.fuse_flag, self.dataloader, self.device = mode, fuse_flag, dataloader, device
@@ -105,12 +112,11 @@ class Converter(SeedPasses):
             progress=progress,
             num_batches=num_batches,
         )
-        self.momentum, self.hook_factory, self.progress, self.num_batches = (
-            momentum,
-            hook_factory,
-            progress,
-            num_batches,
-        )
+        # numpy / 0-dim torch numbers become Python ones (SPEC 13.3), so they print and compare plainly
+        self.momentum = None if momentum is None else as_real(momentum)
+        self.num_batches = None if num_batches is None else as_integral(num_batches)
+        self.hook_factory, self.progress = hook_factory, progress
+        self.input_fn = check_input_fn(input_fn)
         self.last_report: ConversionReport | None = None
 
     def convert_to_spiking_neurons(
@@ -138,7 +144,12 @@ class Converter(SeedPasses):
 
         Raises:
             ValueError: when the dataloader yields no batch, a hook saw no data, or a threshold is not finite
-                and positive (the message names the layer).
+                and positive (the message names the layer); under torch.distributed, on every rank at once
+                when the ranks have different numbers of batches.
+            ann2snn_calib.NonFiniteError: (a ValueError) when an activation holds NaN/inf, naming the batch
+                and the layer.
+            TypeError: for a batch that is not a tensor/array, tuple/list or dict (naming its index and type)
+                and ``input_fn`` is not given, or for an ``input_fn`` result of another type.
             ann2snn_fx.ModelTraceError: when the model cannot be traced (the message says what to do).
         """
         if not isinstance(ann, nn.Module):
@@ -158,7 +169,9 @@ class Converter(SeedPasses):
         )
         if calibrate:
             batches, bar = self.num_batches, self.progress
-            stages.calibrate(gm, self.dataloader, device, dtype, num_batches=batches, progress=bar)
+            stages.calibrate(
+                gm, self.dataloader, device, dtype, num_batches=batches, progress=bar, input_fn=self.input_fn
+            )
         thresholds = stages.choose_thresholds(self.threshold_optimizer, calibrate)
         replaced = stages.replace(gm, self.rules, self.neuron_factory, thresholds)
         stages.remove_leftover_hooks(gm)

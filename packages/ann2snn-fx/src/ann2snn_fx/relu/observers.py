@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ann2snn_calib import VoltageHook
+from ann2snn_fx._numbers import as_integral
 
 __all__ = ["ActivationStatsHook"]
 
@@ -48,8 +49,10 @@ class ActivationStatsHook(VoltageHook):
         channel_dim: int | None = None,
     ) -> None:
         super().__init__(scale=scale, momentum=momentum, mode=mode, channel_dim=channel_dim)
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 0:
+        bins = as_integral(histogram_bins)
+        if bins is None or bins < 0:
             raise ValueError(f"histogram_bins must be a non-negative int, but got {histogram_bins!r}.")
+        histogram_bins = bins
         if histogram_bins % 2:
             raise ValueError(
                 f"histogram_bins must be even (bins are merged in pairs), but got {histogram_bins}."

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ann2snn_fx._numbers import as_integral, as_real
+
 __all__ = ["check_callable", "check_converter_options", "check_mode", "mode_is_valid"]
 
 MODE_ERROR = "You have used a non-defined VoltageScale Method."
@@ -21,9 +23,8 @@ def mode_is_valid(mode: Any) -> bool:
                 return False
             return math.isfinite(p) and 0.0 <= p <= 100.0
         return mode.lower() == "max"
-    if isinstance(mode, bool) or not isinstance(mode, (int, float)):
-        return False
-    return math.isfinite(mode) and 0 < mode <= 1
+    value = as_real(mode)
+    return value is not None and math.isfinite(value) and 0 < value <= 1
 
 
 def check_mode(mode: Any) -> None:
@@ -49,9 +50,8 @@ def check_converter_options(
     num_batches: Any,
 ) -> None:
     """Every check of ``Converter.__init__`` but the mode's, in the order the seed raised them."""
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
-    ):
+    m = as_real(momentum)
+    if momentum is not None and (m is None or not 0.0 <= m <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1] or None, but got {momentum!r}.")
     for rule in rules:
         missing = [name for name in RULE_METHODS if not callable(getattr(rule, name, None))]
@@ -63,9 +63,8 @@ def check_converter_options(
     check_callable("threshold_optimizer", threshold_optimizer, "compute_threshold", "compute_threshold(hook)")
     if hook_factory is not None:
         check_callable("hook_factory", hook_factory, "create", "create()")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, but got {progress!r}.")
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    ):
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool or None (follow TQDM_DISABLE), but got {progress!r}.")
+    n = as_integral(num_batches)
+    if num_batches is not None and (n is None or n < 1):
         raise ValueError(f"num_batches must be a positive int or None, but got {num_batches!r}.")

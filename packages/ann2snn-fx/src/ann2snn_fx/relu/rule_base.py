@@ -301,8 +301,12 @@ def _block_scalers(
         scaler0 = VoltageScaler(torch.as_tensor(theta, dtype=threshold.dtype) / threshold, **options)
         scaler1 = VoltageScaler(threshold.clone(), **options)
     else:
-        scaler0 = VoltageScaler(theta / threshold)
-        scaler1 = VoltageScaler(threshold)
+        # A skeleton (calibrate=False) of a per-channel conversion keeps the channel dimension, so that it
+        # adopts the per-channel scales of a saved state_dict along the right dimension.
+        channel_dim = getattr(hook, "channel_dim", None)
+        options = {} if channel_dim is None else {"channel_dim": channel_dim}
+        scaler0 = VoltageScaler(theta / threshold, **options)
+        scaler1 = VoltageScaler(threshold, **options)
     return scaler0, scaler1
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ann2snn_fx._numbers import as_real
 from ann2snn_fx.relu.rule_base import (  # noqa: F401 - re-exported for ann2snn_fx.rules users
     BLOCKS_META_KEY,
     FIRST_LEVEL_KEY,
@@ -98,9 +99,7 @@ _CLAMP_MIN_METHODS = ("clamp_min", "clamp_min_")
 
 
 def _literal_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    return as_real(value)
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:

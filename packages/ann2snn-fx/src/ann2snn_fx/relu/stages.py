@@ -15,14 +15,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from tqdm.auto import tqdm
 
 from ann2snn_calib import VoltageHook, VoltageScaler
+from ann2snn_fx.relu.calibration import calibrate, hook_count
 from ann2snn_fx.relu.factories import HookFactory
 from ann2snn_fx.relu.rules import ActivationRule, ReLURule, describe
+from ann2snn_fx.snn.inputs import INPUT_KEYS, batch_input, move_input
 from ann2snn_fx.tracing import _resolve_string_annotations, trace_model
 
 __all__ = [
+    "INPUT_KEYS",
     "UnitThreshold",
     "batch_input",
     "calibrate",
@@ -30,6 +32,7 @@ __all__ = [
     "choose_thresholds",
     "first_tensor",
     "fuse",
+    "hook_count",
     "observe",
     "remove_leftover_hooks",
     "replace",
@@ -38,7 +41,6 @@ __all__ = [
     "trace",
 ]
 
-INPUT_KEYS = ("input", "image", "img", "x", "data", "pixel_values")
 _FUSE_PATTERNS = (
     (nn.Conv1d, nn.BatchNorm1d),
     (nn.Conv2d, nn.BatchNorm2d),
@@ -181,96 +183,10 @@ def observe(
     return fx_model
 
 
-# ---- 4. calibrate --------------------------------------------------------------------------
-def batch_input(data: Any) -> Any:
-    """The model input of one batch: a tensor as is, element 0 of a tuple/list, a known key of a dict."""
-    if isinstance(data, torch.Tensor):
-        return data
-    if isinstance(data, (list, tuple)):
-        if len(data) == 0:
-            raise ValueError("Batch data is an empty list or tuple.")
-        first = data[0]
-        return batch_input(first) if isinstance(first, (list, tuple, dict)) else first
-    if isinstance(data, dict):
-        if len(data) == 0:
-            raise ValueError("Batch data is an empty dictionary.")
-        for key in INPUT_KEYS:
-            if key in data:
-                return data[key]
-        if len(data) == 1:
-            return next(iter(data.values()))
-        raise ValueError(
-            f"Batch data is a dictionary with keys {sorted(map(str, data))} and none of the input keys "
-            f"{INPUT_KEYS}; cannot tell which entry is the model input. Yield the input tensor, an "
-            "(input, label) tuple, or a dict with one of those keys."
-        )
-    return data
-
-
+# ---- 4. calibrate (the loop is in relu/calibration.py) ------------------------------------
 def to_model(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     """``x`` as a tensor on ``device`` (floating tensors cast to ``dtype``)."""
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
-    if x.is_floating_point() and dtype is not None:
-        return x.to(device=device, dtype=dtype)
-    return x.to(device=device)
-
-
-def hook_count(hook: nn.Module) -> int:
-    """How many batches a hook has seen."""
-    count = getattr(hook, "num_batches_tracked", 1)
-    return int(count.item() if isinstance(count, torch.Tensor) else count)
-
-
-def calibrate(
-    gm: fx.GraphModule,
-    dataloader: Iterable[Any],
-    device: torch.device,
-    dtype: torch.dtype | None,
-    *,
-    num_batches: int | None = None,
-    progress: bool = False,
-) -> None:
-    """Run the calibration batches through ``gm``'s hooks; raise ``ValueError`` if a hook saw nothing."""
-    hooks = [m for m in gm.modules() if isinstance(m, VoltageHook)]
-    for hook in hooks:
-        hook.train()  # observers record in training mode; the rest of the model stays in eval
-    batches: Iterable[Any] = dataloader
-    total = None
-    if num_batches is not None:
-        batches = itertools.islice(batches, num_batches)
-    try:
-        total = len(dataloader)  # type: ignore[arg-type]
-        if num_batches is not None:
-            total = min(total, num_batches)
-    except TypeError:
-        total = num_batches
-    seen = 0
-    bar = tqdm(batches, total=total, desc="calibrating", disable=not progress, leave=False)
-    try:
-        with torch.no_grad():
-            for data in bar:
-                gm(to_model(batch_input(data), device, dtype))
-                seen += 1
-    finally:
-        bar.close()
-        for hook in hooks:
-            hook.eval()
-    if seen == 0:
-        raise ValueError(
-            "The calibration dataloader yielded no batch; calibration needs data (for a conversion "
-            "without data, to load a saved state_dict into, use convert_to_spiking_neurons(ann, "
-            "calibrate=False))."
-        )
-    consumers = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    for name, module in gm.named_modules():
-        if isinstance(module, VoltageHook) and hook_count(module) == 0:
-            node = consumers.get(name)
-            source = node.args[0].name if node is not None and node.args else "?"
-            raise ValueError(
-                f"The calibration hook {name!r} (after activation {source!r}) saw no data: that activation "
-                "was never executed on the calibration batches (a branch that the inputs do not take?)."
-            )
+    return move_input(x if isinstance(x, torch.Tensor) else torch.as_tensor(x), device, dtype)
 
 
 # ---- 5. choose thresholds ------------------------------------------------------------------

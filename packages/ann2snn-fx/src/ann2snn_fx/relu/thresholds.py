@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ann2snn_fx._numbers import as_integral, as_real
 from ann2snn_fx.relu.threshold_strategies import STRATEGIES, expected_error
 
 __all__ = ["ThresholdOptimizer", "expected_error"]
@@ -63,35 +64,34 @@ class ThresholdOptimizer:
         min_threshold: float | None = None,
     ) -> None:
         self.strategy = strategy
+        steps = None if time_steps is None else as_integral(time_steps)
         if strategy == "min_error":
-            if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+            if steps is None or steps < 1:
                 raise ValueError(
                     f"strategy 'min_error' needs time_steps, a positive int (the T you will simulate), "
                     f"but got {time_steps!r}."
                 )
-        elif time_steps is not None and (isinstance(time_steps, bool) or not isinstance(time_steps, int)):
+        elif time_steps is not None and steps is None:
             raise ValueError(f"time_steps must be a positive int or None, but got {time_steps!r}.")
-        if isinstance(v_init, bool) or not isinstance(v_init, (int, float)) or not 0.0 <= v_init < 1.0:
+        v0, bins, dim = as_real(v_init), as_integral(histogram_bins), as_integral(channel_dim)
+        if v0 is None or not 0.0 <= v0 < 1.0:
             raise ValueError(f"v_init must be a fraction of the threshold in [0, 1), but got {v_init!r}.")
-        if isinstance(histogram_bins, bool) or not isinstance(histogram_bins, int) or histogram_bins < 2:
+        if bins is None or bins < 2:
             raise ValueError(f"histogram_bins must be an int >= 2, but got {histogram_bins!r}.")
-        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int) or channel_dim == 0:
+        if dim is None or dim == 0:
             raise ValueError(
                 f"channel_dim must be a non-zero int (dimension 0 is the batch), but got {channel_dim!r}."
             )
-        if min_threshold is not None and (
-            isinstance(min_threshold, bool)
-            or not isinstance(min_threshold, (int, float))
-            or not (math.isfinite(min_threshold) and min_threshold > 0)
-        ):
+        floor = None if min_threshold is None else as_real(min_threshold)
+        if min_threshold is not None and (floor is None or not (math.isfinite(floor) and floor > 0)):
             raise ValueError(
                 f"min_threshold must be a finite positive number or None, but got {min_threshold!r}."
             )
-        self.time_steps = time_steps
-        self.v_init = float(v_init)
-        self.histogram_bins = histogram_bins + histogram_bins % 2
-        self.channel_dim = channel_dim
-        self.min_threshold = min_threshold
+        self.time_steps = steps
+        self.v_init = v0
+        self.histogram_bins = bins + bins % 2
+        self.channel_dim = dim
+        self.min_threshold = floor
 
     def hook_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`~ann2snn_fx.HookFactory` so hooks record what this strategy needs."""

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ann2snn_fx._numbers import as_real
+
 __all__ = ["STEP_MODES", "check_neuron_options", "check_potential"]
 
 STEP_MODES = ("s", "m")
@@ -25,7 +27,7 @@ def check_potential(name: str, value: Any, *, positive: bool) -> float | torch.T
                 f"{tuple(value.shape)} and dtype {value.dtype}."
             )
         number = float(value.item())
-    elif isinstance(value, (int, float)):
+    elif as_real(value) is not None:
         number = float(value)
     else:
         raise TypeError(f"{name} must be an int, a float or a 0-dim tensor, but got {type(value).__name__}.")

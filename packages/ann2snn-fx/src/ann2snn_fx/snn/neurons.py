@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ann2snn_fx._numbers import as_real
 from ann2snn_fx.snn._checks import check_neuron_options, check_potential
 from ann2snn_fx.snn.dynamics import integrate_and_fire
 from ann2snn_fx.snn.sequence import SequenceSteps
@@ -49,9 +50,10 @@ class SigmoidSurrogate(nn.Module):
 
     def __init__(self, alpha: float = 4.0) -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        value = as_real(alpha)
+        if value is None or not math.isfinite(value):
             raise TypeError(f"alpha must be a finite real number, but got {alpha!r}.")
-        self.alpha = float(alpha)
+        self.alpha = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _HeavisideSigmoid.apply(x, self.alpha)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ann2snn_fx._numbers import as_integral
 from ann2snn_fx.snn.multistep import _compiled_state, _MultiStepInterpreter
 from ann2snn_fx.snn.neurons import reset_net
 
@@ -47,15 +48,14 @@ class MultiStepSNN(nn.Module):
             raise TypeError(
                 f"MultiStepSNN needs an fx.GraphModule (a converted SNN), but got {type(snn).__name__}."
             )
-        if chunk_elements is not None and (
-            isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1
-        ):
+        chunk = None if chunk_elements is None else as_integral(chunk_elements)
+        if chunk_elements is not None and (chunk is None or chunk < 1):
             raise ValueError(f"chunk_elements must be a positive int or None, but got {chunk_elements!r}.")
         self.snn = snn
-        self.chunk_elements = chunk_elements
+        self.chunk_elements = chunk
 
     def forward(self, x: torch.Tensor, time_steps: int) -> torch.Tensor:
-        _check_steps(time_steps)
+        time_steps = _check_steps(time_steps)
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise TypeError(f"MultiStepSNN expects a batched input tensor [B, *], but got {_shape(x)}.")
         state = _compiled_state(self.snn)
@@ -97,9 +97,11 @@ class MultiStepSNN(nn.Module):
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone()
 
 
-def _check_steps(time_steps: Any) -> None:
-    if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
+def _check_steps(time_steps: Any) -> int:
+    steps = as_integral(time_steps)
+    if steps is None or steps < 1:
         raise ValueError(f"time_steps must be a positive int, but got {time_steps!r}.")
+    return steps
 
 
 def _shape(x: Any) -> str:
@@ -145,7 +147,7 @@ def run_snn(
     """
     if not isinstance(snn, nn.Module):
         raise TypeError(f"snn must be an nn.Module, but got {type(snn).__name__}.")
-    _check_steps(time_steps)
+    time_steps = _check_steps(time_steps)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, but got {type(x).__name__}.")
     with torch.no_grad():
