@@ -89,7 +89,8 @@ class Converter:
     Args:
         dataloader: Iterable of calibration batches: a tensor, a tuple/list whose first element is the input,
             or a dict with one of the keys ``"input"``, ``"image"``, ``"img"``, ``"x"``, ``"data"``,
-            ``"pixel_values"`` (or a single entry).
+            ``"pixel_values"`` (or a single entry). May be ``None`` when every activation of the model is a
+            :class:`~ann2snn_fx.relu.qcfs.QCFS` (converted by :class:`~ann2snn_fx.relu.qcfs.QCFSRule` without data).
         device: Device for the converted model; ``None`` uses the model's own device (never remembered
             between conversions).
         mode: Calibration statistic: ``"Max"`` (EMA of batch maxima; case-insensitive), ``"p%"`` (EMA of the
@@ -97,7 +98,7 @@ class Converter:
         momentum: EMA momentum of the hooks, in [0, 1], or ``None`` for dataset-level statistics (running
             maximum, exact percentile over all calibration data; see :class:`ann2snn_calib.VoltageHook`).
         fuse_flag: Fuse Conv+BatchNorm pairs before calibration.
-        rules: Activation rules (default ``[ReLURule()]``; :func:`ann2snn_fx.all_rules` adds functional and
+        rules: Activation rules (default ``[ReLURule(), QCFSRule()]``; :func:`ann2snn_fx.all_rules` adds functional and
             clipped ReLUs). Any object with the four :class:`ActivationRule` methods works.
         neuron_factory: Builds the neurons (default ``NeuronFactory()``: ``IFNode(1.0, v_reset=None)``).
         threshold_optimizer: Chooses each layer's threshold (default ``ThresholdOptimizer("fixed")``).
@@ -123,7 +124,7 @@ class Converter:
 
     def __init__(
         self,
-        dataloader: Iterable[Any],
+        dataloader: Iterable[Any] | None = None,
         device: torch.device | str | None = None,
         mode: str | float = "Max",
         momentum: float | None = 0.1,
@@ -146,7 +147,7 @@ class Converter:
         ):
             raise ValueError(f"momentum must be a number in [0, 1] or None, but got {momentum!r}.")
         self.momentum = momentum
-        self.rules: list[Any] = [ReLURule()] if rules is None else list(rules)
+        self.rules: list[Any] = _default_rules() if rules is None else list(rules)
         for rule in self.rules:
             missing = [name for name in _RULE_METHODS if not callable(getattr(rule, name, None))]
             if missing:
@@ -268,11 +269,17 @@ class Converter:
         gm = Converter.fuse(gm, self.fuse_flag)
         modules = dict(gm.named_modules())
         activations = {n.name: describe(n, modules) for n in gm.graph.nodes if is_activation(n, modules)}
+        if calibrate and self.dataloader is None and not _qcfs_only(gm):
+            raise ValueError(
+                "dataloader is None, but the model has activations other than QCFS "
+                f"({', '.join(activations) or 'none converted'}): only a model whose every activation is a QCFS "
+                "(ann2snn_fx.prepare_qcfs) converts without calibration data; pass calibration batches."
+            )
         gm = Converter.set_voltagehook(
             gm, mode=self.mode, momentum=self.momentum, rules=self.rules, hook_factory=self._hook_factory()
         )
         gm = gm.to(device)
-        if calibrate:
+        if calibrate and self.dataloader is not None:
             self._calibrate(gm, device, dtype)
             optimizer = self.threshold_optimizer
         else:
@@ -565,6 +572,18 @@ class Converter:
             f"rules={[type(r).__name__ for r in self.rules]}, neuron_factory={self.neuron_factory!r}, "
             f"threshold_optimizer={self.threshold_optimizer!r})"
         )
+
+
+def _default_rules() -> list[Any]:
+    from ann2snn_fx.relu.qcfs import QCFSRule
+
+    return [ReLURule(), QCFSRule()]
+
+
+def _qcfs_only(gm: fx.GraphModule) -> bool:
+    from ann2snn_fx.relu.qcfs import data_free
+
+    return data_free(gm)
 
 
 def _hook_count(hook: nn.Module) -> int:

@@ -55,6 +55,9 @@ class ThresholdOptimizer:
     - ``"per_channel"``: one threshold per channel (``channel_dim``), the per-channel statistic of
       :class:`ann2snn_calib.VoltageHook` in the converter's mode (max, percentile or fraction of the max).
       Channels that never fired get the layer's largest channel threshold.
+    - ``"ltb"``: local threshold balancing (Bu et al., CVPR 2025): one threshold per channel learnt during
+      calibration by :class:`ann2snn_fx.relu.ltb.LTBHook` (``θ += 2 · mean((x⁺ - θ)₊)`` per batch from 0, the
+      clipped activation fed forward). Use it with neurons starting half-way, ``NeuronFactory(v_init=0.5)``.
 
     An unknown strategy is accepted at construction and raises ``NotImplementedError`` in
     :meth:`compute_threshold` (reference behaviour). Subclasses may override :meth:`compute_threshold`; the
@@ -76,10 +79,10 @@ class ThresholdOptimizer:
         >>> ThresholdOptimizer().compute_threshold(hook)
         2.0
         >>> ThresholdOptimizer.strategies
-        ('fixed', 'min_error', 'per_channel')
+        ('fixed', 'min_error', 'per_channel', 'ltb')
     """
 
-    strategies: ClassVar[tuple[str, ...]] = ("fixed", "min_error", "per_channel")
+    strategies: ClassVar[tuple[str, ...]] = ("fixed", "min_error", "per_channel", "ltb")
 
     def __init__(
         self,
@@ -128,6 +131,10 @@ class ThresholdOptimizer:
             return {"histogram_bins": self.histogram_bins}
         if self.strategy == "per_channel":
             return {"channel_dim": self.channel_dim}
+        if self.strategy == "ltb":
+            from ann2snn_fx.relu.ltb import LTBHook
+
+            return {"channel_dim": self.channel_dim, "hook_class": LTBHook}
         return {}
 
     def compute_threshold(self, hook: Any) -> float | torch.Tensor:
@@ -153,6 +160,8 @@ class ThresholdOptimizer:
             value = self._min_error(hook)
         elif self.strategy == "per_channel":
             value = self._per_channel(hook)
+        elif self.strategy == "ltb":
+            value = self._ltb(hook)
         else:
             raise NotImplementedError(f"Strategy {self.strategy!r} is not implemented.")
         if self.min_threshold is not None:
@@ -199,10 +208,20 @@ class ThresholdOptimizer:
             stat = torch.where(positive, stat, stat.max())
         return stat
 
+    def _ltb(self, hook: Any) -> torch.Tensor:
+        from ann2snn_fx.relu.ltb import LTBHook
+
+        if not isinstance(hook, LTBHook):
+            raise ValueError(
+                f"strategy 'ltb' needs LTBHook calibration hooks, but got {type(hook).__name__}; the Converter "
+                "builds them when given this optimizer, or pass HookFactory(hook_class=LTBHook)."
+            )
+        return hook.scale.detach().float().clone()
+
     def __repr__(self) -> str:
         extra = ""
         if self.strategy == "min_error":
             extra = f", time_steps={self.time_steps}, v_init={self.v_init}"
-        elif self.strategy == "per_channel":
+        elif self.strategy in ("per_channel", "ltb"):
             extra = f", channel_dim={self.channel_dim}"
         return f"ThresholdOptimizer(strategy={self.strategy!r}{extra})"
