@@ -287,6 +287,12 @@ class _SpikingBlockRule:
             prefix, _ = _free_name(fx_model, hook_parent, stem, int(digits) if digits else 0)
 
         neuron = neuron_factory.create(scale=threshold)
+        layer_threshold = threshold
+        burst = getattr(neuron, "burst", 1)
+        if isinstance(burst, int) and burst > 1:
+            # A burst neuron emits up to ``burst`` spikes a step: each is worth threshold / burst, so the block
+            # keeps the layer's range with ``burst`` times finer steps.
+            threshold = threshold / burst
         theta: Any = getattr(neuron, "v_threshold", 1.0)
         if hasattr(theta, "item") and (not hasattr(theta, "numel") or theta.numel() == 1):
             theta = theta.item()
@@ -322,7 +328,7 @@ class _SpikingBlockRule:
         graph.erase_node(hook_node)
         graph.erase_node(activation_node)
         record = fx_model.meta.setdefault(BLOCKS_META_KEY, {}) if hasattr(fx_model, "meta") else {}
-        record[hook_node.target] = (prefix, threshold)
+        record[hook_node.target] = (prefix, layer_threshold)
 
 
 class ReLURule(_SpikingBlockRule):
