@@ -20,6 +20,27 @@ from ann2snn_fx.td import (
 from ann2snn_fx.threshold import ThresholdOptimizer
 from ann2snn_fx.tracing import ModelTraceError, trace_model
 
+# Low-latency ReLU -> IF conversion (issue 15).
+from ann2snn_fx.relu.calibrate import CalibratedLayer, calibrate_snn  # noqa: E402
+from ann2snn_fx.relu.ltb import LTBHook  # noqa: E402
+from ann2snn_fx.relu.qcfs import QCFS, QCFSRule, prepare_qcfs  # noqa: E402
+from ann2snn_fx.relu.tuner import LatencyRecord, LatencyResult, pareto_front, tune_latency  # noqa: E402
+from ann2snn_fx.snn.readout import estimate_readout_delay  # noqa: E402
+
+_LOW_LATENCY = [
+    "CalibratedLayer",
+    "LTBHook",
+    "LatencyRecord",
+    "LatencyResult",
+    "QCFS",
+    "QCFSRule",
+    "calibrate_snn",
+    "estimate_readout_delay",
+    "pareto_front",
+    "prepare_qcfs",
+    "tune_latency",
+]
+
 __all__ = [
     "ActivationRule",
     "ActivationStatsHook",
@@ -49,4 +70,5 @@ __all__ = [
     "run_snn",
     "td_impulse",
     "trace_model",
+    *_LOW_LATENCY,
 ]

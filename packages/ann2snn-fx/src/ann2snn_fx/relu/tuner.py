@@ -24,7 +24,7 @@ from ann2snn_fx.snn.readout import estimate_readout_delay
 from ann2snn_fx.threshold import ThresholdOptimizer
 from ann2snn_fx.tracing import trace_model
 
-__all__ = ["LatencyRecord", "LatencyResult", "tune_latency"]
+__all__ = ["LatencyRecord", "LatencyResult", "pareto_front", "tune_latency"]
 
 
 @dataclass(frozen=True)
