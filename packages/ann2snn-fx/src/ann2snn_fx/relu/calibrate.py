@@ -211,7 +211,7 @@ def calibrate_snn(
             SNN's blocks.
 
     Examples:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
         >>> loader = [torch.randn(64, 4) for _ in range(2)]
         >>> snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)

@@ -249,7 +249,7 @@ def tune_latency(
         A :class:`LatencyResult` (``records``, ``front``, ``markdown()``, ``plot(path)``).
 
     Examples:
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
         >>> x = torch.randn(64, 4)
         >>> data = [(x, ann(x).argmax(1))]
