@@ -64,7 +64,7 @@ class QCFS(nn.Module):
         return torch.clamp(y / self.levels, 0, 1) * lam
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, threshold={float(self.threshold):.4g}"
+        return f"levels={self.levels}, threshold={float(self.threshold.detach()):.4g}"
 
 
 def prepare_qcfs(
