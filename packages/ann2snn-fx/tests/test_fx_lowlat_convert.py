@@ -63,7 +63,9 @@ def test_ltb_matches_a_loop_on_1d_2d_3d_activations(shape: tuple[int, ...]) -> N
     for x in batches:
         out = hook(x)
     torch.testing.assert_close(hook.scale, _ltb_reference(batches))
-    torch.testing.assert_close(out, torch.minimum(batches[-1].clamp_min(0), hook.scale.view(1, 3, *[1] * (len(shape) - 2))))
+    torch.testing.assert_close(
+        out, torch.minimum(batches[-1].clamp_min(0), hook.scale.view(1, 3, *[1] * (len(shape) - 2)))
+    )
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -71,13 +73,24 @@ def test_ltb_strategy_converts_with_average_pooling(dims: int) -> None:
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
     torch.manual_seed(dims)
-    ann = nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool(2), conv(4, 4, 3, padding=1), nn.ReLU(),
-                        nn.Flatten(), nn.LazyLinear(3))
+    ann = nn.Sequential(
+        conv(2, 4, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
+        conv(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
     x = torch.randn(16, 2, *[4] * dims)
     ann(x)
     ann.eval()
-    snn = Converter([x], progress=False, neuron_factory=NeuronFactory(v_init=0.5),
-                    threshold_optimizer=ThresholdOptimizer("ltb")).convert_to_spiking_neurons(ann)
+    snn = Converter(
+        [x],
+        progress=False,
+        neuron_factory=NeuronFactory(v_init=0.5),
+        threshold_optimizer=ThresholdOptimizer("ltb"),
+    ).convert_to_spiking_neurons(ann)
     scale = snn.get_submodule("spiking_0.scaler1").scale
     assert scale.shape == (4,)
     with torch.no_grad():
@@ -97,7 +110,8 @@ def test_qcfs_theorem_one_layer_constant_current(levels: int) -> None:
     q = prepare_qcfs(ann, levels=levels, threshold=1.7).eval()
     snn = Converter(progress=False).convert_to_spiking_neurons(q)  # no dataloader: every activation is a QCFS
     node = snn.get_submodule("spiking_0.if_node")
-    assert isinstance(node, IFNode) and node.v_init == 0.5
+    assert isinstance(node, IFNode)
+    assert node.v_init == 0.5
     x = torch.randn(64, 6) * 2
     with torch.no_grad():
         expected = q(x)
@@ -112,13 +126,21 @@ def test_qcfs_forward_backward_and_validation() -> None:
     y = act(x)
     assert y.tolist() == [0.0, 0.0, 0.5, 1.0, 2.0]
     y.sum().backward()
-    assert x.grad is not None and x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]  # straight through, clipped ends
-    assert act.threshold.grad is not None and act.threshold.grad.item() == pytest.approx(1.0)
+    assert x.grad is not None
+    assert x.grad.tolist() == [
+        0.0,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
+    assert act.threshold.grad is not None
+    assert act.threshold.grad.item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="levels must be a positive int"):
         QCFS(levels=0)
     with pytest.raises(ValueError, match="threshold must be a finite positive"):
         QCFS(threshold=True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="no nn.ReLU module"):
+    with pytest.raises(ValueError, match=r"no nn\.ReLU module"):
         prepare_qcfs(nn.Linear(2, 2))
 
 
@@ -137,7 +159,7 @@ def test_prepare_qcfs_copies_and_starts_from_the_data() -> None:
 def test_no_dataloader_needs_qcfs_everywhere() -> None:
     mixed = prepare_qcfs(nn.Sequential(nn.Linear(3, 5), nn.ReLU()), levels=2)
     mixed.append(nn.ReLU())
-    with pytest.raises(ValueError, match="dataloader is None.*other than QCFS"):
+    with pytest.raises(ValueError, match=r"dataloader is None.*other than QCFS"):
         Converter(progress=False).convert_to_spiking_neurons(mixed.eval())
 
 
@@ -146,7 +168,9 @@ def test_bias_and_potential_corrections_match_hand_formulas() -> None:
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
     data = [torch.randn(32, 4), torch.randn(32, 4)]
-    snn = Converter(data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)).convert_to_spiking_neurons(ann)
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
     x = torch.cat(data)
     with torch.no_grad():
         act = ann(x)
@@ -157,9 +181,12 @@ def test_bias_and_potential_corrections_match_hand_formulas() -> None:
     assert all(torch.equal(state[k], v) for k, v in snn.state_dict().items())  # the input SNN is untouched
     moved = calibrate_snn(snn, ann, data, 2, method="potential", progress=False)
     s = snn.get_submodule("spiking_0.scaler1").scale
-    torch.testing.assert_close(moved.get_submodule("spiking_0.if_node").v_init, 0.5 + 2 * (act - rate).mean(0) / s)
+    torch.testing.assert_close(
+        moved.get_submodule("spiking_0.if_node").v_init, 0.5 + 2 * (act - rate).mean(0) / s
+    )
     layer = moved.meta["ann2snn_fx.calibrate_snn"][0]
-    assert layer.block == "spiking_0" and layer.error_after < layer.error_before
+    assert layer.block == "spiking_0"
+    assert layer.error_after < layer.error_before
     with pytest.raises(ValueError, match="method must be one of"):
         calibrate_snn(snn, ann, data, 2, method="weights")
 
@@ -181,13 +208,23 @@ def digits_cnn() -> dict[str, Any]:
     try:
         torch.manual_seed(0)
         model = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Flatten(), nn.Linear(128, 10),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, 10),
         )
         opt = torch.optim.AdamW(model.parameters(), 1e-2, weight_decay=1e-4)
-        for _ in range(4):
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=6 * 45)
+        for _ in range(6):
             model.train()
             order = torch.randperm(len(xtr))
             for i in range(0, len(xtr), 32):
@@ -196,6 +233,7 @@ def digits_cnn() -> dict[str, Any]:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -211,20 +249,24 @@ def test_calibration_improves_digits_accuracy_at_two_steps(digits_cnn: dict[str,
     ann, loader, x, y = digits_cnn["model"], digits_cnn["loader"], digits_cnn["x"], digits_cnn["y"]
     with torch.no_grad():
         ann_acc = _percent(ann(x), y)
-    assert ann_acc >= 96.0
+    assert ann_acc >= 95.0
     before = copy.deepcopy(ann.state_dict())
-    snn = Converter(loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5)).convert_to_spiking_neurons(ann)
+    snn = Converter(
+        loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
     base = _percent(run_snn(snn, x, 2, multi_step=True)[-1], y)
     for method in ("bias", "potential", "both"):
         fixed = calibrate_snn(snn, ann, loader, 2, method=method, progress=False)
         acc = _percent(run_snn(fixed, x, 2, multi_step=True)[-1], y)
-        assert acc > base + 3.0, (method, base, acc)
+        assert acc > base + 10.0, (method, base, acc)
     assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
-    burst = Converter(loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5, burst=2, signed=True)
-                      ).convert_to_spiking_neurons(ann)
+    burst = Converter(
+        loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5, burst=2, signed=True)
+    ).convert_to_spiking_neurons(ann)
     fixed = calibrate_snn(burst, ann, loader, 2, progress=False)
     layers = fixed.meta["ann2snn_fx.calibrate_snn"]
-    assert len(layers) == 3 and sum(l.error_after for l in layers) < sum(l.error_before for l in layers)
+    assert len(layers) == 3
+    assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
 
 
 def _free_port() -> int:
@@ -242,7 +284,9 @@ def _rank(rank: int, port: int, path: str) -> None:
         torch.manual_seed(0)
         ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval()
         data = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-        snn = Converter(data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)).convert_to_spiking_neurons(ann)
+        snn = Converter(
+            data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+        ).convert_to_spiking_neurons(ann)
         fixed = calibrate_snn(snn, ann, data[rank::2], 2, progress=False)
         torch.save({k: v for k, v in fixed.state_dict().items()}, f"{path}/rank{rank}.pt")
     finally:
@@ -254,7 +298,9 @@ def test_two_gloo_ranks_calibrate_like_one_process(tmp_path: pathlib.Path) -> No
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval()
     data = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    snn = Converter(data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)).convert_to_spiking_neurons(ann)
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
     alone = calibrate_snn(snn, ann, data, 2, progress=False).state_dict()
     for rank in (0, 1):
         shard = torch.load(tmp_path / f"rank{rank}.pt")
@@ -290,13 +336,26 @@ def test_skip_steps_leaves_out_the_first_steps() -> None:
 
 
 # ---------------------------------------------------------------- tuner
-def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(digits_cnn: dict[str, Any], tmp_path: pathlib.Path) -> None:
+def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(
+    digits_cnn: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
     ann, loader = digits_cnn["model"], digits_cnn["loader"]
     val = [(digits_cnn["x"], digits_cnn["y"])]
-    result = tune_latency(ann, loader[:2], val, (1, 2), modes=("max",), strategies=("fixed", "ltb"),
-                          v_inits=(0.5,), bursts=(1, 2), signed=(False, True), calibrations=(None, "both"),
-                          progress=False)
-    assert result.complete and len(result.records) >= 16
+    result = tune_latency(
+        ann,
+        loader[:2],
+        val,
+        (1, 2),
+        modes=("max",),
+        strategies=("fixed", "ltb"),
+        v_inits=(0.5,),
+        bursts=(1, 2),
+        signed=(False, True),
+        calibrations=(None, "both"),
+        progress=False,
+    )
+    assert result.complete
+    assert len(result.records) >= 16
     front = result.front
     assert front == pareto_front(result.records)
     assert all(not any(o.dominates(r) for o in result.records) for r in front)
@@ -307,6 +366,19 @@ def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(digits_cnn: dict[
     assert result.markdown().count("\n") == len(front) + 1
     assert pathlib.Path(result.plot(str(tmp_path / "front.png"))).stat().st_size > 0
     assert max(r.accuracy for r in result.records if r.time_steps == 1) >= result.ann_accuracy - 3.0
-    stopped = tune_latency(ann, loader[:1], val, (1,), modes=("max",), strategies=("fixed",), v_inits=(0.5,),
-                           bursts=(1, 2, 4), signed=(False,), calibrations=(None,), time_budget=1e-9, progress=False)
-    assert not stopped.complete and stopped.records == []
+    stopped = tune_latency(
+        ann,
+        loader[:1],
+        val,
+        (1,),
+        modes=("max",),
+        strategies=("fixed",),
+        v_inits=(0.5,),
+        bursts=(1, 2, 4),
+        signed=(False,),
+        calibrations=(None,),
+        time_budget=1e-9,
+        progress=False,
+    )
+    assert not stopped.complete
+    assert stopped.records == []

@@ -133,7 +133,8 @@ def test_gradient_flows_through_the_membrane() -> None:
     out = node(x)
     node.v.sum().backward()  # type: ignore[union-attr]
     assert out.tolist() == [1.0, 0.0]
-    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0]
+    assert x.grad is not None
+    assert x.grad.tolist() == [1.0, 1.0]
 
 
 def test_factory_builds_the_options() -> None:
@@ -141,7 +142,8 @@ def test_factory_builds_the_options() -> None:
     neuron = factory.create(scale=2.0)
     assert isinstance(neuron, IFNode)
     assert (neuron.burst, neuron.signed, neuron.v_init, neuron.spike_unit) == (4, True, 0.5, 1.0)
-    assert "burst=4" in repr(factory) and "burst=4" in neuron.extra_repr()
+    assert "burst=4" in repr(factory)
+    assert "burst=4" in neuron.extra_repr()
 
 
 class _Net(nn.Module):
@@ -177,7 +179,9 @@ def test_converted_options_step_loop_equals_multi_step_and_survive_saving(strate
     torch.testing.assert_close(loop, multi, atol=1e-5, rtol=1e-5)
     reset_net(snn)
     with torch.no_grad():
-        chunked = MultiStepSNN(snn, chunk_elements=64)(x, 6)  # chunks of steps carry the state (and the count)
+        chunked = MultiStepSNN(snn, chunk_elements=64)(
+            x, 6
+        )  # chunks of steps carry the state (and the count)
     torch.testing.assert_close(chunked.cumsum(0)[-1] / 6, loop[-1], atol=1e-5, rtol=1e-5)
     buffer = io.BytesIO()
     torch.save(snn, buffer)
@@ -199,8 +203,13 @@ def test_converted_options_step_loop_equals_multi_step_and_survive_saving(strate
 
 @pytest.mark.parametrize(
     "module",
-    [ann2snn_fx.relu.calibrate, ann2snn_fx.relu.ltb, ann2snn_fx.relu.qcfs, ann2snn_fx.relu.tuner,
-     ann2snn_fx.snn.readout],
+    [
+        ann2snn_fx.relu.calibrate,
+        ann2snn_fx.relu.ltb,
+        ann2snn_fx.relu.qcfs,
+        ann2snn_fx.relu.tuner,
+        ann2snn_fx.snn.readout,
+    ],
     ids=lambda m: m.__name__.rsplit(".", 1)[-1],
 )
 def test_docstring_examples(module: object) -> None:

@@ -315,6 +315,7 @@ class Converter:
         hooks = [m for m in gm.modules() if isinstance(m, VoltageHook)]
         for hook in hooks:
             hook.train()  # observers record in training mode; the rest of the model stays in eval
+        assert self.dataloader is not None
         batches: Iterable[Any] = self.dataloader
         total = None
         if self.num_batches is not None:

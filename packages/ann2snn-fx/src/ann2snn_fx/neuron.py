@@ -148,6 +148,13 @@ class IFNode(nn.Module):
 
     v: float | torch.Tensor
     count: float | torch.Tensor
+    burst: int
+    signed: bool
+    store_v_seq: bool
+    step_mode: str
+    backend: str
+    detach_reset: bool
+    surrogate_function: Callable[[torch.Tensor], torch.Tensor]
     spike_unit = 1.0
 
     def __init__(
@@ -217,7 +224,9 @@ class IFNode(nn.Module):
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             raise TypeError(f"v_init must be a floating-point tensor here, but got {value!r}.")
         if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"v_init must be finite, but got a tensor of shape {tuple(value.shape)} with non-finite values.")
+            raise ValueError(
+                f"v_init must be finite, but got a tensor of shape {tuple(value.shape)} with non-finite values."
+            )
         self.__dict__.pop("v_init", None)
         if "v_init" in self._buffers:
             self._buffers["v_init"] = value.detach().clone()

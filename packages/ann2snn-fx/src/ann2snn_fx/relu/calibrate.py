@@ -32,8 +32,16 @@ __all__ = ["CalibratedLayer", "calibrate_snn"]
 
 _METHODS = ("bias", "potential", "both")
 # Modules and functions that shift every channel by a bias added before them (so a bias upstream corrects).
-_SHIFT_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                  nn.AdaptiveAvgPool3d, nn.Identity, nn.Dropout)
+_SHIFT_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Identity,
+    nn.Dropout,
+)
 _BIAS_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -70,14 +78,19 @@ def _find_blocks(gm: fx.GraphModule) -> list[_Block]:
     modules = dict(gm.named_modules())
     blocks = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), IFNode) or len(node.args) != 1:
+        if (
+            node.op != "call_module"
+            or not isinstance(modules.get(node.target), IFNode)
+            or len(node.args) != 1
+        ):
             continue
         first, users = node.args[0], list(node.users)
         if not (isinstance(first, fx.Node) and first.op == "call_module" and len(users) == 1):
             continue
         last = users[0]
         if isinstance(modules.get(first.target), VoltageScaler) and isinstance(
-            modules.get(last.target), VoltageScaler  # type: ignore[arg-type]
+            modules.get(last.target),
+            VoltageScaler,  # type: ignore[arg-type]
         ):
             blocks.append(_Block(str(node.target).rpartition(".")[0], first, node, last, ""))
     return blocks
@@ -112,7 +125,11 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
 
     modules = dict(ann_gm.named_modules())
     rules = [*all_rules(), QCFSRule()]
-    found = [n.name for n in ann_gm.graph.nodes if n.op != "placeholder" and any(r.match(n, modules) for r in rules)]
+    found = [
+        n.name
+        for n in ann_gm.graph.nodes
+        if n.op != "placeholder" and any(r.match(n, modules) for r in rules)
+    ]
     if len(found) != len(blocks):
         raise ValueError(
             f"calibrate_snn cannot pair the SNN's {len(blocks)} spiking block(s) with the ANN's {len(found)} "
@@ -242,7 +259,9 @@ def calibrate_snn(
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bar = tqdm(total=len(blocks) + 1, desc="calibrating SNN", disable=disabled, leave=False)
     group = _group()
-    count = _reduce(torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group)
+    count = _reduce(
+        torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group
+    )
     ann_sums: dict[str, Any] = {}
     with torch.no_grad():
         for x in inputs:
@@ -259,10 +278,23 @@ class _LockStep:
     """All calibration batches advance node by node; each block is corrected when its output is ready."""
 
     def __init__(
-        self, gm: fx.GraphModule, inputs: list[torch.Tensor], steps: int, blocks: list[_Block],
-        method: str, group: Any, count: torch.Tensor,
+        self,
+        gm: fx.GraphModule,
+        inputs: list[torch.Tensor],
+        steps: int,
+        blocks: list[_Block],
+        method: str,
+        group: Any,
+        count: torch.Tensor,
     ) -> None:
-        self.gm, self.steps, self.blocks, self.method, self.group, self.count = gm, steps, blocks, method, group, count
+        self.gm, self.steps, self.blocks, self.method, self.group, self.count = (
+            gm,
+            steps,
+            blocks,
+            method,
+            group,
+            count,
+        )
         self.order = [n for n in gm.graph.nodes if n.op != "output"]
         self.index = {n: i for i, n in enumerate(self.order)}
         self.runs = []
@@ -270,7 +302,9 @@ class _LockStep:
             interpreter = _MultiStepInterpreter(gm, steps, {})
             interpreter.args_iter = iter([x])
             self.runs.append(interpreter)
-        self.last_use = {n: max((self.index.get(u, len(self.order)) for u in n.users), default=-1) for n in self.order}
+        self.last_use = {
+            n: max((self.index.get(u, len(self.order)) for u in n.users), default=-1) for n in self.order
+        }
         for b in blocks:
             b.bias_node = _bias_source(gm, b.scaler0.args[0]) if method != "potential" else None
 
@@ -282,7 +316,9 @@ class _LockStep:
             for node in nodes:
                 it.static_cache.pop(node, None)
                 it.expanded.pop(node, None)
-                if node.op == "call_module" and callable(getattr(self.gm.get_submodule(str(node.target)), "reset", None)):
+                if node.op == "call_module" and callable(
+                    getattr(self.gm.get_submodule(str(node.target)), "reset", None)
+                ):
                     self.gm.get_submodule(str(node.target)).reset()  # type: ignore[operator]
                 it.env[node] = it.run_node(node)
 
@@ -319,12 +355,14 @@ class _LockStep:
         before = float(error.abs().mean())
         bias_of = None
         if b.bias_node is not None:
-            module = self.gm.get_submodule(str(b.bias_node.target))
+            module: Any = self.gm.get_submodule(str(b.bias_node.target))
             shift = error.mean(dim=tuple(range(1, error.dim()))) if error.dim() > 1 else error
             weight = module.weight
             if shift.numel() == weight.shape[0]:
                 if module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                    module.bias = nn.Parameter(
+                        torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                    )
                 with torch.no_grad():
                     module.bias -= shift.to(module.bias.dtype)
                 bias_of = str(b.bias_node.target)
@@ -333,13 +371,20 @@ class _LockStep:
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
             assert isinstance(neuron, IFNode)
-            scale = self.gm.get_submodule(str(b.scaler1.target)).scale.double()
+            scaler: Any = self.gm.get_submodule(str(b.scaler1.target))
+            scale = scaler.scale.double()
             if scale.dim() == 1 and error.dim() >= 1:
                 scale = scale.view(-1, *([1] * (error.dim() - 1)))
-            theta = float(neuron.v_threshold) if not isinstance(neuron.v_threshold, torch.Tensor) else neuron.v_threshold
+            theta = (
+                float(neuron.v_threshold)
+                if not isinstance(neuron.v_threshold, torch.Tensor)
+                else neuron.v_threshold
+            )
             delta = -self.steps * error / scale * theta
             old = neuron.v_init if neuron.v_init is not None else 0.0
-            neuron.set_v_init((torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float())
+            neuron.set_v_init(
+                (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
+            )
             self._run(self.order[self.index[b.neuron] : i + 1])
             error = self._rate_mean(b) - target
         return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))

@@ -51,8 +51,12 @@ class LTBHook(VoltageHook):
         **_: Any,
     ) -> None:
         super().__init__(
-            scale=torch.zeros(0), momentum=None, mode="Max", channel_dim=channel_dim,
-            process_group=process_group, sync=sync,
+            scale=torch.zeros(0),
+            momentum=None,
+            mode="Max",
+            channel_dim=channel_dim,
+            process_group=process_group,
+            sync=sync,
         )
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be a positive number, but got {eps!r}.")

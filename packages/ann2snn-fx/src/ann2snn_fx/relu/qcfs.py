@@ -43,6 +43,8 @@ class QCFS(nn.Module):
 
     #: Traced as one opaque module by :func:`ann2snn_fx.trace_model` (the converter's QCFSRule matches it).
     fx_leaf = True
+    levels: int
+    threshold: nn.Parameter
 
     def __init__(self, levels: int = 8, threshold: float = 8.0) -> None:
         super().__init__()
@@ -200,7 +202,11 @@ class QCFSRule(_SpikingBlockRule):
         assert isinstance(module, QCFS)
         lam = float(module.threshold.detach().abs())
         super().replace_with_neurons(
-            fx_model, activation_node, hook_node, _HalfStart(neuron_factory, self.v_init), _FixedThreshold(lam)
+            fx_model,
+            activation_node,
+            hook_node,
+            _HalfStart(neuron_factory, self.v_init),
+            _FixedThreshold(lam),
         )
 
 

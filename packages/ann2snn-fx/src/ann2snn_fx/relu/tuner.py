@@ -141,8 +141,13 @@ class LatencyResult:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("LatencyResult.plot needs matplotlib: pip install 'ann2snn-fx[plot]'.") from exc
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([r.time_steps for r in self.records], [r.accuracy for r in self.records], s=8, alpha=0.3,
-                   label="configurations")
+        ax.scatter(
+            [r.time_steps for r in self.records],
+            [r.accuracy for r in self.records],
+            s=8,
+            alpha=0.3,
+            label="configurations",
+        )
         steps = sorted({r.time_steps for r in self.records})
         best = [self.best(t) for t in steps]
         ax.plot(steps, [b.accuracy for b in best if b is not None], "o-", label="best per T")
@@ -168,7 +173,9 @@ def _batches(loader: Iterable[Any], device: torch.device) -> list[tuple[torch.Te
     return out
 
 
-def _evaluate(snn: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate(
+    snn: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]], steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-step correct counts ``[T, N]`` of running means, and spike events per step ``[T]`` (totals)."""
     events: list[float] = []
     handles = [
@@ -192,7 +199,7 @@ def _evaluate(snn: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]], step
         for h in handles:
             h.remove()
         reset_net(snn)
-    return torch.cat(outputs, 1), torch.cat(labels), spikes  # type: ignore[return-value]
+    return torch.cat(outputs, 1), torch.cat(labels), spikes
 
 
 def _accuracy(raw: torch.Tensor, labels: torch.Tensor, t: int, skip: int = 0) -> float:
@@ -264,13 +271,28 @@ def tune_latency(
     for t in steps_grid:
         if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
             raise ValueError(f"time_steps must hold positive ints, but got {t!r}.")
-    grids = [_check_grid(n, v, ()) for n, v in (("modes", modes), ("strategies", strategies), ("v_inits", v_inits),
-                                                   ("bursts", bursts), ("signed", signed), ("calibrations", calibrations))]
+    grids = [
+        _check_grid(n, v, ())
+        for n, v in (
+            ("modes", modes),
+            ("strategies", strategies),
+            ("v_inits", v_inits),
+            ("bursts", bursts),
+            ("signed", signed),
+            ("calibrations", calibrations),
+        )
+    ]
     for s in grids[1]:
         if s not in ("fixed", "min_error", "ltb", "per_channel"):
-            raise ValueError(f"strategies must be among 'fixed', 'min_error', 'per_channel', 'ltb', but got {s!r}.")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real) or time_budget <= 0):
-        raise ValueError(f"time_budget must be a positive number of seconds or None, but got {time_budget!r}.")
+            raise ValueError(
+                f"strategies must be among 'fixed', 'min_error', 'per_channel', 'ltb', but got {s!r}."
+            )
+    if time_budget is not None and (
+        isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real) or time_budget <= 0
+    ):
+        raise ValueError(
+            f"time_budget must be a positive number of seconds or None, but got {time_budget!r}."
+        )
     start = time.perf_counter()
     first = next(itertools.chain(ann.parameters(), ann.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -280,7 +302,7 @@ def tune_latency(
         ann_acc = float(torch.cat([(ann(x).argmax(-1) == y) for x, y in val]).double().mean() * 100)
     result = LatencyResult(ann_accuracy=ann_acc)
     t_max = max(steps_grid)
-    plan = _plan(*grids, steps_grid)
+    plan = _plan(grids[0], grids[1], grids[2], grids[3], grids[4], steps_grid)
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bases: dict[Any, tuple[Converter, fx.GraphModule]] = {}
     bar = tqdm(plan, desc="tuning latency", disable=disabled, leave=False)
@@ -294,17 +316,28 @@ def tune_latency(
         converter, base = bases[key]
         optimizer = (
             ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
-            if strategy == "min_error" else ThresholdOptimizer(strategy)
+            if strategy == "min_error"
+            else ThresholdOptimizer(strategy)
         )
         snn = copy.deepcopy(base)
-        _replace(snn, converter.rules, NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)), optimizer)
+        _replace(
+            snn,
+            converter.rules,
+            NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
+            optimizer,
+        )
         _remove_leftover_hooks(snn)
         snn.eval()
         wanted = steps_grid if target is None else (target,)
         raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
         per = len(labels)
-        common = {"mode": mode if strategy != "ltb" else "-", "strategy": strategy, "v_init": float(v_init),
-                  "burst": int(burst), "signed": bool(sign)}
+        common = {
+            "mode": mode if strategy != "ltb" else "-",
+            "strategy": strategy,
+            "v_init": float(v_init),
+            "burst": int(burst),
+            "signed": bool(sign),
+        }
         for t in wanted:
             count = float(spikes[:t].sum()) / per
             result.records.append(LatencyRecord(t, _accuracy(raw, labels, t), count, **common))
@@ -313,43 +346,69 @@ def tune_latency(
                     warnings.simplefilter("ignore")
                     delay = estimate_readout_delay(snn, calib, t)
                 if delay:
-                    result.records.append(LatencyRecord(t, _accuracy(raw, labels, t, delay), count, skip_steps=delay, **common))
+                    result.records.append(
+                        LatencyRecord(t, _accuracy(raw, labels, t, delay), count, skip_steps=delay, **common)
+                    )
             for method in grids[5]:
                 if method is None:
                     continue
                 fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
                 raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
-                result.records.append(LatencyRecord(t, _accuracy(raw_c, labels_c, t), float(spikes_c.sum()) / per,
-                                                    calibration=method, **common))
+                result.records.append(
+                    LatencyRecord(
+                        t,
+                        _accuracy(raw_c, labels_c, t),
+                        float(spikes_c.sum()) / per,
+                        calibration=method,
+                        **common,
+                    )
+                )
     bar.close()
     result.front = pareto_front(result.records)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _plan(modes: tuple, strategies: tuple, v_inits: tuple, bursts: tuple, signed: tuple, _calibrations: tuple,
-          steps: tuple) -> list[tuple[Any, ...]]:
+def _plan(
+    modes: tuple,
+    strategies: tuple,
+    v_inits: tuple,
+    bursts: tuple,
+    signed: tuple,
+    steps: tuple,
+) -> list[tuple[Any, ...]]:
     """The SNNs to build: ``(mode, strategy, v_init, burst, signed, T or None)``, most promising first."""
     plan = []
     for strategy in strategies:
-        for mode in (modes[:1] if strategy == "ltb" else modes):
+        for mode in modes[:1] if strategy == "ltb" else modes:
             for v_init, burst, sign in itertools.product(v_inits, bursts, signed):
                 targets = steps if strategy == "min_error" else (None,)
                 plan += [(mode, strategy, v_init, burst, sign, t) for t in targets]
     return sorted(plan, key=lambda p: (abs(p[2] - 0.5), -p[3], p[4]))
 
 
-def _calibrated(ann: nn.Module, calib: list[Any], mode: Any, strategy: str, num_batches: int | None) -> tuple[Converter, fx.GraphModule]:
+def _calibrated(
+    ann: nn.Module, calib: list[Any], mode: Any, strategy: str, num_batches: int | None
+) -> tuple[Converter, fx.GraphModule]:
     """A converter and the ANN graph with its calibrated hooks (to build SNN variants from)."""
     optimizer = (
-        ThresholdOptimizer("min_error", time_steps=1) if strategy in ("fixed", "min_error") else ThresholdOptimizer(strategy)
+        ThresholdOptimizer("min_error", time_steps=1)
+        if strategy in ("fixed", "min_error")
+        else ThresholdOptimizer(strategy)
     )
-    converter = Converter(calib, mode=mode, threshold_optimizer=optimizer, progress=False, num_batches=num_batches)
+    converter = Converter(
+        calib, mode=mode, threshold_optimizer=optimizer, progress=False, num_batches=num_batches
+    )
     first = next(itertools.chain(ann.parameters(), ann.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else None
     gm = Converter.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
-    gm = Converter.set_voltagehook(gm, mode=mode, momentum=converter.momentum, rules=converter.rules,
-                                   hook_factory=converter._hook_factory())
+    gm = Converter.set_voltagehook(
+        gm,
+        mode=mode,
+        momentum=converter.momentum,
+        rules=converter.rules,
+        hook_factory=converter._hook_factory(),
+    )
     converter._calibrate(gm, device, dtype)
     return converter, gm

@@ -62,7 +62,11 @@ def estimate_readout_delay(
         >>> estimate_readout_delay(snn, [torch.ones(2, 3)], time_steps=16)
         4
     """
-    for name, value in (("time_steps", time_steps), ("num_batches", num_batches), ("min_readout", min_readout)):
+    for name, value in (
+        ("time_steps", time_steps),
+        ("num_batches", num_batches),
+        ("min_readout", min_readout),
+    ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive int, but got {value!r}.")
     if not isinstance(snn, nn.Module):
