@@ -196,7 +196,7 @@ def bench_accuracy(quick: bool) -> list[str]:
             ann_acc = _pct(ann(x), yte)
         loader = [(xtr[i : i + 128], ytr[i : i + 128]) for i in range(0, len(xtr), 128)]
 
-        def line(name: str, acc: dict[int, float], ref: float = ann_acc) -> str:
+        def line(name: str, acc: dict[int, float], ref: float = ann_acc, model: str = model) -> str:
             return (
                 f"| {model} | {name} | {ref:.1f} | "
                 + " | ".join(f"{acc[t]:.1f}" if t in acc else "-" for t in STEPS)

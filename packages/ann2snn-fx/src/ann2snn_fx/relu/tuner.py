@@ -56,7 +56,8 @@ class LatencyRecord:
     @property
     def label(self) -> str:
         """A short description of the configuration."""
-        parts = [f"mode={self.mode}", self.strategy, f"v_init={self.v_init}"]
+        parts = [self.strategy if self.strategy == "ltb" else f"mode={self.mode}, {self.strategy}"]
+        parts.append(f"v_init={self.v_init}")
         if self.burst > 1:
             parts.append(f"burst={self.burst}")
         if self.signed:
