@@ -120,6 +120,25 @@ def test_qcfs_theorem_one_layer_constant_current(levels: int) -> None:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_qcfs_with_burst_neurons_is_exact_at_one_step_through_layers() -> None:
+    torch.manual_seed(7)
+    ann = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+    q = prepare_qcfs(ann, levels=4, dataloader=[torch.randn(16, 2, 6, 6)]).eval()
+    snn = Converter(neuron_factory=NeuronFactory(burst=4), progress=False).convert_to_spiking_neurons(q)
+    x = torch.randn(10, 2, 6, 6)
+    with torch.no_grad():
+        expected = q(x)
+    torch.testing.assert_close(run_snn(snn, x, 1)[-1], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_qcfs_forward_backward_and_validation() -> None:
     act = QCFS(levels=4, threshold=2.0)
     x = torch.tensor([-1.0, 0.2, 0.3, 1.0, 5.0], requires_grad=True)
