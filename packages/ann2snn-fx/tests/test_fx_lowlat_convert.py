@@ -383,6 +383,7 @@ def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(
         assert best is not None
         assert any(r.time_steps <= t and r.accuracy >= best.accuracy for r in front)
     assert result.markdown().count("\n") == len(front) + 1
+    pytest.importorskip("matplotlib")
     assert pathlib.Path(result.plot(str(tmp_path / "front.png"))).stat().st_size > 0
     assert max(r.accuracy for r in result.records if r.time_steps == 1) >= result.ann_accuracy - 3.0
     stopped = tune_latency(
