@@ -366,7 +366,11 @@ class _LockStep:
                 with torch.no_grad():
                     module.bias -= shift.to(module.bias.dtype)
                 bias_of = str(b.bias_node.target)
-                self._run(self.order[self._start(b) : i + 1])
+                for it in self.runs:  # the layer's output moves by the same shift: no need to recompute it
+                    value = it.env[b.bias_node]
+                    value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
+                    it.expanded.pop(b.bias_node, None)
+                self._run(self.order[self._start(b) + 1 : i + 1])
                 error = self._rate_mean(b) - target
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
