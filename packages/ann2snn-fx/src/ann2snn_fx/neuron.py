@@ -290,7 +290,10 @@ class IFNode(nn.Module):
             v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
         if self.signed:
             count = self._prepare_count(v)
-            negative = (v < 0).logical_and_(count > 0).to(v.dtype)
+            # Float comparisons (bool tensors are slow on CPU): 1 where v < 0, then min with the integer count
+            # keeps it only where the count is positive.
+            negative = torch.lt(v, 0, out=torch.empty_like(v))
+            torch.minimum(negative, count, out=negative)
             out.sub_(negative)
             if tensor:
                 v.add_(negative * threshold)
