@@ -6,6 +6,8 @@
    of the CNN fine-tuned for a few epochs and converted with burst neurons.
 2. Train a tiny transformer on the same digits, convert it with TD operators, and print how closely its
    cumulative output reproduces the ANN.
+3. Account for the CNN's spikes, operations and energy at T = 4 and 32, and plot energy against T beside
+   accuracy (``demo_accounting.py``).
 
 Usage::
 
@@ -22,6 +24,7 @@ import sys
 import time
 
 import cnn
+import demo_accounting
 import demo_lowlat
 import torch
 import transformer
@@ -76,6 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     td_table = transformer.format_table(td)
     print(f"\n{td_table}")
     print(f"(training, conversion and comparison: {time.perf_counter() - section:.0f} s)")
+
+    print("\n## 3. Accounting: spikes, operations and energy of the CNN\n")
+    accounting = demo_accounting.run_accounting(
+        data,
+        args.out,
+        epochs=cnn_epochs,
+        max_steps=steps if args.quick else 64,
+        seed=args.seed,
+        progress=progress,
+    )
+    (args.out / "accounting.md").write_text(accounting + "\n")
 
     (args.out / "cnn_table.md").write_text(cnn_table + "\n")
     (args.out / "transformer_table.md").write_text(td_table + "\n")

@@ -284,7 +284,7 @@ def test_mha_query_key_value_by_keyword() -> None:
 
 
 def test_mha_call_check_needs_a_node() -> None:
-    from ann2snn_fx._td_build import check_mha_call
+    from ann2snn_fx.td.build import check_mha_call
 
     with pytest.raises(ValueError, match=r"TD MHA conversion requires an FX node\."):
         check_mha_call(None)

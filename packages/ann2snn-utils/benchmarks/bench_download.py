@@ -44,7 +44,8 @@ def make_payload(size: int) -> bytes:
 # -- the server (child process) ------------------------------------------------------------------------------
 
 
-def serve(size: int) -> None:
+def serve(size: int, rate: float) -> None:
+    """Serve the payload; ``rate`` > 0 paces each body to that many MiB/s (a link slower than loopback)."""
     payload = memoryview(make_payload(size))
 
     class Handler(BaseHTTPRequestHandler):
@@ -77,7 +78,18 @@ def serve(size: int) -> None:
             self.end_headers()
             if body:
                 with contextlib.suppress(OSError):
-                    self.wfile.write(payload[start:])
+                    self._send(payload[start:])
+
+        def _send(self, body: memoryview) -> None:
+            if rate <= 0:
+                self.wfile.write(body)
+                return
+            began = time.perf_counter()
+            for pos in range(0, len(body), MIB):
+                self.wfile.write(body[pos : pos + MIB])
+                ahead = began + (pos + MIB) / (rate * MIB) - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
@@ -97,6 +109,18 @@ def plain_requests(url: str, dst: Path) -> None:
         with open(dst, "wb") as fh:
             for chunk in resp.iter_content(MIB):
                 fh.write(chunk)
+
+
+def plain_requests_sha256(url: str, dst: Path) -> None:
+    """The yardstick for ``sha256=``: the same loop, hashing each chunk as it is written."""
+    hasher = hashlib.sha256()
+    with requests.get(url, stream=True, timeout=30) as resp:
+        resp.raise_for_status()
+        with open(dst, "wb") as fh:
+            for chunk in resp.iter_content(MIB):
+                fh.write(chunk)
+                hasher.update(chunk)
+    hasher.hexdigest()
 
 
 def reference_1kib(url: str, dst: Path) -> None:
@@ -155,12 +179,46 @@ def table(times: dict[str, list[float]], size: int, baseline: str) -> list[str]:
         "| method | median time (ms) | throughput (MiB/s) | time / plain requests loop |",
         "|---|---:|---:|---:|",
     ]
-    base = times[baseline]
     for name, ts in times.items():
-        ratio = statistics.median(t / b for t, b in zip(ts, base))
         med = statistics.median(ts)
-        rows.append(f"| {name} | {med * 1e3:.0f} | {size / MIB / med:.0f} | {ratio:.2f}x |")
+        rows.append(
+            f"| {name} | {med * 1e3:.0f} | {size / MIB / med:.0f} | {ratio(times, name, baseline):.2f}x |"
+        )
     return rows
+
+
+def ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    return statistics.median(t / b for t, b in zip(times[name], times[baseline]))
+
+
+def hash_time(size: int, rounds: int) -> float:
+    """Median seconds to SHA-256 the payload in memory, 1 MiB at a time (the floor of ``sha256=``'s cost)."""
+    view = memoryview(make_payload(size))
+    runs = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        hasher = hashlib.sha256()
+        for pos in range(0, size, MIB):
+            hasher.update(view[pos : pos + MIB])
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def with_server(
+    size: int, rate: float, job: Callable[[str], dict[str, list[float]]]
+) -> dict[str, list[float]]:
+    """Run ``job(url)`` against a server child process serving ``size`` bytes at ``rate`` MiB/s (0: unpaced)."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(size), "--rate", str(rate)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        return job(f"http://127.0.0.1:{int(child.stdout.readline())}/payload.bin")
+    finally:
+        child.terminate()
+        child.wait()
 
 
 def main() -> int:
@@ -170,31 +228,40 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny run for smoke-testing")
     parser.add_argument("--markdown", type=Path, help="also write a markdown section to this file")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        serve(args.serve)
+        serve(args.serve, args.rate)
         return 0
 
     size, rounds, slow_rounds = (16 * MIB, 2, 1) if args.quick else (192 * MIB, 9, 2)
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(size)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None
-        url = f"http://127.0.0.1:{int(child.stdout.readline())}/payload.bin"
-        digest = hashlib.sha256(make_payload(size)).hexdigest()
-        methods = {
-            "plain requests loop, 1 MiB chunks": plain_requests,
-            "download_url(progress=False)": ours(progress=False),
-            "download_url(progress=True)": ours(progress=True),
-            "download_url(progress=False, sha256=...)": ours(progress=False, sha256=digest),
-            "reference approach (1 KiB chunks, append, bar)": reference_1kib,
-        }
-        times = measure(methods, url, size, rounds, slow_rounds)
-    finally:
-        child.terminate()
-        child.wait()
+    digest = hashlib.sha256(make_payload(size)).hexdigest()
+    methods = {
+        "plain requests loop, 1 MiB chunks": plain_requests,
+        "download_url(progress=False)": ours(progress=False),
+        "download_url(progress=True)": ours(progress=True),
+        "download_url(progress=False, sha256=...)": ours(progress=False, sha256=digest),
+        "plain requests loop + hashlib.sha256 per chunk": plain_requests_sha256,
+        "reference approach (1 KiB chunks, append, bar)": reference_1kib,
+    }
+    times = with_server(size, 0, lambda url: measure(methods, url, size, rounds, slow_rounds))
+    hash_alone = hash_time(size, rounds)
 
+    # A link slower than loopback (still faster than most real ones): the hash then overlaps the transfer.
+    link_size, link_rounds, rate = (8 * MIB, 2, 200.0) if args.quick else (64 * MIB, 5, 200.0)
+    link_digest = hashlib.sha256(make_payload(link_size)).hexdigest()
+    link_methods = {
+        "plain requests loop, 1 MiB chunks": plain_requests,
+        "download_url(progress=False)": ours(progress=False),
+        "download_url(progress=False, sha256=...)": ours(progress=False, sha256=link_digest),
+        "plain requests loop + hashlib.sha256 per chunk": plain_requests_sha256,
+    }
+    link_times = with_server(
+        link_size, rate, lambda url: measure(link_methods, url, link_size, link_rounds, 0)
+    )
+
+    base = "plain requests loop, 1 MiB chunks"
+    sha_ratio = ratio(times, "download_url(progress=False, sha256=...)", base)
     lines = [
         "## download_url throughput (ann2snn-utils)",
         "",
@@ -202,10 +269,23 @@ def main() -> int:
         f"(in {scratch_dir() or 'the temporary folder'}): "
         f"median over {rounds} rounds ({slow_rounds} for the reference approach) with the methods in rotating "
         "order; the ratio is the median of per-round time ratios to the plain `requests` loop (target: at most "
-        "1.10x). With `sha256=` the digest is computed while streaming. "
+        "1.10x). With `sha256=` the digest is computed while streaming (the bytes already on disk of a resumed "
+        "part are read back once). "
         f"Python {sys.version.split()[0]}, requests {requests.__version__}, {os.cpu_count()} CPUs.",
         "",
-        *table(times, size, "plain requests loop, 1 MiB chunks"),
+        *table(times, size, base),
+        "",
+        f"SHA-256 of the payload alone, in memory (hashlib, one thread): {hash_alone * 1e3:.0f} ms "
+        f"({size / MIB / hash_alone:.0f} MiB/s), {hash_alone / statistics.median(times[base]):.2f}x the plain "
+        "loop's median time. On loopback the client is CPU-bound, so hashing on the receiving thread adds "
+        f"about the hash's own time: `sha256=` took {sha_ratio:.2f}x the plain loop, and "
+        f"{ratio(times, 'download_url(progress=False, sha256=...)', 'plain requests loop + hashlib.sha256 per chunk'):.2f}x "
+        "the same loop hashing its chunks. Over a link slower than the hash (below), it costs almost nothing.",
+        "",
+        f"### Over a {rate:.0f} MiB/s link ({link_size // MIB} MiB, {link_rounds} rounds, the server paces its "
+        "sends)",
+        "",
+        *table(link_times, link_size, base),
         "",
     ]
     text = "\n".join(lines)

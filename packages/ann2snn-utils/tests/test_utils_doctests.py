@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["ann2snn_utils", "ann2snn_utils.download", "ann2snn_utils.errors"]
+MODULES = ["ann2snn_utils", "ann2snn_utils.download", "ann2snn_utils.errors", "ann2snn_utils._http"]
 
 
 @pytest.mark.parametrize("name", MODULES)

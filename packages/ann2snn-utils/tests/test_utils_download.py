@@ -6,11 +6,14 @@ checks both the bytes on disk (against the served bytes' SHA-256) and what went 
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
+import multiprocessing
 import random
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -61,6 +64,9 @@ class Resource:
     etag: bool = True  # send a strong ETag and honour If-Range
     range_cap: int | None = None  # a 206 carries at most this many bytes
     changed: bytes | None = None  # the file's new content once a dropped GET has been cut
+    throttle: int = 0  # answer this many requests (HEAD or GET) with `throttle_status` ...
+    throttle_status: int = 503
+    retry_after: str | None = None  # ... carrying this Retry-After header
 
 
 @dataclass
@@ -139,6 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             res = state.resources.get(path)
             faults = {}
+            throttled = res is not None and res.throttle > 0
+            if throttled:
+                res.throttle -= 1  # type: ignore[union-attr]
             if res is not None and not head:
                 for name, counter in (("drop", "drops"), ("stall", "stalls"), ("lie", "range_lies")):
                     faults[name] = getattr(res, counter) > 0
@@ -148,6 +157,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(hit, 404, head)
         if res.status is not None:
             return self._error(hit, res.status, head)
+        if throttled:
+            hit.status = res.throttle_status
+            self.send_response(res.throttle_status)
+            if res.retry_after is not None:
+                self.send_header("Retry-After", res.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if res.location is not None:
             return self._reply(hit, 302, {"Location": res.location, "Content-Length": "0"})
         if head and not res.head:
@@ -903,3 +920,334 @@ def test_bad_arguments_raise(
 def test_dst_that_is_a_directory_raises(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"dst must name a file, got the existing directory"):
         download_url("http://127.0.0.1:9/x", tmp_path, progress=False)
+
+
+# -- issue 12: kept bytes, concurrent calls, symlinked parts, Retry-After -------------------------------------
+
+
+def test_drop_inside_the_first_chunk_keeps_the_bytes_that_arrived(
+    server: Server, tmp_path: Path, sleeps: list[float]
+) -> None:
+    # 300 000 bytes arrive, then the connection drops: inside the first 1 MiB read (the default chunk_size).
+    data = payload(SIZE, seed=30)
+    url = server.add("/file.bin", data, drop_after=300_000, drops=2)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+
+    with pytest.raises(TransferError, match=r"failed after 2 attempt\(s\)"):
+        download_url(url, dst, retries=1, progress=False)
+
+    assert part.read_bytes() == data[:600_000]  # both cut requests made progress
+    assert [(h.headers.get("Range"), h.status, h.sent) for h in server.gets()] == [
+        (None, 200, 300_000),
+        ("bytes=300000-", 206, 300_000),
+    ]
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+    assert_file(dst, data)
+    assert server.gets()[-1].headers["Range"] == "bytes=600000-"
+
+
+def _wait_until_sent(server: Server, path: str, count: int) -> None:
+    """Block until the server has sent ``count`` body bytes of ``path`` (the slow caller is mid-transfer)."""
+    deadline = time.monotonic() + 60
+    while not any(h.path == path and h.sent >= count for h in server.log):
+        assert time.monotonic() < deadline, f"{path} never sent {count} bytes"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("with_sha256", [True, False], ids=["sha256", "size-only"])
+def test_concurrent_threads_on_one_dst_are_serialised(
+    server: Server, tmp_path: Path, with_sha256: bool
+) -> None:
+    data = payload(SIZE, seed=31)
+    fast = server.add("/fast.bin", data)
+    slow = server.add("/slow.bin", data, stall=1.0, stall_after=300_000, stalls=1)
+    dst = tmp_path / "model.bin"
+    (tmp_path / "model.bin.part").write_bytes(data[:100_000])  # both resume it (appending, on today's main)
+    digest = sha(data) if with_sha256 else None
+    results: dict[str, object] = {}
+
+    def call(name: str, url: str) -> None:
+        try:
+            results[name] = download_url(
+                url, dst, sha256=digest, progress=False, timeout=10, chunk_size=KIB64
+            )
+        except Exception as exc:  # reported below
+            results[name] = exc
+
+    slow_thread = threading.Thread(target=call, args=("slow", slow))
+    slow_thread.start()
+    _wait_until_sent(server, "/slow.bin", 300_000)
+    fast_thread = threading.Thread(target=call, args=("fast", fast))
+    fast_thread.start()
+    slow_thread.join(60)
+    fast_thread.join(60)
+
+    assert results == {"slow": SIZE, "fast": SIZE}
+    assert_file(dst, data)
+    assert not dst.is_symlink()
+    # the fast caller waited for the lock and then found dst complete: it transferred no body
+    assert sum(h.sent for h in server.hits if h.path == "/fast.bin") == 0
+
+
+def test_concurrent_processes_on_one_dst_are_serialised(server: Server, tmp_path: Path) -> None:
+    data = payload(SIZE, seed=32)
+    fast = server.add("/fast.bin", data)
+    slow = server.add("/slow.bin", data, stall=2.0, stall_after=300_000, stalls=1)
+    dst = str(tmp_path / "model.bin")
+    (tmp_path / "model.bin.part").write_bytes(data[:100_000])
+    kwargs = {"sha256": sha(data), "progress": False, "timeout": 10, "chunk_size": KIB64}
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        slow_call = pool.apply_async(download_url, (slow, dst), kwargs)
+        _wait_until_sent(server, "/slow.bin", 300_000)
+        fast_call = pool.apply_async(download_url, (fast, dst), kwargs)
+        results = [slow_call.get(60), fast_call.get(60)]
+
+    assert results == [SIZE, SIZE]
+    assert_file(Path(dst), data)
+    # serialised across processes: the second call waited for the lock, then found dst complete
+    assert sum(h.sent for h in server.hits if h.path == "/fast.bin") == 0
+
+
+@pytest.mark.parametrize("target_exists", [True, False], ids=["link-to-file", "dangling-link"])
+@pytest.mark.parametrize("with_sha256", [True, False], ids=["sha256", "size-only"])
+def test_symlinked_part_is_never_followed(
+    server: Server, tmp_path: Path, target_exists: bool, with_sha256: bool
+) -> None:
+    data = payload(SIZE, seed=33)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+    victim = tmp_path / "victim.txt"
+    if target_exists:
+        victim.write_bytes(b"precious")
+    (tmp_path / "file.bin.part").symlink_to(victim)
+
+    assert download_url(url, dst, sha256=sha(data) if with_sha256 else None, progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert not dst.is_symlink()
+    if target_exists:
+        assert victim.read_bytes() == b"precious"
+    else:
+        assert not victim.exists()
+        assert not victim.is_symlink()
+    [hit] = server.gets()
+    assert "Range" not in hit.headers  # the link's target is no resume prefix
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_retry_after_seconds_is_honoured(
+    server: Server, tmp_path: Path, sleeps: list[float], status: int
+) -> None:
+    data = payload(SIZE, seed=34)
+    url = server.add("/file.bin", data, throttle=2, throttle_status=status, retry_after="7")
+    dst = tmp_path / "file.bin"
+
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert sleeps == [7.0, 7.0]
+    assert [h.status for h in server.gets()] == [status, status, 200]
+
+
+def test_retry_after_http_date_is_honoured(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    data = payload(1000, seed=35)
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    url = server.add("/file.bin", data, throttle=1, retry_after=when)
+    dst = tmp_path / "file.bin"
+
+    assert download_url(url, dst, progress=False) == 1000
+
+    assert_file(dst, data)
+    [delay] = sleeps
+    assert 27 <= delay <= 31  # one-second resolution of HTTP dates, and the time the request took
+
+
+def test_throttle_without_retry_after_uses_the_backoff(
+    server: Server, tmp_path: Path, sleeps: list[float]
+) -> None:
+    data = payload(1000, seed=36)
+    url = server.add("/file.bin", data, throttle=2)
+    dst = tmp_path / "file.bin"
+
+    assert download_url(url, dst, progress=False) == 1000
+    assert_file(dst, data)
+    assert sleeps == [0.5, 1.0]
+
+
+def test_retry_after_really_waits(server: Server, tmp_path: Path) -> None:
+    data = payload(1000, seed=37)
+    url = server.add("/file.bin", data, throttle=1, throttle_status=429, retry_after="1")
+    dst = tmp_path / "file.bin"
+
+    start = time.monotonic()
+    assert download_url(url, dst, progress=False) == 1000
+    elapsed = time.monotonic() - start
+
+    assert_file(dst, data)
+    assert 1.0 <= elapsed < 20
+    first, second = server.gets()
+    assert (first.status, second.status) == (429, 200)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "kwargs", "asked"),
+    [("3600", {}, "3600"), ("10", {"retry_budget": 5}, "10")],
+    ids=["default-budget", "retry_budget=5"],
+)
+def test_retry_after_beyond_the_budget_raises_at_once(
+    server: Server,
+    tmp_path: Path,
+    sleeps: list[float],
+    retry_after: str,
+    kwargs: dict[str, Any],
+    asked: str,
+) -> None:
+    url = server.add("/file.bin", payload(1000), throttle=100, retry_after=retry_after)
+    dst = tmp_path / "file.bin"
+    budget = kwargs.get("retry_budget", 120)
+
+    with pytest.raises(
+        HTTPStatusError,
+        match=rf"HTTP 503 Service Unavailable; the server asked to retry after {asked} s \(Retry-After\), "
+        rf"more than the .* s left of the retry budget \(retry_budget={budget} s",
+    ) as info:
+        download_url(url, dst, progress=False, **kwargs)
+
+    assert info.value.status == 503
+    assert info.value.retry_after == float(asked)
+    assert sleeps == []
+    assert len(server.gets()) == 1
+    assert_nothing_at(dst)
+    assert not (tmp_path / "file.bin.part").exists()
+
+
+def test_throttled_on_every_attempt_says_the_retries_are_spent(
+    server: Server, tmp_path: Path, sleeps: list[float]
+) -> None:
+    url = server.add("/file.bin", payload(1000), throttle=100, throttle_status=429, retry_after="1")
+    dst = tmp_path / "file.bin"
+
+    with pytest.raises(
+        HTTPStatusError,
+        match=r"HTTP 429 Too Many Requests; still refused after 3 attempt\(s\) \(retries=2\), "
+        r"the server asked to retry after 1 s \(Retry-After\)",
+    ):
+        download_url(url, dst, retries=2, progress=False)
+    assert sleeps == [1.0, 1.0]
+    assert len(server.gets()) == 3
+    assert_nothing_at(dst)
+
+
+def test_bad_retry_budget_raises() -> None:
+    with pytest.raises(ValueError, match=r"retry_budget must be a finite number of seconds >= 0, got -1"):
+        download_url("http://127.0.0.1:9/x", "x", retry_budget=-1, progress=False)
+    with pytest.raises(TypeError, match=r"retry_budget must be a number of seconds, got str"):
+        download_url("http://127.0.0.1:9/x", "x", retry_budget="5", progress=False)  # type: ignore[arg-type]
+
+
+def test_resumed_prefix_is_hashed_once_across_retries(
+    server: Server, tmp_path: Path, sleeps: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(SIZE, seed=38)
+    url = server.add("/file.bin", data, drop_after=200_000, drops=2)
+    dst = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(data[:500_000])
+    from ann2snn_utils import _partfile
+
+    prefixes: list[int] = []
+    original = _partfile.PartFile._hash_prefix
+
+    def counting(self: Any, fh: Any, offset: int) -> None:
+        prefixes.append(offset)
+        original(self, fh, offset)
+
+    monkeypatch.setattr(_partfile.PartFile, "_hash_prefix", counting)
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert prefixes == [500_000]  # read back once; the two resumes after the drops continue the digest
+    assert [h.headers["Range"] for h in server.gets()] == ["bytes=500000-", "bytes=700000-", "bytes=900000-"]
+
+
+def test_part_swapped_by_a_writer_without_the_lock_is_not_installed(server: Server, tmp_path: Path) -> None:
+    data = payload(SIZE, seed=39)
+    url = server.add("/file.bin", data, stall=1.5, stall_after=300_000, stalls=1)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            download_url(url, dst, sha256=sha(data), progress=False, timeout=10, chunk_size=KIB64)
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    _wait_until_sent(server, "/file.bin", 300_000)
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size >= 300_000):  # the bytes that arrived are on disk
+        assert time.monotonic() < deadline, "the download never wrote its first 300 000 bytes"
+        time.sleep(0.01)
+    intruder = tmp_path / "intruder"
+    intruder.write_bytes(b"not the download")
+    intruder.replace(part)  # a process that ignores <dst>.lock
+    worker.join(60)
+
+    [error] = errors
+    assert isinstance(error, RuntimeError)
+    assert re.search(
+        r"file\.bin\.part changed under the download .* without holding file\.bin\.lock", str(error)
+    )
+    assert_nothing_at(dst)
+
+
+def test_part_that_is_a_directory_raises(server: Server, tmp_path: Path) -> None:
+    url = server.add("/file.bin", payload(1000))
+    (tmp_path / "file.bin.part").mkdir()
+
+    with pytest.raises(IsADirectoryError, match=r"the partial file '.*file\.bin\.part' is a directory"):
+        download_url(url, tmp_path / "file.bin", progress=False)
+    assert server.hits == []
+
+
+def test_throttled_size_probe_of_a_complete_dst_waits_as_asked(
+    server: Server, tmp_path: Path, sleeps: list[float]
+) -> None:
+    data = payload(SIZE, seed=40)
+    url = server.add("/file.bin", data, throttle=1, retry_after="3")
+    dst = tmp_path / "file.bin"
+    dst.write_bytes(data)
+
+    assert download_url(url, dst, progress=False) == SIZE
+
+    assert_file(dst, data)
+    assert sleeps == [3.0]
+    assert [(h.method, h.status, h.sent) for h in server.hits] == [("HEAD", 503, 0), ("HEAD", 200, 0)]
+
+
+@pytest.mark.parametrize(
+    ("env", "progress", "drawn"), [("1", None, False), ("1", True, True), ("0", None, True)]
+)
+def test_tqdm_disable_is_honoured_unless_progress_is_given(
+    server: Server,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: str,
+    progress: bool | None,
+    drawn: bool,
+) -> None:
+    monkeypatch.setenv("TQDM_DISABLE", env)
+    data = payload(SIZE, seed=41)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+
+    assert download_url(url, dst, progress=progress) == SIZE
+
+    assert_file(dst, data)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert ("1.50M/1.50M" in err) is drawn

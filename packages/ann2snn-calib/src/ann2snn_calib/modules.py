@@ -12,8 +12,12 @@ from torch import Tensor, nn
 
 from ann2snn_calib._select import lerp, positions, stat_dtype
 from ann2snn_calib._stats import channel_pair, gather_counts, global_max, rows_percentile, rows_top
+from ann2snn_calib.scaler import VoltageScaler, _as_buffer
 
 __all__ = ["VoltageHook", "VoltageScaler"]
+
+# doctest.testmod(ann2snn_calib.modules) also runs the Examples of VoltageScaler (now in scaler.py).
+__test__ = {"VoltageScaler": VoltageScaler}
 
 _MODE_ERROR = "You have used a non-defined VoltageScale Method."
 
@@ -52,15 +56,6 @@ def _check_momentum(momentum: Any) -> float | None:
 def _writable(t: Tensor) -> bool:
     """Whether ``t`` may be updated in place here (an inference tensor only inside inference mode)."""
     return not t.is_inference() or torch.is_inference_mode_enabled()
-
-
-def _as_buffer(value: Any, name: str) -> Tensor:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise TypeError(f"{name} must be a real number or a real tensor, got {type(value).__name__}.")
-    t = torch.as_tensor(value).detach().clone()
-    if t.dtype == torch.bool or t.dtype.is_complex:
-        raise TypeError(f"{name} must be a real number or a real tensor, got dtype {t.dtype}.")
-    return t
 
 
 class VoltageHook(nn.Module):
@@ -204,265 +199,175 @@ class VoltageHook(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"VoltageHook expects a torch.Tensor, got {type(x).__name__}.")
         with torch.no_grad():
-            self._observe(x.detach())
+            _observe(self, x.detach())
         return x
 
-    def _rows(self, x: Tensor) -> Tensor:
-        """The ``(C, M)`` view (a copy where needed) whose rows the statistic runs over."""
-        if self.channel_dim is None:
-            return x.reshape(1, -1)
-        cd = self._channel_dim(x)
-        return x.movedim(cd, 0).reshape(x.shape[cd], -1)
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        _adopt_saved_buffers(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
-    def _channel_dim(self, x: Tensor) -> int:
-        assert self.channel_dim is not None
-        if x.dim() == 0 or not -x.dim() <= self.channel_dim < x.dim():
+
+# ---- the statistics VoltageHook records (functions of the hook, one per kind) ----------------------
+def _rows(hook: VoltageHook, x: Tensor) -> Tensor:
+    """The ``(C, M)`` view (a copy where needed) whose rows the statistic runs over."""
+    if hook.channel_dim is None:
+        return x.reshape(1, -1)
+    cd = _channel_dim(hook, x)
+    return x.movedim(cd, 0).reshape(x.shape[cd], -1)
+
+
+def _channel_dim(hook: VoltageHook, x: Tensor) -> int:
+    assert hook.channel_dim is not None
+    if x.dim() == 0 or not -x.dim() <= hook.channel_dim < x.dim():
+        raise ValueError(
+            f"VoltageHook(channel_dim={hook.channel_dim}) needs an input with that dimension, "
+            f"got shape {tuple(x.shape)}."
+        )
+    return hook.channel_dim % x.dim()
+
+
+def _batch_stat(hook: VoltageHook, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
+    if hook._kind == "percentile":
+        if hook.channel_dim is not None and group is None and x.is_contiguous():
+            s = _channel_percentile_in_place(hook, x, dtype)
+            if s is not None:
+                return s
+        return rows_percentile(_rows(hook, x), hook._value, dtype, group)
+    if x.numel() == 0:
+        # Only reachable in a process group: this rank contributes nothing to the maximum.
+        rows = 1 if hook.channel_dim is None else x.shape[_channel_dim(hook, x)]
+        local = torch.full((rows,), float("-inf"), dtype=dtype, device=x.device)
+    elif hook.channel_dim is None:
+        local = x.max().to(dtype).reshape(1)
+    else:
+        cd = _channel_dim(hook, x)
+        others = [d for d in range(x.dim()) if d != cd]
+        local = (x.amax(dim=others) if others else x).to(dtype)
+    s = global_max(local, group)
+    if group is not None and bool(torch.isinf(s).any().item()) and x.numel() == 0:
+        raise ValueError("VoltageHook received only empty tensors across the process group.")
+    return s * hook._value if hook._kind == "fraction" else s
+
+
+def _channel_percentile_in_place(hook: VoltageHook, x: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Per-channel tail percentiles straight from ``x``'s memory, or None to use a ``(C, M)`` copy."""
+    cd = _channel_dim(hook, x)
+    channels = x.shape[cd]
+    outer = math.prod(x.shape[:cd])
+    inner = math.prod(x.shape[cd + 1 :])
+    if channels == 0 or outer * inner == 0:
+        return None
+    lo, hi, gamma = positions(outer * inner, hook._value)
+    found = channel_pair(x.view(outer, channels, inner), lo, hi, dtype)
+    if found is None:
+        return None
+    a, b, nan = found
+    out = lerp(a, b, gamma)
+    return torch.where(nan, torch.full_like(out, float("nan")), out)
+
+
+def _dataset_percentile_stat(hook: VoltageHook, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
+    rows = _rows(hook, x).to(dtype)
+    largest = hook._value >= 0.5
+    kept = hook.candidates.to(device=x.device, dtype=dtype)
+    if kept.numel() == 0 or kept.shape[0] != rows.shape[0]:
+        kept = rows.new_empty(rows.shape[0], 0)
+    cap = hook.max_candidates
+    if kept.shape[1] == cap and rows.shape[0] == 1:
+        # The buffer is full: only values beyond its least extreme one can enter (equal ones would
+        # replace an equal value), and after the first batches those are few.
+        row = rows[0]
+        fresh = row[row > kept.min()] if largest else row[row < kept.max()]
+        merged = torch.cat([kept, fresh.unsqueeze(0)], dim=1)
+    else:
+        merged = torch.cat([kept, rows_top(rows, cap, largest)], dim=1)
+    if merged.shape[1] > cap:
+        merged = rows_top(merged, cap, largest)
+    hook.candidates = merged
+    hook.elements_seen = hook.elements_seen.to(x.device) + rows.shape[1]
+    seen = int(hook.elements_seen.item())
+    counts = gather_counts(seen, rows.shape[0], x.device, group)
+    total = sum(n for n, _ in counts)
+    if total == 0:
+        raise ValueError("VoltageHook received only empty tensors: a percentile needs at least one element.")
+    lo, hi, _ = positions(total, hook._value)
+    needed = total - lo if largest else hi + 1
+    if needed > hook.max_candidates and any(n > hook.max_candidates for n, _ in counts):
+        raise RuntimeError(
+            f"VoltageHook(mode={hook.mode!r}, momentum=None) needs the {needed} most extreme values of the "
+            f"{total} elements seen per channel, more than max_candidates={hook.max_candidates}; raise "
+            "max_candidates or use an EMA (momentum=0.1)."
+        )
+    return rows_percentile(
+        merged, hook._value, dtype, group, counts=counts, side="top" if largest else "bottom"
+    )
+
+
+def _observe(hook: VoltageHook, x: Tensor) -> None:
+    """Fold the statistic of ``x`` into the hook's state (EMA, running max or dataset percentile)."""
+    group = hook._group()
+    if x.numel() == 0 and group is None:
+        raise ValueError(
+            f"VoltageHook received an empty tensor of shape {tuple(x.shape)}; it needs at least one element."
+        )
+    if hook.channel_dim is not None:
+        channels = x.shape[_channel_dim(hook, x)]
+        if hook.scale.dim() == 1 and hook.scale.shape[0] != channels and int(hook.num_batches_tracked) > 0:
             raise ValueError(
-                f"VoltageHook(channel_dim={self.channel_dim}) needs an input with that dimension, "
-                f"got shape {tuple(x.shape)}."
+                f"VoltageHook(channel_dim={hook.channel_dim}) has calibrated {hook.scale.shape[0]} channels, "
+                f"got an input of shape {tuple(x.shape)} with {channels}."
             )
-        return self.channel_dim % x.dim()
+    dtype = stat_dtype(x.dtype)
+    if hook._dataset_percentile:
+        s = _dataset_percentile_stat(hook, x, dtype, group)
+    else:
+        s = _batch_stat(hook, x, dtype, group)
+    if hook.channel_dim is None:
+        s = s.reshape(())
+    device = x.device
+    if hook.num_batches_tracked.device != device or not _writable(hook.num_batches_tracked):
+        hook.num_batches_tracked = hook.num_batches_tracked.to(device).clone()
+        hook.num_samples_tracked = hook.num_samples_tracked.to(device).clone()
+    first = hook.num_batches_tracked == 0  # a tensor: no host sync on accelerators
+    old = hook.scale.to(device)
+    if hook.momentum is None:
+        new = s if hook._dataset_percentile else torch.maximum(old.to(dtype), s)
+    else:
+        new = (1 - hook.momentum) * old + hook.momentum * s
+    new = torch.where(first, s, new.to(dtype))
+    if (
+        new.shape == hook.scale.shape
+        and new.dtype == hook.scale.dtype
+        and hook.scale.device == device
+        and _writable(hook.scale)
+    ):
+        hook.scale.copy_(new)
+    else:
+        # The first statistic fixes the state's dtype, device and (per channel) shape.
+        hook.scale = new
+    hook.num_batches_tracked.add_(1)
+    hook.num_samples_tracked.add_(x.shape[0] if x.dim() else 1)
 
-    def _batch_stat(self, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
-        if self._kind == "percentile":
-            if self.channel_dim is not None and group is None and x.is_contiguous():
-                s = self._channel_percentile_in_place(x, dtype)
-                if s is not None:
-                    return s
-            return rows_percentile(self._rows(x), self._value, dtype, group)
-        if x.numel() == 0:
-            # Only reachable in a process group: this rank contributes nothing to the maximum.
-            rows = 1 if self.channel_dim is None else x.shape[self._channel_dim(x)]
-            local = torch.full((rows,), float("-inf"), dtype=dtype, device=x.device)
-        elif self.channel_dim is None:
-            local = x.max().to(dtype).reshape(1)
-        else:
-            cd = self._channel_dim(x)
-            others = [d for d in range(x.dim()) if d != cd]
-            local = (x.amax(dim=others) if others else x).to(dtype)
-        s = global_max(local, group)
-        if group is not None and bool(torch.isinf(s).any().item()) and x.numel() == 0:
-            raise ValueError("VoltageHook received only empty tensors across the process group.")
-        return s * self._value if self._kind == "fraction" else s
 
-    def _channel_percentile_in_place(self, x: Tensor, dtype: torch.dtype) -> Tensor | None:
-        """Per-channel tail percentiles straight from ``x``'s memory, or None to use a ``(C, M)`` copy."""
-        cd = self._channel_dim(x)
-        channels = x.shape[cd]
-        outer = math.prod(x.shape[:cd])
-        inner = math.prod(x.shape[cd + 1 :])
-        if channels == 0 or outer * inner == 0:
-            return None
-        lo, hi, gamma = positions(outer * inner, self._value)
-        found = channel_pair(x.view(outer, channels, inner), lo, hi, dtype)
-        if found is None:
-            return None
-        a, b, nan = found
-        out = lerp(a, b, gamma)
-        return torch.where(nan, torch.full_like(out, float("nan")), out)
-
-    def _observe(self, x: Tensor) -> None:
-        group = self._group()
-        if x.numel() == 0 and group is None:
-            raise ValueError(
-                f"VoltageHook received an empty tensor of shape {tuple(x.shape)}; it needs at least one element."
-            )
-        if self.channel_dim is not None:
-            channels = x.shape[self._channel_dim(x)]
-            if (
-                self.scale.dim() == 1
-                and self.scale.shape[0] != channels
-                and int(self.num_batches_tracked) > 0
-            ):
-                raise ValueError(
-                    f"VoltageHook(channel_dim={self.channel_dim}) has calibrated {self.scale.shape[0]} channels, "
-                    f"got an input of shape {tuple(x.shape)} with {channels}."
-                )
-        dtype = stat_dtype(x.dtype)
-        if self._dataset_percentile:
-            s = self._dataset_percentile_stat(x, dtype, group)
-        else:
-            s = self._batch_stat(x, dtype, group)
-        if self.channel_dim is None:
-            s = s.reshape(())
-        device = x.device
-        if self.num_batches_tracked.device != device or not _writable(self.num_batches_tracked):
-            self.num_batches_tracked = self.num_batches_tracked.to(device).clone()
-            self.num_samples_tracked = self.num_samples_tracked.to(device).clone()
-        first = self.num_batches_tracked == 0  # a tensor: no host sync on accelerators
-        old = self.scale.to(device)
-        if self.momentum is None:
-            new = s if self._dataset_percentile else torch.maximum(old.to(dtype), s)
-        else:
-            new = (1 - self.momentum) * old + self.momentum * s
-        new = torch.where(first, s, new.to(dtype))
+def _adopt_saved_buffers(hook: VoltageHook, state_dict: dict[str, Any], prefix: str) -> None:
+    # The buffers change shape and dtype while calibrating (a per-channel scale, the kept candidates):
+    # adopt the saved ones so a fresh hook loads a calibrated state.
+    for name, buf in list(hook._buffers.items()):
+        saved = state_dict.get(prefix + name)
         if (
-            new.shape == self.scale.shape
-            and new.dtype == self.scale.dtype
-            and self.scale.device == device
-            and _writable(self.scale)
+            isinstance(saved, Tensor)
+            and buf is not None
+            and (saved.shape != buf.shape or saved.dtype != buf.dtype)
         ):
-            self.scale.copy_(new)
-        else:
-            # The first statistic fixes the state's dtype, device and (per channel) shape.
-            self.scale = new
-        self.num_batches_tracked.add_(1)
-        self.num_samples_tracked.add_(x.shape[0] if x.dim() else 1)
-
-    def _dataset_percentile_stat(self, x: Tensor, dtype: torch.dtype, group: Any) -> Tensor:
-        rows = self._rows(x).to(dtype)
-        largest = self._value >= 0.5
-        kept = self.candidates.to(device=x.device, dtype=dtype)
-        if kept.numel() == 0 or kept.shape[0] != rows.shape[0]:
-            kept = rows.new_empty(rows.shape[0], 0)
-        cap = self.max_candidates
-        if kept.shape[1] == cap and rows.shape[0] == 1:
-            # The buffer is full: only values beyond its least extreme one can enter (equal ones would
-            # replace an equal value), and after the first batches those are few.
-            row = rows[0]
-            fresh = row[row > kept.min()] if largest else row[row < kept.max()]
-            merged = torch.cat([kept, fresh.unsqueeze(0)], dim=1)
-        else:
-            merged = torch.cat([kept, rows_top(rows, cap, largest)], dim=1)
-        if merged.shape[1] > cap:
-            merged = rows_top(merged, cap, largest)
-        self.candidates = merged
-        self.elements_seen = self.elements_seen.to(x.device) + rows.shape[1]
-        seen = int(self.elements_seen.item())
-        counts = gather_counts(seen, rows.shape[0], x.device, group)
-        total = sum(n for n, _ in counts)
-        if total == 0:
-            raise ValueError(
-                "VoltageHook received only empty tensors: a percentile needs at least one element."
-            )
-        lo, hi, _ = positions(total, self._value)
-        needed = total - lo if largest else hi + 1
-        if needed > self.max_candidates and any(n > self.max_candidates for n, _ in counts):
-            raise RuntimeError(
-                f"VoltageHook(mode={self.mode!r}, momentum=None) needs the {needed} most extreme values of the "
-                f"{total} elements seen per channel, more than max_candidates={self.max_candidates}; raise "
-                "max_candidates or use an EMA (momentum=0.1)."
-            )
-        return rows_percentile(
-            merged, self._value, dtype, group, counts=counts, side="top" if largest else "bottom"
-        )
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The buffers change shape and dtype while calibrating (a per-channel scale, the kept candidates):
-        # adopt the saved ones so a fresh hook loads a calibrated state.
-        for name, buf in list(self._buffers.items()):
-            saved = state_dict.get(prefix + name)
-            if (
-                isinstance(saved, Tensor)
-                and buf is not None
-                and (saved.shape != buf.shape or saved.dtype != buf.dtype)
-            ):
-                self._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=buf.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-
-class VoltageScaler(nn.Module):
-    """Multiply the input by a fixed scale: ``forward(x) = x * scale``.
-
-    In a converted SNN, scalers around each spiking neuron map currents into the neuron's threshold range
-    and back. ``scale`` is a buffer (it moves with ``.to()`` and is saved in the state_dict) made with
-    ``torch.as_tensor``: a Python float gives float32, an int gives int64, a tensor keeps its dtype. Normal
-    torch promotion applies in ``forward`` (a float16 input times a float32 0-dim scale stays float16).
-
-    A multi-element ``scale`` with ``channel_dim`` set is a per-channel scale of shape ``(C,)`` applied
-    along that dimension of the input (e.g. from ``VoltageHook(channel_dim=1)``); without
-    ``channel_dim`` a tensor scale broadcasts by the usual torch rules.
-
-    Args:
-        scale: A finite number or a tensor of finite values.
-        channel_dim: The input dimension a 1-D ``scale`` runs along, or None.
-
-    Shape:
-        - Input: any shape; with ``channel_dim``, ``input.shape[channel_dim] == C``.
-        - Output: the input's shape.
-
-    Examples:
-        >>> import torch
-        >>> VoltageScaler(3.14)
-        VoltageScaler(3.140000)
-        >>> VoltageScaler(2.0)(torch.tensor([1.0, 2.0]))
-        tensor([2., 4.])
-        >>> VoltageScaler(torch.tensor([1.0, 10.0]), channel_dim=1)(torch.ones(2, 2))
-        tensor([[ 1., 10.],
-                [ 1., 10.]])
-    """
-
-    scale: Tensor
-
-    def __init__(self, scale: float | Tensor = 1.0, *, channel_dim: int | None = None) -> None:
-        super().__init__()
-        t = _as_buffer(scale, "scale")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"VoltageScaler needs a finite scale, got {scale!r}.")
-        if channel_dim is not None:
-            if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-                raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}.")
-            if t.dim() > 1:
-                raise ValueError(
-                    f"VoltageScaler(channel_dim={channel_dim}) needs a 0-dim or 1-D scale, got shape {tuple(t.shape)}."
-                )
-        self.channel_dim = channel_dim
-        self.register_buffer("scale", t)
-
-    def extra_repr(self) -> str:
-        if self.scale.numel() == 1:
-            v = float(self.scale.item())
-            text = f"{v:f}"
-            # "%f" rounds small scales to 0.000000; keep it (the familiar form) only when it is faithful.
-            return text if v == 0 or abs(v) >= 1e-3 else f"{v:.6e}"
-        dim = "" if self.channel_dim is None else f", channel_dim={self.channel_dim}"
-        return f"scale=<tensor of shape {tuple(self.scale.shape)}>{dim}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"VoltageScaler expects a torch.Tensor, got {type(x).__name__}.")
-        scale = self.scale
-        if self.channel_dim is not None and scale.dim() == 1:
-            if x.dim() == 0 or not -x.dim() <= self.channel_dim < x.dim():
-                raise ValueError(
-                    f"VoltageScaler(channel_dim={self.channel_dim}) needs an input with that dimension, "
-                    f"got shape {tuple(x.shape)}."
-                )
-            cd = self.channel_dim % x.dim()
-            if x.shape[cd] != scale.shape[0] and scale.shape[0] != 1:
-                raise ValueError(
-                    f"VoltageScaler has {scale.shape[0]} channel scales but the input of shape {tuple(x.shape)} "
-                    f"has {x.shape[cd]} channels along dim {self.channel_dim}."
-                )
-            shape = [1] * x.dim()
-            shape[cd] = scale.shape[0]
-            scale = scale.reshape(shape)
-        return x * scale
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        saved = state_dict.get(prefix + "scale")
-        if isinstance(saved, Tensor) and (saved.shape != self.scale.shape or saved.dtype != self.scale.dtype):
-            self._buffers["scale"] = torch.empty(saved.shape, dtype=saved.dtype, device=self.scale.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+            hook._buffers[name] = torch.empty(saved.shape, dtype=saved.dtype, device=buf.device)

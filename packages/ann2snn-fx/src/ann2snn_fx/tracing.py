@@ -11,7 +11,7 @@ from torch import fx, nn
 from torch.fx.proxy import TraceError
 
 from ann2snn_calib import VoltageHook, VoltageScaler
-from ann2snn_fx.neuron import IFNode
+from ann2snn_fx.snn.neurons import IFNode
 
 __all__ = ["ModelTraceError", "trace_model"]
 

@@ -52,10 +52,15 @@ class DownloadError(RuntimeError):
 class HTTPStatusError(DownloadError):
     """The server answered with an error status (4xx, 5xx) or another status a download cannot use.
 
+    ``429 Too Many Requests`` and ``503 Service Unavailable`` are retried first (honouring ``Retry-After``);
+    this error is raised for them once the call's retry budget is spent, and ``detail`` says so.
+
     Args:
         url: The requested URL.
         status: The HTTP status code.
         reason: The reason phrase the server sent (may be empty).
+        detail: More about the failure, appended to the message (for example, the retry budget spent).
+        retry_after: The seconds the server's last ``Retry-After`` asked for, or None.
 
     Examples:
         >>> err = HTTPStatusError("http://example.org/x", 404, "Not Found")
@@ -63,13 +68,20 @@ class HTTPStatusError(DownloadError):
         'download of http://example.org/x failed: HTTP 404 Not Found'
         >>> err.status
         404
+        >>> HTTPStatusError("http://example.org/x", 503, "Service Unavailable", retry_after=60.0).retry_after
+        60.0
     """
 
-    def __init__(self, url: str, status: int, reason: str = "") -> None:
+    def __init__(
+        self, url: str, status: int, reason: str = "", *, detail: str = "", retry_after: float | None = None
+    ) -> None:
         text = f"HTTP {status} {reason}".rstrip()
+        if detail:
+            text += f"; {detail}"
         super().__init__(f"download of {url} failed: {text}", url)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
 
 
 class InvalidResponseError(DownloadError):

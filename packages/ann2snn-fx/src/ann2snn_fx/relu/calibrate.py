@@ -23,9 +23,9 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ann2snn_calib import VoltageScaler
-from ann2snn_fx.converter import Converter
-from ann2snn_fx.neuron import IFNode
-from ann2snn_fx.runner import _MultiStepInterpreter
+from ann2snn_fx.relu import stages
+from ann2snn_fx.snn.multistep import _MultiStepInterpreter
+from ann2snn_fx.snn.neurons import IFNode
 from ann2snn_fx.tracing import trace_model
 
 __all__ = ["CalibratedLayer", "calibrate_snn"]
@@ -121,7 +121,7 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
             b.activation = by_block[b.prefix]
         return
     from ann2snn_fx.relu.qcfs import QCFSRule
-    from ann2snn_fx.rules import all_rules
+    from ann2snn_fx.relu.rules import all_rules
 
     modules = dict(ann_gm.named_modules())
     rules = [*all_rules(), QCFSRule()]
@@ -228,6 +228,7 @@ def calibrate_snn(
             SNN's blocks.
 
     Examples:
+        >>> from ann2snn_fx import Converter
         >>> _ = torch.manual_seed(0)
         >>> ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
         >>> loader = [torch.randn(64, 4) for _ in range(2)]
@@ -247,13 +248,13 @@ def calibrate_snn(
     if hasattr(snn, "conversion_report"):
         new.__dict__["conversion_report"] = snn.conversion_report
     blocks = _find_blocks(new)
-    ann_gm = Converter.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
+    ann_gm = stages.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
     _match_activations(snn, blocks, ann_gm)
     first = next(itertools.chain(new.parameters(), new.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
     ann_gm = ann_gm.to(device)
     source = dataloader if num_batches is None else itertools.islice(dataloader, int(num_batches))
-    inputs = [Converter._to_model(Converter._extract_batch_input(d), device, None) for d in source]
+    inputs = [stages.to_model(stages.batch_input(d), device, None) for d in source]
     if not inputs:
         raise ValueError("The calibration dataloader yielded no batch; calibrate_snn needs data.")
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")

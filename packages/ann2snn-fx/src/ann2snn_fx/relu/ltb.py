@@ -70,7 +70,12 @@ class LTBHook(VoltageHook):
             raise ValueError(
                 f"LTBHook needs an activation with at least 2 dimensions [N, C, ...], got shape {tuple(x.shape)}."
             )
-        cd = self._channel_dim(x)
+        channel_dim = 1 if self.channel_dim is None else self.channel_dim
+        if not -x.dim() <= channel_dim < x.dim():
+            raise ValueError(
+                f"LTBHook(channel_dim={channel_dim}) needs an input with that dimension, got shape {tuple(x.shape)}."
+            )
+        cd = channel_dim % x.dim()
         shape = [1] * x.dim()
         shape[cd] = x.shape[cd]
         positive = x.detach().clamp_min(0)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ann2snn_fx.rules import _SpikingBlockRule
+from ann2snn_fx.relu.rule_base import _SpikingBlockRule
 
 __all__ = ["QCFS", "QCFSRule", "prepare_qcfs"]
 
@@ -212,7 +212,7 @@ class QCFSRule(_SpikingBlockRule):
 
 def data_free(fx_model: fx.GraphModule) -> bool:
     """True when every activation node in ``fx_model`` is a QCFS (conversion needs no calibration data)."""
-    from ann2snn_fx.rules import is_activation
+    from ann2snn_fx.relu.rules import is_activation
 
     modules = dict(fx_model.named_modules())
     qcfs = QCFSRule()

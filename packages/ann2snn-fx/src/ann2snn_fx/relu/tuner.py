@@ -16,13 +16,13 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ann2snn_fx.converter import Converter, _remove_leftover_hooks, _replace
-from ann2snn_fx.factories import NeuronFactory
-from ann2snn_fx.neuron import IFNode, reset_net
+from ann2snn_fx.relu import stages
 from ann2snn_fx.relu.calibrate import calibrate_snn
+from ann2snn_fx.relu.converter import Converter
+from ann2snn_fx.relu.factories import NeuronFactory
+from ann2snn_fx.relu.thresholds import ThresholdOptimizer
+from ann2snn_fx.snn.neurons import IFNode, reset_net
 from ann2snn_fx.snn.readout import estimate_readout_delay
-from ann2snn_fx.threshold import ThresholdOptimizer
-from ann2snn_fx.tracing import trace_model
 
 __all__ = ["LatencyRecord", "LatencyResult", "pareto_front", "tune_latency"]
 
@@ -321,13 +321,13 @@ def tune_latency(
             else ThresholdOptimizer(strategy)
         )
         snn = copy.deepcopy(base)
-        _replace(
+        stages.replace(
             snn,
             converter.rules,
             NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
             optimizer,
         )
-        _remove_leftover_hooks(snn)
+        stages.remove_leftover_hooks(snn)
         snn.eval()
         wanted = steps_grid if target is None else (target,)
         raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
@@ -403,13 +403,9 @@ def _calibrated(
     first = next(itertools.chain(ann.parameters(), ann.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else None
-    gm = Converter.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
-    gm = Converter.set_voltagehook(
-        gm,
-        mode=mode,
-        momentum=converter.momentum,
-        rules=converter.rules,
-        hook_factory=converter._hook_factory(),
-    )
-    converter._calibrate(gm, device, dtype)
+    gm = stages.fuse(stages.trace(ann, device), True)
+    gm = stages.observe(
+        gm, mode, converter.momentum, converter.rules, hook_factory=converter._hook_factory()
+    ).to(device)
+    stages.calibrate(gm, calib, device, dtype, num_batches=num_batches)
     return converter, gm

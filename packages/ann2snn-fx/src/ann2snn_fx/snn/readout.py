@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ann2snn_fx.neuron import IFNode, reset_net
+from ann2snn_fx.snn.neurons import IFNode, reset_net
 
 __all__ = ["estimate_readout_delay"]
 
@@ -21,9 +21,9 @@ logger = logging.getLogger(__name__)
 
 
 def _batch_input(data: Any) -> Any:
-    from ann2snn_fx.converter import Converter
+    from ann2snn_fx.relu.stages import batch_input
 
-    return Converter._extract_batch_input(data)
+    return batch_input(data)
 
 
 def estimate_readout_delay(

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from torch import fx
 
-from ann2snn_fx._td_fold import TDTimeFolded
-from ann2snn_fx._td_fx import TDImpulse, replace_by_td_operators_fx, td_impulse
-from ann2snn_fx._td_report import TDConversionReport, TDEquivalenceError, TDNodeRecord
+from ann2snn_fx.td.fold import TDTimeFolded
+from ann2snn_fx.td.fx_pass import TDImpulse, replace_by_td_operators_fx, td_impulse
+from ann2snn_fx.td.report import TDConversionReport, TDEquivalenceError, TDNodeRecord
 
 __all__ = [
     "TDConversionReport",

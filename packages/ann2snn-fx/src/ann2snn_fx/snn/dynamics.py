@@ -1,0 +1,127 @@
+"""The integrate-and-fire dynamics as functions of the membrane potential: no state, no argument checks.
+
+:class:`~ann2snn_fx.snn.neurons.IFNode` holds the state and calls these; a new neuron model adds its
+update rule here (copy :func:`integrate_and_fire`) and a module beside ``IFNode`` that holds its state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["fire_burst_signed", "fire_burst_signed_", "integrate_and_fire", "integrate_and_fire_sequence"]
+
+
+def integrate_and_fire(
+    v: torch.Tensor,
+    x: torch.Tensor,
+    threshold: float | torch.Tensor,
+    v_reset: float | torch.Tensor | None,
+    *,
+    surrogate: Callable[[torch.Tensor], torch.Tensor],
+    training: bool,
+    detach_reset: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step: ``v + x``, fire where ``v >= threshold``, reset (soft if ``v_reset is None``).
+
+    Returns ``(spike, v)``. Outside training and autograd, ``v`` (owned by the caller) is updated in place.
+    """
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad)
+    if training or differentiable:
+        v = v + x
+        spike = surrogate(v - threshold) if training else (v >= threshold).to(x.dtype)
+        spike_r = spike.detach() if detach_reset else spike
+        if v_reset is None:
+            v = v - spike_r * threshold
+        else:
+            v = spike_r * v_reset + (1.0 - spike_r) * v
+    else:
+        # Inference fast path: update the membrane in place (it is owned by this neuron) with fused kernels.
+        v.add_(x)
+        if v_reset is None:
+            spike = torch.empty_like(v)
+            torch.ge(v, threshold, out=spike)
+            if isinstance(threshold, torch.Tensor):
+                v.sub_(spike * threshold)
+            else:
+                v.sub_(spike, alpha=threshold)
+        else:
+            fired = v >= threshold
+            spike = fired.to(x.dtype)
+            v.masked_fill_(fired, float(v_reset))
+    return spike, v
+
+
+def integrate_and_fire_sequence(
+    v: torch.Tensor, x_seq: torch.Tensor, threshold: float, input_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-reset inference over ``[T, N, *]`` (``v`` updated in place), integrating ``input_scale * x``
+    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output."""
+    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    for t in range(x_seq.shape[0]):
+        if input_scale is None:
+            v.add_(x_seq[t])
+        else:
+            v.add_(x_seq[t], alpha=input_scale)
+        torch.ge(v, threshold, out=out[t])
+        v.sub_(out[t], alpha=threshold)
+    return out, v
+
+
+def fire_burst_signed_(
+    v: torch.Tensor,
+    out: torch.Tensor,
+    threshold: float | torch.Tensor,
+    burst: int,
+    count: torch.Tensor | None,
+) -> None:
+    """Soft-reset inference step of a burst and/or signed neuron on an integrated ``v`` (SPEC 14.2), in place.
+
+    Writes ``k = clamp(floor(v / θ), 0, burst)`` into ``out`` (``v >= θ`` when ``burst == 1``) and subtracts
+    ``k θ``; with a ``count`` (the net spikes so far, signed neurons), emits ``-1`` and adds ``θ`` back where
+    ``v < 0`` and ``count > 0``, and adds the step's output to ``count``.
+    """
+    tensor = isinstance(threshold, torch.Tensor)
+    if burst == 1:
+        torch.ge(v, threshold, out=out)
+    else:
+        if tensor or threshold != 1.0:
+            torch.div(v, threshold, out=out)
+            out.floor_()
+        else:
+            torch.floor(v, out=out)
+        out.clamp_(0, burst)
+    if tensor:
+        v.sub_(out * threshold)
+    else:
+        v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
+    if count is not None:
+        # Float comparisons (bool tensors are slow on CPU): 1 where v < 0, then the minimum with the integer
+        # count keeps it only where the count is positive.
+        negative = torch.lt(v, 0, out=torch.empty_like(v))
+        torch.minimum(negative, count, out=negative)
+        out.sub_(negative)
+        if tensor:
+            v.add_(negative * threshold)
+        else:
+            v.add_(negative, alpha=threshold)  # type: ignore[arg-type]
+        count.add_(out)
+
+
+def fire_burst_signed(
+    v: torch.Tensor, threshold: float | torch.Tensor, burst: int, count: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Out-of-place (autograd-safe) :func:`fire_burst_signed_`; the count carries no gradient.
+
+    Returns ``(k, v, count)``.
+    """
+    with torch.no_grad():
+        k = torch.floor(v / threshold).clamp_(0, burst)
+    v = v - k * threshold
+    if count is not None:
+        negative = ((v.detach() < 0) & (count > 0)).to(v.dtype)
+        k = k - negative
+        v = v + negative * threshold
+        count = count + k
+    return k, v, count

@@ -1,0 +1,199 @@
+"""TD conversion of any model by folding time into the batch: :class:`TDTimeFolded`."""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Collection
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
+from ann2snn_fx.td.fold_mode import _FoldMode
+from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
+
+__all__ = ["TDTimeFolded"]
+
+Tensor = torch.Tensor
+
+_CURRENT_MODE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_mode", default=None)
+
+
+class _FoldedMultiheadAttention(nn.Module):
+    """Stands in for an ``nn.MultiheadAttention`` inside :class:`TDTimeFolded` (unfolds, runs TD, folds)."""
+
+    def __init__(self, td: nn.Module) -> None:
+        super().__init__()
+        self.td = td
+
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, None]:
+        mode = _CURRENT_MODE.get()
+        check_mha_call_args((query, key, value, *args), kwargs)
+        if mode is None or not all(mode.is_time(t) for t in (query, key, value)):
+            raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
+        attn_mask = read_arg((query, key, value, *args), kwargs, 5, "attn_mask", None)
+        is_causal = read_arg((query, key, value, *args), kwargs, 7, "is_causal", False)
+        with torch._C.DisableTorchFunction():
+            out, _ = self.td(
+                mode.unfold(query),
+                mode.unfold(key),
+                mode.unfold(value),
+                need_weights=False,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+            )
+            out = out.flatten(0, 1)
+        mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
+        mode.mark(out)
+        return out, None
+
+
+class TDTimeFolded(nn.Module):
+    """Run any model as a TD network by folding the time axis into the batch.
+
+    The wrapped model (a deep copy of ``ann``) sees its time inputs as ``[T*B, ...]`` tensors, so its
+    own reshapes, transposes, ``x.size(0)`` batch sizes and attention masks stay valid, whatever the
+    Python code around them (no torch.fx tracing: Hugging Face models work as they are). During the
+    forward, every torch op that touches a time-varying tensor is checked: linear and shape ops run
+    unchanged; softmax, GELU, SiLU, tanh/sigmoid/relu, layer/RMS norm, scaled dot-product attention and
+    products of two time-varying tensors run as the TD operators of ``ann2snn_ops`` on the unfolded
+    ``[T, B, ...]`` view; biases and constants added to a time-varying tensor (positional and token-type
+    embeddings, attention masks, ``F.linear``/conv biases) are applied at t = 0 only;
+    ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation).
+    Anything else touching time-varying data is recorded in :attr:`report` (and raises with
+    ``strict=True``): ops on the folded batch dim, dropout in training mode, unconverted nonlinearities.
+    A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
+    step separately, so the equivalence then holds to that precision.
+
+    Args:
+        ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
+        device: Device of the copy; default the first parameter's device, else CPU.
+        time_inputs: Which forward arguments are time sequences ``[T, B, ...]``: positional indices and/or
+            keyword names. Default: every floating-point tensor argument. Other tensor arguments are
+            static; one whose leading dim equals ``B`` is repeated over the ``T`` steps (masks, ids).
+        strict: Raise :class:`~ann2snn_fx.TDEquivalenceError` at the end of a forward that met ops
+            breaking the cumulative equivalence.
+
+    Attributes:
+        report: The :class:`~ann2snn_fx.TDConversionReport` of the last forward (ops aggregated by kind).
+
+    Shape:
+        - Time inputs: ``[T, B, *ann_input_shape[1:]]``; static inputs as the ANN takes them.
+        - Output: every time-varying tensor of the ANN's output (nested in tuples, dicts or
+          ``ModelOutput``) as ``[T, B, ...]``; ``out.cumsum(0)[t] == ann(x.cumsum(0)[t])``.
+
+    Examples:
+        >>> import torch
+        >>> from ann2snn_fx import TDTimeFolded
+        >>> _ = torch.manual_seed(0)
+        >>> ann = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Flatten(1), torch.nn.Softmax(1)).eval()
+        >>> snn = TDTimeFolded(ann, strict=True)
+        >>> x_seq = torch.randn(5, 3, 6)
+        >>> torch.allclose(snn(x_seq).cumsum(0), ann(x_seq.cumsum(0).flatten(0, 1)).unflatten(0, (5, 3)), atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        ann: nn.Module,
+        device: torch.device | str | None = None,
+        *,
+        time_inputs: Collection[int | str] | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(ann, nn.Module):
+            raise TypeError(f"TDTimeFolded expects an nn.Module, but got {type(ann).__name__}.")
+        if device is None:
+            first = next(ann.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.model = copy.deepcopy(ann).to(device)
+        self.time_inputs = None if time_inputs is None else set(time_inputs)
+        self.strict = strict
+        self.report = TDConversionReport()
+        self.training = ann.training
+        for name, module in list(self.model.named_modules()):
+            if type(module) is nn.MultiheadAttention:
+                td = build_td_module(module)
+                assert td is not None
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                wrapper = _FoldedMultiheadAttention(td)
+                wrapper.train(module.training)
+                setattr(parent, attr, wrapper)
+
+    def _is_time(self, key: int | str, value: Any) -> bool:
+        if not isinstance(value, Tensor):
+            return False
+        if self.time_inputs is None:
+            return value.is_floating_point()
+        return key in self.time_inputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model on time sequences; see the class docstring for shapes."""
+        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        times = [(key, value) for key, value in items if self._is_time(key, value)]
+        if not times:
+            raise ValueError(
+                "TDTimeFolded expects at least one time-sequence tensor input [T, B, ...], but got none."
+            )
+        for key, value in times:
+            if value.dim() < 2 or value.shape[0] == 0:
+                raise ValueError(
+                    f"TDTimeFolded expects time input {key!r} with shape [T, B, ...] and a non-empty time "
+                    f"dimension, but got shape {tuple(value.shape)}."
+                )
+        steps, batch = times[0][1].shape[:2]
+        for key, value in times:
+            if tuple(value.shape[:2]) != (steps, batch):
+                raise ValueError(
+                    f"TDTimeFolded expects every time input to share [T, B] = {[steps, batch]}, but {key!r} has "
+                    f"shape {tuple(value.shape)}."
+                )
+        mode = _FoldMode(steps)
+        time_keys = {key for key, _ in times}
+
+        def fold(key: int | str, value: Any) -> Any:
+            if key in time_keys:
+                return mode.mark(value.flatten(0, 1))
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+            return value
+
+        folded_args = [fold(i, v) for i, v in enumerate(args)]
+        folded_kwargs = {k: fold(k, v) for k, v in kwargs.items()}
+        token = _CURRENT_MODE.set(mode)
+        try:
+            with mode:
+                out = self.model(*folded_args, **folded_kwargs)
+        finally:
+            _CURRENT_MODE.reset(token)
+
+        def unfold(value: Any) -> Any:
+            if not isinstance(value, Tensor):
+                return value
+            if mode.batch_dim(value) == 0 and value.dim() >= 1 and value.shape[0] % steps == 0:
+                return mode.unfold(value)
+            if mode.is_time(value):
+                mode.issue(type(self.model), "output without the time-folded batch as its leading dim")
+                return value
+            if value.dim() >= 1 and value.shape[0] == steps * batch:
+                return mode.unfold(mode.impulse(value, value))
+            mode.issue(type(self.model), f"constant output of shape {tuple(value.shape)} has no time axis")
+            return value
+
+        result = pytree.tree_map(unfold, out)
+        self.report = TDConversionReport(
+            converted=[
+                TDNodeRecord(op, op, f"{detail} (x{n})") for (op, detail), n in mode.converted.items()
+            ],
+            issues=[TDNodeRecord(op, op, f"{detail} (x{n})") for (op, detail), n in mode.issues.items()],
+        )
+        if self.strict:
+            self.report.raise_if_not_equivalent("TDTimeFolded")
+        return result

@@ -1,0 +1,342 @@
+"""The handlers of :class:`~ann2snn_fx.td.fold.TDTimeFolded`'s fold mode, one function per op kind.
+
+Each ``handler(mode, func, args, kwargs)`` computes ``func`` on time-folded tensors so that the cumulative
+equivalence holds, or raises :class:`_Unsupported` (the op then runs unchanged and is reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from ann2snn_fx.td.build import read_arg, shift_dim
+from ann2snn_ops import (
+    TDGELU,
+    TDFunction,
+    TDMatMul,
+    TDMul,
+    TDScaledDotProductAttention,
+    TDSoftmax,
+)
+
+if TYPE_CHECKING:
+    from ann2snn_fx.td.fold_mode import _FoldMode
+
+Tensor = torch.Tensor
+_Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _name(func: Any) -> str:
+    if isinstance(func, type):
+        return func.__name__
+    qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    qualname = qualname.replace("_TensorBase.", "Tensor.").replace("TensorBase.", "Tensor.")
+    qualname = qualname.replace("_VariableFunctionsClass.", "")
+    module = getattr(func, "__module__", None)
+    if module and module.startswith("torch.nn.functional"):
+        return f"F.{qualname}"
+    if module == "torch._C._nn":
+        return f"F.{qualname}"
+    if qualname.startswith("Tensor."):
+        return qualname
+    return f"torch.{qualname}"
+
+
+def _permutation(args: tuple[Any, ...]) -> list[int]:
+    dims = args[1:]
+    flat = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
+    return [d % args[0].dim() for d in flat]
+
+
+class _Unsupported(Exception):
+    """An op the fold mode cannot make time-equivalent; it runs unchanged and is reported."""
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+def _passthrough(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return func(*args, **kwargs)
+
+
+def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    out = func(*args, **kwargs)
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0):
+            raise _Unsupported("reshape that does not keep the time-folded batch as the leading dim")
+    return out
+
+
+def _no_dim0(*positions: tuple[int, str, Any]) -> _Handler:
+    """Linear ops whose dim arguments must not touch the time-folded batch dim 0."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = args[0]
+        for index, name, default in positions:
+            value = read_arg(args, kwargs, index, name, default)
+            values = value if isinstance(value, (tuple, list)) else [value]
+            for dim in values:
+                if dim is None or (isinstance(dim, int) and dim % max(x.dim(), 1) == 0):
+                    raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
+        return func(*args, **kwargs)
+
+    return handler
+
+
+def _getitem(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    index = args[1]
+    first = index[0] if isinstance(index, tuple) and index else index
+    if not (first is Ellipsis or first == slice(None)):
+        raise _Unsupported("indexing the time-folded batch dim")
+    return func(*args, **kwargs)
+
+
+def _permute(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    order = _permutation(args)
+    return mode.mark(func(*args, **kwargs), order.index(0))
+
+
+def _cat(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    tensors = list(read_arg(args, kwargs, 0, "tensors", []))
+    dim = read_arg(args, kwargs, 1, "dim", 0)
+    reference = next(t for t in tensors if mode.is_time(t))
+    if func is not torch.stack and dim % reference.dim() == 0:
+        raise _Unsupported("concatenation along the time-folded batch dim")
+    if func is torch.stack and dim % (reference.dim() + 1) == 0:
+        raise _Unsupported("stacking along the time-folded batch dim")
+    # an empty constant (a fresh cache, the legacy 1-D [0] tensor) contributes nothing
+    fixed = [
+        t if mode.is_time(t) else mode.impulse(t, reference) for t in tensors if mode.is_time(t) or t.numel()
+    ]
+    if len(fixed) != len(tensors) or any(a is not b for a, b in zip(fixed, tensors, strict=True)):
+        mode.done(func, "constant members placed at t = 0 only")
+    rest = {k: v for k, v in kwargs.items() if k != "tensors"}
+    return func(fixed, *args[1:], **rest)
+
+
+def _add(sign: int, reverse: bool = False) -> _Handler:
+    """add/sub (``reverse`` for ``c - x`` written as ``x.__rsub__(c)``); constants go to t = 0."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        a, b = args[0], read_arg(args, kwargs, 1, "other", None)
+        if mode.is_time(a) and mode.is_time(b):
+            return func(*args, **kwargs)
+        scale = sign * kwargs.get("alpha", 1)
+        if reverse:  # b - a
+            time, constant = (-a, b) if mode.is_time(a) else (b, -a)
+        elif mode.is_time(a):
+            time, constant = a, b * scale
+        else:
+            time, constant = b * scale, a
+        if isinstance(constant, Tensor) and not constant.is_floating_point() and constant.dim() > 0:
+            raise _Unsupported("adding an integer tensor to a time sequence")
+        mode.done(func, "constant added at t = 0 only")
+        return mode.add_at_t0(time, constant)
+
+    return handler
+
+
+def _inplace(kind: str) -> _Handler:
+    """In-place add/sub/mul/div on a time-varying tensor (``x += residual``, ``x *= scale``)."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x, other = args[0], read_arg(args, kwargs, 1, "other", None)
+        if not mode.is_time(x):
+            raise _Unsupported("an in-place op that makes a constant tensor time-varying")
+        if kind in ("add", "sub"):
+            if mode.is_time(other):
+                return func(*args, **kwargs)
+            scale = kwargs.get("alpha", 1) * (1 if kind == "add" else -1)
+            mode.done(func, "constant added at t = 0 only")
+            return mode.add_at_t0_(x, other * scale)
+        if mode.is_time(other):
+            if kind == "div":
+                raise _Unsupported("division by a time-varying tensor is a nonlinearity")
+            mode.done(func, "-> TDMul")
+            return x.copy_(mode.td(TDMul(), *torch.broadcast_tensors(x, other)))
+        return func(*args, **kwargs)
+
+    return handler
+
+
+def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a, b = args[0], read_arg(args, kwargs, 1, "other", None)
+    if mode.is_time(a) and mode.is_time(b):
+        mode.done(func, "-> TDMul")
+        a, b = torch.broadcast_tensors(a, b)
+        return mode.td(TDMul(), a, b)
+    return func(*args, **kwargs)
+
+
+def _div(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    b = read_arg(args, kwargs, 1, "other", None)
+    if mode.is_time(b):
+        raise _Unsupported("division by a time-varying tensor is a nonlinearity")
+    return func(*args, **kwargs)
+
+
+def _matmul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    a, b = args[0], args[1] if len(args) > 1 else next(iter(kwargs.values()))
+    if mode.is_time(a) and mode.is_time(b):
+        if a.dim() != b.dim():
+            raise _Unsupported("matmul of two time sequences of different ranks")
+        mode.done(func, "-> TDMatMul")
+        return mode.td(TDMatMul(), a, b)
+    if (not mode.is_time(a) and a.dim() >= 3) or (not mode.is_time(b) and b.dim() >= 3):
+        # a batched constant factor must not be mistaken for per-sample data of the folded batch
+        raise _Unsupported("matmul with a batched constant factor")
+    return func(*args, **kwargs)
+
+
+def _unary(make: Callable[[tuple[Any, ...], dict[str, Any]], nn.Module]) -> _Handler:
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = make(args, kwargs)
+        mode.done(func, f"-> {type(module).__name__}")
+        return mode.td(module, args[0])
+
+    return handler
+
+
+def _softmax(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    dim = read_arg(args, kwargs, 1, "dim", None)
+    dtype = kwargs.get("dtype", read_arg(args, kwargs, 3 if func is F.softmax else 2, "dtype", None))
+    if not isinstance(dim, int) or dim % x.dim() == 0:
+        raise _Unsupported(f"softmax over dim={dim!r} mixes the time-folded batch")
+    if dtype is not None:
+        x = x.to(dtype)
+    mode.done(func, "-> TDSoftmax")
+    return mode.td(TDSoftmax(dim=shift_dim(dim)), x)
+
+
+def _gelu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
+    return TDGELU(approximate=read_arg(args, kwargs, 1, "approximate", "none"))
+
+
+def _norm(kind: str) -> _Handler:
+    """layer_norm/rms_norm: the normalisation as a TD op, then the affine part on the folded steps.
+
+    The affine part is linear (weight on every step, bias at t = 0), and keeping it outside the TD
+    op lets gradients reach the model's own weight and bias.
+    """
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        shape = read_arg(args, kwargs, 1, "normalized_shape", None)
+        weight = read_arg(args, kwargs, 2, "weight", None)
+        bias = read_arg(args, kwargs, 3, "bias", None) if kind == "layer" else None
+        eps = read_arg(args, kwargs, 4 if kind == "layer" else 3, "eps", 1e-5 if kind == "layer" else None)
+        if mode.is_time(weight) or mode.is_time(bias):
+            raise _Unsupported("a time-varying weight or bias")
+        if kind == "layer":
+            td = TDFunction(lambda z: F.layer_norm(z, shape, None, None, eps), name="TDLayerNorm")
+        else:
+            td = TDFunction(lambda z: F.rms_norm(z, shape, None, eps), name="TDRMSNorm")
+        mode.done(func, f"-> {td.name}")
+        out = mode.td(td, args[0])
+        if weight is not None:
+            out = out * weight
+        return out if bias is None else mode.add_at_t0_(out, bias)
+
+    return handler
+
+
+def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
+    """linear/conv: apply the weight to every step, the bias at t = 0 only (as TDLinear/TDConv2d)."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if any(mode.is_time(a) for a in pytree.tree_leaves((args[1:], kwargs))):
+            raise _Unsupported("a time-varying weight or bias")
+        bias = read_arg(args, kwargs, bias_index, "bias", None)
+        call_args = list(args)
+        if len(call_args) > bias_index:
+            call_args[bias_index] = None
+        rest = {k: v for k, v in kwargs.items() if k != "bias"}
+        out = func(*call_args, **rest)
+        if bias is None:
+            return out
+        mode.done(func, "bias added at t = 0 only")
+        if channel_dims is not None:
+            bias = bias.reshape(-1, *([1] * (out.dim() - 2)))
+        return mode.add_at_t0_(out, bias)
+
+    return handler
+
+
+def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    q, k, v = (read_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
+    if not (mode.is_time(q) and mode.is_time(k) and mode.is_time(v)):
+        raise _Unsupported("attention whose query, key and value are not all time-varying")
+    mask = read_arg(args, kwargs, 3, "attn_mask", None)
+    dropout_p = read_arg(args, kwargs, 4, "dropout_p", 0.0)
+    is_causal = read_arg(args, kwargs, 5, "is_causal", False)
+    scale = read_arg(args, kwargs, 6, "scale", None)
+    if read_arg(args, kwargs, 7, "enable_gqa", False) and k.shape[-3] != q.shape[-3]:
+        # grouped-query attention: each key/value head serves q_heads / kv_heads query heads
+        if q.shape[-3] % k.shape[-3]:
+            raise _Unsupported("enable_gqa=True with query heads not a multiple of key/value heads")
+        groups = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    if dropout_p != 0.0:
+        raise _Unsupported("attention dropout draws a different mask at every time step")
+    if mode.is_time(mask):
+        raise _Unsupported("a time-varying attention mask")
+    if isinstance(mask, Tensor) and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]:
+        mask = mode.unfold(mask)[0]
+    if is_causal and mask is not None:
+        # SDPA ignores neither; keep the plain call's semantics by folding causality into the mask
+        raise _Unsupported("is_causal=True together with attn_mask")
+    mode.done(func, "-> TDScaledDotProductAttention")
+    module = TDScaledDotProductAttention(is_causal=bool(is_causal), scale=scale)
+    return module(mode.unfold(q), mode.unfold(k), mode.unfold(v), mask).flatten(0, 1)
+
+
+def _dropout(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    p = read_arg(args, kwargs, 1, "p", 0.5)
+    training = read_arg(args, kwargs, 2, "training", True)
+    if training and p != 0:
+        raise _Unsupported("dropout in training mode draws a different mask at every time step")
+    return func(*args, **kwargs)
+
+
+def _masked_fill(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x, mask, value = (
+        args[0],
+        read_arg(args, kwargs, 1, "mask", None),
+        read_arg(args, kwargs, 2, "value", None),
+    )
+    if mode.is_time(mask) or mode.is_time(value):
+        raise _Unsupported("a time-varying mask or fill value")
+    if isinstance(value, (int, float)) and value == 0:
+        return func(*args, **kwargs)
+    zeroed = func(x, mask, 0)
+    filled = torch.zeros_like(x).masked_fill(mask, value)
+    mode.done(func, "fill value placed at t = 0 only")
+    return mode.add_at_t0(zeroed, filled)
+
+
+def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A pointwise function of its first argument; the others must be constants that need no gradient."""
+    x, rest = args[0], args[1:]
+    if not mode.is_time(x) or any(
+        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad)
+        for a in pytree.tree_leaves((rest, kwargs))
+    ):
+        raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
+    mode.done(func, "-> TDFunction")
+    return mode.td(TDFunction(lambda z: func(z, *rest, **kwargs), name=f"TD({_name(func)})"), x)
+
+
+def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``addmm(bias, x, w)`` (e.g. GPT-2's Conv1D): the product on every step, the bias at t = 0."""
+    bias, x, weight = args[:3]
+    if mode.is_time(bias) or mode.is_time(weight) or not mode.is_time(x) or args[3:] or kwargs:
+        raise _Unsupported("addmm other than bias + time-varying input @ constant weight")
+    mode.done(func, "bias added at t = 0 only")
+    return mode.add_at_t0_(torch.mm(x, weight), bias)
+
+
+def _elementwise(fn: Callable[[Tensor], Tensor]) -> _Handler:
+    return _unary(lambda args, kwargs: TDFunction(fn))

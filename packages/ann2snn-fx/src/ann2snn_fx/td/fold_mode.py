@@ -1,0 +1,153 @@
+"""The ``TorchFunctionMode`` behind :class:`~ann2snn_fx.td.fold.TDTimeFolded`: tracks time tensors, dispatches ops."""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ann2snn_fx.td.build import read_arg
+from ann2snn_fx.td.fold_handlers import Tensor, _name, _permutation, _Unsupported
+from ann2snn_fx.td.fold_table import _FACTORIES, _HANDLERS, _META, _NONLINEAR, _SELF_ONLY
+
+
+class _FoldMode(TorchFunctionMode):
+    """Runs a model's forward on time-folded ``[T*B, ...]`` tensors with TD semantics.
+
+    Tensors derived from the time inputs are tracked (by identity); an op that touches one is
+    routed through the TD operator or identity that keeps ``sum_t y == f(sum_t x)``.
+    """
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        # id -> (weak ref, dim holding the time-folded batch; 0 except after a permute that moved it)
+        self._time: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
+        self.converted: Counter[tuple[str, str]] = Counter()
+        self.issues: Counter[tuple[str, str]] = Counter()
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def batch_dim(self, value: Any) -> int | None:
+        """The dim holding the time-folded batch if ``value`` is time-varying, else None."""
+        if not isinstance(value, Tensor):
+            return None
+        entry = self._time.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        return entry[1]
+
+    def is_time(self, value: Any) -> bool:
+        return self.batch_dim(value) is not None
+
+    def mark(self, value: Any, batch_dim: int = 0) -> Any:
+        for leaf in pytree.tree_leaves(value):
+            if isinstance(leaf, Tensor) and not self.is_time(leaf):
+                self._time[id(leaf)] = (weakref.ref(leaf), batch_dim)
+        return value
+
+    def issue(self, func: Any, detail: str) -> None:
+        self.issues[(_name(func), detail)] += 1
+
+    def done(self, func: Any, detail: str) -> None:
+        self.converted[(_name(func), detail)] += 1
+
+    # ---- time axis helpers -------------------------------------------------------------------
+    def unfold(self, x: Tensor) -> Tensor:
+        return x.unflatten(0, (self.steps, -1))
+
+    def step_constant(self, constant: Any, reference: Tensor) -> Any:
+        """One time step's worth of a constant: a per-sample constant of the folded batch loses it."""
+        if isinstance(constant, Tensor) and constant.dim() >= reference.dim() and constant.shape[0] != 1:
+            if constant.dim() > reference.dim() or constant.shape[0] != reference.shape[0]:
+                raise _Unsupported("a constant whose leading dim is not the time-folded batch")
+            return self.unfold(constant)[0]
+        return constant
+
+    def add_at_t0(self, x: Tensor, constant: Any) -> Tensor:
+        """``x`` plus ``constant`` at t = 0 only (the differential form of adding a constant)."""
+        steps = self.unfold(x)
+        head = steps[0] + self.step_constant(constant, x)
+        tail = steps[1:].expand(self.steps - 1, *head.shape)
+        return torch.cat([head.unsqueeze(0), tail], dim=0).flatten(0, 1)
+
+    def add_at_t0_(self, fresh: Tensor, constant: Any) -> Tensor:
+        """:meth:`add_at_t0` in place, for a tensor this mode just created (no other user sees it)."""
+        head = self.unfold(fresh)[0]
+        step = self.step_constant(constant, fresh)
+        if torch.broadcast_shapes(head.shape, getattr(step, "shape", ())) != head.shape:
+            return self.add_at_t0(fresh, constant)
+        head.add_(step)
+        return fresh
+
+    def impulse(self, constant: Tensor, reference: Tensor) -> Tensor:
+        """A folded constant as a differential sequence: itself at t = 0, zeros after."""
+        if constant.dim() != reference.dim() or constant.shape[0] != reference.shape[0]:
+            raise _Unsupported("concatenating a constant without the time-folded batch dim")
+        steps = self.unfold(constant)
+        return torch.cat([steps[:1], torch.zeros_like(steps[1:])], dim=0).flatten(0, 1)
+
+    def td(self, module: nn.Module, *inputs: Tensor) -> Tensor:
+        out = module(*[self.unfold(x) for x in inputs])
+        return out.flatten(0, 1)
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not any(self.is_time(leaf) for leaf in leaves):
+            return func(*args, **kwargs)
+        if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
+            return func(*args, **kwargs)  # uses only the shape/dtype of its time-varying argument
+        if func in _FACTORIES:
+            return func(*args, **kwargs)  # new tensors that take only shape/dtype/device from the input
+        if any(self.batch_dim(leaf) not in (None, 0) for leaf in leaves):
+            return self.displaced(func, args, kwargs)
+        handler = _HANDLERS.get(func)
+        if handler is None:
+            if func in _META:
+                return func(*args, **kwargs)
+            if func in _NONLINEAR:
+                self.issue(func, "unconverted nonlinearity")
+            else:
+                self.issue(func, "op not known to be time-transparent")
+            return self.mark(func(*args, **kwargs))
+        try:
+            return self.mark(handler(self, func, args, kwargs))
+        except _Unsupported as error:
+            self.issue(func, str(error))
+            return self.mark(func(*args, **kwargs))
+
+    def displaced(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Ops on a tensor whose folded batch was moved off dim 0 (``qkv.permute(2, 0, 3, 1, 4)``).
+
+        Only taking slices along a leading dim (``unbind(0)``, ``x[i]``, ``select(0, i)``) is
+        understood; it moves the batch dim back towards 0.
+        """
+        if func in _META:
+            return func(*args, **kwargs)
+        x = args[0]
+        position = self.batch_dim(x)
+        if position is None:  # the displaced tensor is another argument
+            self.issue(func, "op on a tensor whose time-folded batch dim was moved off dim 0")
+            return self.mark(func(*args, **kwargs))
+        removed: int | None = None
+        if func is Tensor.unbind or func is torch.unbind:
+            removed = read_arg(args, kwargs, 1, "dim", 0) % x.dim()
+        elif func is Tensor.select or func is torch.select:
+            removed = read_arg(args, kwargs, 1, "dim", None) % x.dim()
+        elif func is Tensor.__getitem__ and isinstance(args[1], int):
+            removed = 0
+        elif func in (Tensor.permute, torch.permute):
+            order = _permutation(args)
+            return self.mark(func(*args, **kwargs), order.index(position))
+        if removed is None or removed >= position:
+            self.issue(func, "op on a tensor whose time-folded batch dim was moved off dim 0")
+            return self.mark(func(*args, **kwargs))
+        return self.mark(func(*args, **kwargs), position - 1)
