@@ -10,7 +10,8 @@ Three tables, measured in one run:
 2. Accuracy (%) on scikit-learn's digits test split for CNN-3, CNN-6 and the 10-layer CNN on noisy digits:
    the ANN; today's best training-free configuration (``v_init=0.5`` + ``min_error`` tuned for each T);
    ``tune_latency``'s pick per T (searched on a validation split held out from training, reported on the
-   test split); SpikingJelly 2.0.0's ``RateCodingRecipe(half_threshold=True)`` and
+   test split); SpikingJelly 2.0.0's ``RateCodingRecipe(half_threshold=True)`` (which SpikingJelly silently
+   runs with plain IF neurons unless ``channel_wise=True``), the same with ``channel_wise=True``, and
    ``LocalThresholdBalancingRecipe`` on the same trained model.
 3. QCFS: the ANN with ``prepare_qcfs(levels=4)`` fine-tuned for a few epochs, converted without data, with
    plain and with ``burst=4`` neurons.
@@ -123,7 +124,13 @@ def _spikingjelly(
         return {}
     out: dict[str, dict[int, float]] = {}
     recipes = {
-        "SpikingJelly RateCodingRecipe(max, half_threshold)": RateCodingRecipe(loader, half_threshold=True),
+        # SpikingJelly 2.0.0 ignores half_threshold=True unless channel_wise=True (plain IF neurons, v = 0).
+        "SpikingJelly RateCodingRecipe(max, half_threshold) [plain IF: flag ignored]": RateCodingRecipe(
+            loader, half_threshold=True
+        ),
+        "SpikingJelly RateCodingRecipe(max, channel_wise, half_threshold)": RateCodingRecipe(
+            loader, half_threshold=True, channel_wise=True
+        ),
         "SpikingJelly LocalThresholdBalancingRecipe": LocalThresholdBalancingRecipe(loader),
     }
     for name, recipe in recipes.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +10,8 @@ import torch
 from torch import nn
 
 from ann2snn_fx.snn._checks import check_neuron_options, check_potential
-from ann2snn_fx.snn.dynamics import fire_burst_signed, fire_burst_signed_, integrate_and_fire
+from ann2snn_fx.snn.dynamics import integrate_and_fire
+from ann2snn_fx.snn.low_latency import LowLatencyState
 from ann2snn_fx.snn.sequence import SequenceSteps
 
 __all__ = ["IFNode", "SigmoidSurrogate", "reset_net"]
@@ -61,7 +61,7 @@ class SigmoidSurrogate(nn.Module):
         return f"alpha={self.alpha}"
 
 
-class IFNode(SequenceSteps, nn.Module):
+class IFNode(LowLatencyState, SequenceSteps, nn.Module):
     """Integrate-and-fire neuron with soft (subtractive) or hard reset.
 
     Each single-step call integrates ``v = v + x``, emits ``spike = (v >= v_threshold)`` and resets the
@@ -159,18 +159,7 @@ class IFNode(SequenceSteps, nn.Module):
             self.set_v_init(v_init)
         elif v_init is not None:
             self.v_init = float(check_potential("v_init", v_init, positive=False))
-        if isinstance(burst, bool) or not isinstance(burst, numbers.Integral) or burst < 1:
-            raise ValueError(f"burst must be a positive int (1: one spike per step), but got {burst!r}.")
-        if not isinstance(signed, bool):
-            raise TypeError(f"signed must be a bool, but got {signed!r}.")
-        if (burst > 1 or signed) and self.v_reset is not None:
-            raise ValueError(
-                f"burst={burst} and signed={signed} need the soft reset (v_reset=None), but got "
-                f"v_reset={self.v_reset!r}."
-            )
-        self.burst = int(burst)
-        self.signed = signed
-        self.count = 0.0
+        self._set_low_latency_options(burst, signed)
         check_neuron_options(
             detach_reset=detach_reset,
             step_mode=step_mode,
@@ -188,31 +177,6 @@ class IFNode(SequenceSteps, nn.Module):
         self.v = self._initial_v()
         self.v_seq: torch.Tensor | None = None
 
-    def set_v_init(self, value: torch.Tensor) -> None:
-        """Set a per-element initial potential (a finite real tensor broadcastable to one sample).
-
-        It is kept as the buffer ``v_init`` (saved in ``state_dict``; a neuron built with a number or
-        ``None`` adopts the buffer when such a state is loaded into it).
-        """
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise TypeError(f"v_init must be a floating-point tensor here, but got {value!r}.")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(
-                f"v_init must be finite, but got a tensor of shape {tuple(value.shape)} with non-finite values."
-            )
-        self.__dict__.pop("v_init", None)
-        if "v_init" in self._buffers:
-            self._buffers["v_init"] = value.detach().clone()
-        else:
-            self.register_buffer("v_init", value.detach().clone())
-        self.reset()
-
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "v_init"
-        if key in state_dict and "v_init" not in self._buffers:
-            self.set_v_init(state_dict[key])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _initial_v(self) -> float:
         v_init = self.v_init
         if isinstance(v_init, torch.Tensor):
@@ -227,12 +191,6 @@ class IFNode(SequenceSteps, nn.Module):
         self.v = self._initial_v()
         self.count = 0.0
         self.v_seq = None
-
-    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor:
-        count = self.count
-        if not isinstance(count, torch.Tensor) or count.shape != x.shape:
-            return torch.zeros_like(x)
-        return count.to(dtype=x.dtype, device=x.device)
 
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v
@@ -260,20 +218,6 @@ class IFNode(SequenceSteps, nn.Module):
             detach_reset=self.detach_reset,
         )
         self.v = v
-        return spike
-
-    def _burst_signed_step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        count = self._prepare_count(x) if self.signed else None
-        differentiable = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad)
-        if self.training or differentiable:
-            spike, v, count = fire_burst_signed(v + x, self.v_threshold, self.burst, count)
-        else:
-            v.add_(x)
-            spike = torch.empty_like(v)
-            fire_burst_signed_(v, spike, self.v_threshold, self.burst, count)
-        self.v = v
-        if count is not None:
-            self.count = count
         return spike
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
