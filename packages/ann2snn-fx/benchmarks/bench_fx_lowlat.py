@@ -13,8 +13,8 @@ Three tables, measured in one run:
    test split); SpikingJelly 2.0.0's ``RateCodingRecipe(half_threshold=True)`` (which SpikingJelly silently
    runs with plain IF neurons unless ``channel_wise=True``), the same with ``channel_wise=True``, and
    ``LocalThresholdBalancingRecipe`` on the same trained model.
-3. QCFS: the ANN with ``prepare_qcfs(levels=4)`` fine-tuned for a few epochs, converted without data, with
-   plain and with ``burst=4`` neurons.
+3. QCFS: the ANN with ``prepare_qcfs(levels=L)`` (L = 4, 8) fine-tuned for 3 epochs, converted without data,
+   with plain and with ``burst=L`` neurons (exact at T = 1: the SNN reproduces the QCFS ANN).
 """
 
 from __future__ import annotations
@@ -152,30 +152,33 @@ def _spikingjelly(
 def _qcfs(
     ann: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, x: torch.Tensor, y: torch.Tensor, epochs: int
 ) -> list[tuple[str, dict[int, float], float]]:
+    """QCFS copies (L = 4 and 8) fine-tuned with AdamW + cosine, converted with no data; plain and burst=L IF."""
     loader = [(xtr[i : i + 128], ytr[i : i + 128]) for i in range(0, len(xtr), 128)]
-    q = prepare_qcfs(ann, levels=4, dataloader=loader)
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(q.parameters(), 1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        q.train()
-        order = torch.randperm(len(xtr))
-        for i in range(0, len(xtr), 32):
-            idx = order[i : i + 32]
-            loss = nn.functional.cross_entropy(q(xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    q.eval()
-    with torch.no_grad():
-        q_acc = _pct(q(x), y)
     rows = []
-    for label, factory in (
-        ("QCFS L=4 fine-tuned, IF", NeuronFactory()),
-        ("QCFS L=4 fine-tuned, burst=4", NeuronFactory(burst=4)),
-    ):
-        snn = Converter(progress=False, neuron_factory=factory).convert_to_spiking_neurons(q)
-        out = run_snn(snn, x, max(STEPS), multi_step=True)
-        rows.append((label, {t: _pct(out[t - 1], y) for t in STEPS}, q_acc))
+    for levels in (4, 8):
+        q = prepare_qcfs(ann, levels=levels, dataloader=loader)
+        torch.manual_seed(0)
+        opt = torch.optim.AdamW(q.parameters(), 1e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(xtr) + 31) // 32))
+        for _ in range(epochs):
+            q.train()
+            order = torch.randperm(len(xtr))
+            for i in range(0, len(xtr), 32):
+                idx = order[i : i + 32]
+                loss = nn.functional.cross_entropy(q(xtr[idx]), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        q.eval()
+        with torch.no_grad():
+            q_acc = _pct(q(x), y)
+        for label, factory in (("IF", NeuronFactory()), (f"burst={levels}", NeuronFactory(burst=levels))):
+            snn = Converter(progress=False, neuron_factory=factory).convert_to_spiking_neurons(q)
+            out = run_snn(snn, x, max(STEPS), multi_step=True)
+            rows.append(
+                (f"QCFS L={levels}, {epochs} epochs, {label}", {t: _pct(out[t - 1], y) for t in STEPS}, q_acc)
+            )
     return rows
 
 
