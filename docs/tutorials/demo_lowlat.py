@@ -82,8 +82,8 @@ def run_lowlat(
             cnn.simulate(snn, data.x_test, data.y_test, steps),
         )
     ]
-    # QCFS: replace the ReLUs, fine-tune briefly, convert with no calibration data, burst neurons (T=1 exact).
-    qcfs = prepare_qcfs(ann, levels=4, dataloader=calibration)
+    # QCFS: replace the ReLUs, fine-tune briefly, convert with no calibration data, burst=L neurons (T=1 exact).
+    qcfs = prepare_qcfs(ann, levels=8, dataloader=calibration)
     start = time.perf_counter()
     train_classifier(
         qcfs,
@@ -97,11 +97,11 @@ def run_lowlat(
     )
     with torch.no_grad():
         qcfs_accuracy = accuracy(qcfs(data.x_test), data.y_test)
-    snn = Converter(progress=False, neuron_factory=NeuronFactory(burst=4)).convert_to_spiking_neurons(qcfs)
+    snn = Converter(progress=False, neuron_factory=NeuronFactory(burst=8)).convert_to_spiking_neurons(qcfs)
     rows.append(
         LowLatencyResult(
             LowLatencyConfiguration(
-                f"QCFS L=4, {qcfs_epochs} fine-tuning epochs (QCFS ANN {100 * qcfs_accuracy:.1f}%), burst=4",
+                f"QCFS L=8, {qcfs_epochs} fine-tuning epochs (QCFS ANN {100 * qcfs_accuracy:.1f}%), burst=8",
                 mode="qcfs",
             ),
             time.perf_counter() - start,

@@ -42,11 +42,11 @@ def qcfs_recipe(
 ) -> dict:
     """Fine-tune a QCFS copy of ``ann`` and convert it with no calibration data; accuracy (%) per T."""
     loader = DataLoader(TensorDataset(x_train, data.y_train), batch_size=128)
-    qcfs = prepare_qcfs(ann, levels=4, dataloader=loader)  # each λ starts at its layer's largest activation
+    qcfs = prepare_qcfs(ann, levels=8, dataloader=loader)  # each λ starts at its layer's largest activation
     train_classifier(qcfs, x_train, data.y_train, epochs=epochs, lr=1e-3, progress=False)
     with torch.no_grad():
-        rows = {"QCFS ANN (L=4)": [100 * accuracy(qcfs(x_test), data.y_test)] * len(STEPS)}
-    for label, neurons in (("IF neurons", NeuronFactory()), ("burst=4 neurons", NeuronFactory(burst=4))):
+        rows = {"QCFS ANN (L=8)": [100 * accuracy(qcfs(x_test), data.y_test)] * len(STEPS)}
+    for label, neurons in (("IF neurons", NeuronFactory()), ("burst=8 neurons", NeuronFactory(burst=8))):
         snn = Converter(neuron_factory=neurons, progress=False).convert_to_spiking_neurons(qcfs)
         out = run_snn(snn, x_test, max(STEPS), multi_step=True)
         rows[f"QCFS SNN, {label}"] = [100 * accuracy(out[t - 1], data.y_test) for t in STEPS]
