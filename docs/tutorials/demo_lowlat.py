@@ -75,11 +75,13 @@ def run_lowlat(
     if best.calibration:
         snn = calibrate_snn(snn, ann, calibration, pick_steps, best.calibration, progress=False)
     tuned_seconds = time.perf_counter() - start
+    print(f"tune_latency's pick for T={pick_steps} ({len(result.records)} records): {best.label}")
     rows = [
         LowLatencyResult(
-            LowLatencyConfiguration(f"training-free, tune_latency pick for T={pick_steps}: {best.label}"),
+            LowLatencyConfiguration(f"tune_latency pick for T={pick_steps} (training-free)"),
             tuned_seconds,
             cnn.simulate(snn, data.x_test, data.y_test, steps),
+            report=best.label,
         )
     ]
     # QCFS: replace the ReLUs, fine-tune briefly, convert with no calibration data, burst=L neurons (T=1 exact).
@@ -100,12 +102,10 @@ def run_lowlat(
     snn = Converter(progress=False, neuron_factory=NeuronFactory(burst=8)).convert_to_spiking_neurons(qcfs)
     rows.append(
         LowLatencyResult(
-            LowLatencyConfiguration(
-                f"QCFS L=8, {qcfs_epochs} fine-tuning epochs (QCFS ANN {100 * qcfs_accuracy:.1f}%), burst=8",
-                mode="qcfs",
-            ),
+            LowLatencyConfiguration(f"QCFS L=8 + {qcfs_epochs} epochs, burst=8", mode="qcfs"),
             time.perf_counter() - start,
             cnn.simulate(snn, data.x_test, data.y_test, steps),
+            report=f"QCFS ANN test accuracy {100 * qcfs_accuracy:.1f}%",
         )
     )
     return rows
