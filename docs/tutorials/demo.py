@@ -8,6 +8,8 @@
    cumulative output reproduces the ANN.
 3. Account for the CNN's spikes, operations and energy at T = 4 and 32, and plot energy against T beside
    accuracy (``demo_accounting.py``).
+4. Quantise the tiny transformer (level 16: post-training, then a short fine-tune) and convert it to a
+   spike-driven ST-BIF SNN: accuracy against T beside the float ANN (``demo_spikezip.py``).
 
 Usage::
 
@@ -26,6 +28,7 @@ import time
 import cnn
 import demo_accounting
 import demo_lowlat
+import demo_spikezip
 import torch
 import transformer
 from digits import load_digits_split
@@ -91,6 +94,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     (args.out / "accounting.md").write_text(accounting + "\n")
 
+    print("\n## 4. Spike-driven transformer: QANN -> ST-BIF SNN (SpikeZIP)\n")
+    section = time.perf_counter()
+    sz = demo_spikezip.run_spikezip_demo(
+        data,
+        epochs=tf_epochs,
+        qat_epochs=1 if args.quick else 3,
+        steps=8 if args.quick else 32,
+        seed=args.seed,
+        progress=progress,
+    )
+    sz_table = demo_spikezip.format_table(sz)
+    print(f"\n{sz_table}\n\nsettle steps: {sz.settle_steps}")
+    print(f"plot written to {demo_spikezip.plot_accuracy(sz, str(args.out / 'spikezip_accuracy_vs_T.png'))}")
+    print(f"(training, quantisation, fine-tune, conversion: {time.perf_counter() - section:.0f} s)")
+    (args.out / "spikezip_table.md").write_text(sz_table + "\n")
+
     (args.out / "cnn_table.md").write_text(cnn_table + "\n")
     (args.out / "transformer_table.md").write_text(td_table + "\n")
     summary = {
@@ -111,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "plot": plot,
         },
         "transformer": td.__dict__,
+        "spikezip": sz.__dict__,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nresults written to {args.out / 'results.json'}; total {time.perf_counter() - started:.0f} s")

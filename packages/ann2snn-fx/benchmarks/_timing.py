@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -18,3 +19,20 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark script takes: ``--quick``, ``--markdown PATH``, ``--threads N``."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one repeat (a smoke test)")
+    parser.add_argument("--markdown", help="write the markdown section to this path")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    return parser
+
+
+def emit(text: str, markdown: str | None) -> None:
+    """Print the section and write it to ``markdown`` when given."""
+    print(text)
+    if markdown:
+        with open(markdown, "w", encoding="utf-8") as handle:
+            handle.write(text)

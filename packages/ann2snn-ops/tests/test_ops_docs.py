@@ -12,6 +12,7 @@ MODULES = [
     "ann2snn_ops.elementwise",
     "ann2snn_ops.generic",
     "ann2snn_ops.linear",
+    "ann2snn_ops.multihead",
     "ann2snn_ops.norm",
     "ann2snn_ops.products",
     "ann2snn_ops.streaming",

@@ -45,6 +45,9 @@ def test_exports() -> None:
         "TDFunction",
         "TDModule",
         "__version__",
+        "Quantizer",
+        "STBIFNeuron",
+        "quantizer_bounds",
         "reset_streaming",
         "set_streaming",
     }

@@ -1,5 +1,7 @@
 """torch.fx converters: ReLU -> IF neurons with calibration, and transformers -> TD operators."""
 
+from typing import TYPE_CHECKING
+
 from ann2snn_fx.__about__ import __version__
 from ann2snn_fx.relu.converter import Converter
 from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
@@ -90,6 +92,19 @@ __all__ += [
     "profile_sweep",
 ]
 
+# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16).
+from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
+    QANN,
+    QANNReport,
+    QuantSite,
+    SpikeZIPSNN,
+    calibrate_qann,
+    prepare_qann,
+    qann_to_snn,
+)
+
+__all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
+
 # Low-latency ReLU -> IF conversion (issue 15).
 from ann2snn_fx.relu.calibrate import CalibratedLayer, calibrate_snn  # noqa: E402
 from ann2snn_fx.relu.ltb import LTBHook  # noqa: E402
@@ -110,3 +125,18 @@ __all__ += [
     "prepare_qcfs",
     "tune_latency",
 ]
+
+# NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
+if TYPE_CHECKING:
+    from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir
+
+_EXPORT_NAMES = ("ExportError", "from_nir", "to_nir", "write_nir")
+__all__ += ["ExportError", "from_nir", "to_nir", "write_nir"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORT_NAMES:
+        from ann2snn_fx import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ann2snn_fx' has no attribute {name!r}")

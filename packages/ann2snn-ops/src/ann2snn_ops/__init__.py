@@ -13,10 +13,15 @@ from ann2snn_ops.generic import TDFunction
 from ann2snn_ops.linear import TDConv2d, TDLinear
 from ann2snn_ops.norm import TDLayerNorm, TDRMSNorm
 from ann2snn_ops.products import TDMatMul, TDMul
+
+# SpikeZIP-TF building blocks (issue 16)
+from ann2snn_ops.stbif import Quantizer, STBIFNeuron, quantizer_bounds
 from ann2snn_ops.streaming import reset_streaming, set_streaming
 
 __all__ = [
     "TDGELU",
+    "Quantizer",
+    "STBIFNeuron",
     "TDConv2d",
     "TDFunction",
     "TDLayerNorm",
@@ -30,6 +35,7 @@ __all__ = [
     "TDSiLU",
     "TDSoftmax",
     "__version__",
+    "quantizer_bounds",
     "reset_streaming",
     "set_streaming",
 ]

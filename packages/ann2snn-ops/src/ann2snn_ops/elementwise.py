@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_ops._base import (
-    TDModule,
+from ann2snn_ops._base import TDModule
+from ann2snn_ops._checks import needs_grad
+from ann2snn_ops._cumsum import (
     accumulation_dtype,
     cumulative,
     difference_adjoint,
     difference_into,
     reverse_cumulative_,
 )
+from ann2snn_ops._unary import composite_grads
 
 __all__ = ["TDGELU", "TDSiLU", "TDSoftmax"]
 
@@ -27,25 +29,38 @@ def _check_dim_arg(dim: object, owner: str) -> int:
 
 
 class _TDSoftmaxFn(torch.autograd.Function):
-    """Softmax's backward needs its output, not its input: keep ``y_cum`` and difference into ``x_cum``."""
+    """Softmax's backward needs its output: keep ``y_cum`` and difference into ``x_cum``.
+
+    The input is kept too, for the differentiable recomputation under ``create_graph=True``.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, dim: int) -> torch.Tensor:  # type: ignore[override]
         x_cum = cumulative(x, accumulation_dtype(x.dtype))
         y_cum = torch.softmax(x_cum, dim)
         out = difference_into(y_cum, x_cum)
-        ctx.save_for_backward(y_cum)
+        ctx.save_for_backward(x, y_cum)
         ctx.dim = dim
-        ctx.in_dtype = x.dtype
         return out.to(x.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (y_cum,) = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        x, y_cum = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            dim = ctx.dim
+            (grad_x,) = composite_grads(lambda xc: torch.softmax(xc, dim), x, (), grad_out, (True,))
+            return grad_x, None
         grad_y_cum = difference_adjoint(grad_out.to(y_cum.dtype))
         grad_x_cum = torch._softmax_backward_data(grad_y_cum, y_cum, ctx.dim, y_cum.dtype)
-        return reverse_cumulative_(grad_x_cum).to(ctx.in_dtype), None
+        return reverse_cumulative_(grad_x_cum).to(x.dtype), None
+
+
+def _softmax_last(x_cum: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x_cum, -1)
+
+
+def _softmax_last_out(x_cum: torch.Tensor, out: torch.Tensor) -> None:
+    torch._softmax(x_cum, -1, False, out=out)
 
 
 class TDSoftmax(TDModule):
@@ -112,6 +127,11 @@ class TDSoftmax(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD softmax to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
+        last = isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 and self.dim in (-1, x_seq.dim() - 1)
+        if last and not self.streaming and not needs_grad(x_seq):  # a last-dim softmax acts on rows
+            return self._unary_forward(
+                x_seq, _softmax_last, row=(x_seq.shape[-1],), row_out=_softmax_last_out
+            )
         return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path)
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,10 @@ class TDFunction(TDModule):
     independently (pointwise functions, or reductions/normalisations over trailing dimensions), and it must
     not modify its input in place (the cumulative input is kept for backward and streaming). The same
     input checks, float32 accumulation for half inputs (``fn`` then sees float32; the output is cast back),
-    memory-lean autograd and streaming mode as the built-in operators apply.
+    memory-lean autograd and streaming mode as the built-in operators apply. The output dtype follows torch's
+    type promotion for ``fn``: ``TDFunction(torch.tanh)`` of an integer input gives the default float dtype
+    (the running sum stays exact in int64), an integer-valued ``fn`` of integers stays integer. Second
+    derivatives are those of ``fn`` on the cumulative input.
 
     Args:
         fn: ``Tensor -> Tensor`` preserving the leading time axis, e.g. ``torch.tanh``.

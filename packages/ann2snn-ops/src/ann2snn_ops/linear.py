@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_ops._base import TDModule, check_step, check_time_sequence, copy_module_state, reject_lazy
+from ann2snn_ops._base import TDModule
+from ann2snn_ops._checks import check_step, check_time_sequence, copy_module_state, reject_lazy
 
 __all__ = ["TDConv2d", "TDLinear"]
 
@@ -119,10 +120,11 @@ class TDLinear(TDModule):
         """
         if self.streaming:
             check_step(x_seq, "TDLinear")
+            first = not self._state
+            self._check_stream_shapes(input=x_seq.shape)
             y = F.linear(x_seq, self.weight)
-            if self.bias is not None and not self._state:
+            if self.bias is not None and first:
                 y = y + self.bias
-            self._state = {"started": True}
             return y
         check_time_sequence(x_seq, "TDLinear")
         return _add_bias_at_first_step(F.linear(x_seq, self.weight), self.bias, (-1,))
@@ -306,10 +308,11 @@ class TDConv2d(TDModule):
                     "TDConv2d in streaming mode expects one step with shape [N, C, H, W] or [C, H, W], "
                     f"but got shape {tuple(x_seq.shape)}."
                 )
+            first = not self._state
+            self._check_stream_shapes(input=x_seq.shape)
             y = self._conv(x_seq)
-            if self.bias is not None and not self._state:
+            if self.bias is not None and first:
                 y = y + self.bias.view(-1, 1, 1)
-            self._state = {"started": True}
             return y
         check_time_sequence(x_seq, "TDConv2d")
         if x_seq.dim() == 4:  # [T, C, H, W]: the time axis is the batch of an unbatched conv

@@ -11,17 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_ops._base import (
-    TDModule,
+from ann2snn_ops._base import TDModule
+from ann2snn_ops._checks import as_shape_tuple, copy_module_state, reject_lazy
+from ann2snn_ops._cumsum import (
     accumulation_dtype,
-    as_shape_tuple,
-    copy_module_state,
     cumulative,
     difference_,
     difference_adjoint,
-    reject_lazy,
     reverse_cumulative_,
 )
+from ann2snn_ops._unary import composite_grads
 
 __all__ = ["TDLayerNorm", "TDRMSNorm"]
 
@@ -52,7 +51,8 @@ def _param_for(p: torch.Tensor | None, x_cum: torch.Tensor, in_dtype: torch.dtyp
 
 
 class _TDLayerNormFn(torch.autograd.Function):
-    """Keeps ``x_cum`` and the per-row statistics, and calls torch's layer-norm backward kernel directly."""
+    """Keeps ``x_cum``, the input and the per-row statistics; backward calls torch's layer-norm
+    backward kernel directly (or, under ``create_graph=True``, differentiates the composite op)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -68,15 +68,24 @@ class _TDLayerNormFn(torch.autograd.Function):
         b = _param_for(bias, x_cum, x.dtype)
         y_cum, mean, rstd = torch.native_layer_norm(x_cum, list(normalized_shape), w, b, eps)
         out = difference_(y_cum)
-        ctx.save_for_backward(x_cum, mean, rstd, w, b)
+        ctx.save_for_backward(x, weight, bias, x_cum, mean, rstd)
         ctx.normalized_shape = normalized_shape
-        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.eps = eps
         return out.to(x.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_cum, mean, rstd, w, b = ctx.saved_tensors
+        x, weight, bias, x_cum, mean, rstd = ctx.saved_tensors
+        shape, eps = ctx.normalized_shape, ctx.eps
+        if torch.is_grad_enabled():  # create_graph=True
+
+            def fn(xc: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+                return F.layer_norm(xc, shape, _param_for(w, xc, x.dtype), _param_for(b, xc, x.dtype), eps)
+
+            grads = composite_grads(fn, x, (weight, bias), grad_out, ctx.needs_input_grad[:3])
+            return (*grads, None, None)
+        w = _param_for(weight, x_cum, x.dtype)
+        b = _param_for(bias, x_cum, x.dtype)
         grad_y_cum = difference_adjoint(grad_out.to(x_cum.dtype))
         mask = [
             ctx.needs_input_grad[0],
@@ -84,12 +93,11 @@ class _TDLayerNormFn(torch.autograd.Function):
             b is not None and ctx.needs_input_grad[2],
         ]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            grad_y_cum, x_cum, list(ctx.normalized_shape), mean, rstd, w, b, mask
+            grad_y_cum, x_cum, list(shape), mean, rstd, w, b, mask
         )
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_x = None if gx is None else reverse_cumulative_(gx).to(x_dtype)
-        grad_w = None if gw is None else gw.to(w_dtype)
-        grad_b = None if gb is None else gb.to(b_dtype)
+        grad_x = None if gx is None else reverse_cumulative_(gx).to(x.dtype)
+        grad_w = None if gw is None or weight is None else gw.to(weight.dtype)
+        grad_b = None if gb is None or bias is None else gb.to(bias.dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -97,7 +105,8 @@ _HAS_FUSED_RMS_NORM = hasattr(torch.ops.aten, "_fused_rms_norm")  # returns (out
 
 
 class _TDRMSNormFn(torch.autograd.Function):
-    """Keeps ``x_cum`` and the per-row ``rstd``; the backward is written out in a few in-place passes."""
+    """Keeps ``x_cum``, the input and the per-row ``rstd``; the backward is written out in a few
+    in-place passes (or, under ``create_graph=True``, differentiates the composite op)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -111,31 +120,38 @@ class _TDRMSNormFn(torch.autograd.Function):
         w = _param_for(weight, x_cum, x.dtype)
         y_cum, rstd = torch.ops.aten._fused_rms_norm(x_cum, list(normalized_shape), w, eps)
         out = difference_(y_cum)
-        ctx.save_for_backward(x_cum, rstd, w)
+        ctx.save_for_backward(x, weight, x_cum, rstd)
         ctx.normalized_shape = normalized_shape
-        ctx.dtypes = (x.dtype, None if weight is None else weight.dtype)
+        ctx.eps = eps
         return out.to(x.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_cum, rstd, w = ctx.saved_tensors
-        d = math.prod(ctx.normalized_shape)
+        x, weight, x_cum, rstd = ctx.saved_tensors
+        shape, eps = ctx.normalized_shape, ctx.eps
+        if torch.is_grad_enabled():  # create_graph=True
+
+            def fn(xc: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+                return F.rms_norm(xc, shape, _param_for(w, xc, x.dtype), eps)
+
+            grads = composite_grads(fn, x, (weight,), grad_out, ctx.needs_input_grad[:2])
+            return (*grads, None, None)
+        w = _param_for(weight, x_cum, x.dtype)
+        d = math.prod(shape)
         g = difference_adjoint(grad_out.to(x_cum.dtype)).view(-1, d)
         r = rstd.reshape(-1, 1)
         n = x_cum.view(-1, d) * r  # the normalised input
-        x_dtype, w_dtype = ctx.dtypes
         grad_w = None
-        if w is not None:
+        if w is not None and weight is not None:
             if ctx.needs_input_grad[1]:
-                grad_w = (g * n).sum(0).view(w.shape).to(w_dtype)
+                grad_w = (g * n).sum(0).view(w.shape).to(weight.dtype)
             g.mul_(w.reshape(1, d))
         grad_x = None
         if ctx.needs_input_grad[0]:
             # d/dx [x * rstd] applied to g: rstd * (g - n * mean(g * n))
             dot = torch.linalg.vecdot(g, n).unsqueeze(1).div_(d)
             g.sub_(n.mul_(dot)).mul_(r)
-            grad_x = reverse_cumulative_(g.view(x_cum.shape)).to(x_dtype)
+            grad_x = reverse_cumulative_(g.view(x_cum.shape)).to(x.dtype)
         return grad_x, grad_w, None, None
 
 
@@ -243,7 +259,12 @@ class TDLayerNorm(TDModule):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD LayerNorm to ``x_seq`` ``[T, ..., *normalized_shape]`` (or one step in streaming mode)."""
         return self._unary_forward(
-            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, self.bias, grad_path=self._grad_path
+            x_seq,
+            partial(self._fn, _dtype_of(x_seq)),
+            self.weight,
+            self.bias,
+            grad_path=self._grad_path,
+            row=self.normalized_shape,
         )
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
@@ -349,7 +370,11 @@ class TDRMSNorm(TDModule):
             ):  # else torch's mixed-dtype path
                 grad_path = self._grad_path
         return self._unary_forward(
-            x_seq, partial(self._fn, _dtype_of(x_seq)), self.weight, grad_path=grad_path
+            x_seq,
+            partial(self._fn, _dtype_of(x_seq)),
+            self.weight,
+            grad_path=grad_path,
+            row=self.normalized_shape,
         )
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:

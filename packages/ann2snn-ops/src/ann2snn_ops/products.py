@@ -11,16 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from ann2snn_ops._base import (
-    TDModule,
-    accumulation_dtype,
-    check_step,
-    check_time_sequence,
-    cumsum_time,
-    difference,
-    needs_grad,
-    td_chunked,
-)
+from ann2snn_ops._base import TDModule
+from ann2snn_ops._checks import check_step, check_time_sequence, needs_grad
+from ann2snn_ops._cumsum import accumulation_dtype, cumsum_time, difference, td_chunked
 
 __all__ = ["TDMatMul", "TDMul"]
 
@@ -59,13 +52,15 @@ class _TDBinary(TDModule):
             check_step(b, name)
             a, b = a.unsqueeze(0), b.unsqueeze(0)
             self._check_pair(a, b)
+            self._check_stream_shapes(a_seq=a.shape[1:], b_seq=b.shape[1:])
             acc = accumulation_dtype(a.dtype)
             st = self._state
-            a_cum = a.to(acc, copy=True) if not st else st["a"] + a
-            b_cum = b.to(acc, copy=True) if not st else st["b"] + b
+            first = "y" not in st
+            a_cum = a.to(acc, copy=True) if first else st["a"] + a
+            b_cum = b.to(acc, copy=True) if first else st["b"] + b
             y_cum = op(a_cum, b_cum)
-            out = y_cum if not st else y_cum - st["y"]
-            self._state = {"a": a_cum, "b": b_cum, "y": y_cum}
+            out = y_cum if first else y_cum - st["y"]
+            st.update(a=a_cum, b=b_cum, y=y_cum)
             return out[0].to(a.dtype)
         self._check_pair(a, b)
         if not needs_grad(a, b):

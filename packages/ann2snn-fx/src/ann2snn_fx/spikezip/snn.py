@@ -1,0 +1,185 @@
+"""QANN -> spike-driven SNN: :func:`qann_to_snn` and :class:`SpikeZIPSNN`."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ann2snn_fx.spikezip.qann import QANN
+from ann2snn_fx.td import TDTimeFolded
+from ann2snn_fx.td.fold import _CURRENT_MODE  # the running fold mode (package-internal handle)
+from ann2snn_ops import STBIFNeuron
+
+__all__ = ["SpikeZIPSNN", "qann_to_snn"]
+
+
+class _SpikingQANN(nn.Module):
+    """The QANN with every quantiser site answered by its ST-BIF neuron on the unfolded ``[T, B, ...]`` view."""
+
+    def __init__(self, qann: QANN) -> None:
+        super().__init__()
+        self.qann = qann
+        self.neurons = nn.ModuleDict(
+            {key: STBIFNeuron.from_quantizer(q) for key, q in qann.quantizers.items()}  # type: ignore[arg-type]
+        )
+
+    def _site(
+        self, key: str, module: str, op: str, operand: str, signed: bool, x: torch.Tensor
+    ) -> torch.Tensor:
+        neuron = self.neurons[key] if key in self.neurons else None  # noqa: SIM401 - ModuleDict has no get
+        if neuron is None:
+            raise RuntimeError(
+                f"SpikeZIPSNN: the forward reached a product operand the QANN never quantised ({key})."
+            )
+        mode = _CURRENT_MODE.get()
+        if mode is None or not mode.is_time(x):
+            raise RuntimeError(
+                f"SpikeZIPSNN: the operand at {key} is not time-varying; run through SpikeZIPSNN."
+            )
+        dim = mode.batch_dim(x) or 0
+        with torch._C.DisableTorchFunction():
+            out = neuron(mode.unfold(x.movedim(dim, 0))).flatten(0, 1).movedim(0, dim)
+        mode.done(STBIFNeuron, "quantiser -> STBIFNeuron")
+        mode.mark(out, dim)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.qann._site = self._site  # type: ignore[method-assign]
+        return self.qann(*args, **kwargs)
+
+
+def _steps(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"SpikeZIPSNN.run_until_quiet: {name} must be a positive integer, but got {value!r}."
+        )
+    return int(value)
+
+
+class SpikeZIPSNN(TDTimeFolded):
+    """The spike-driven SNN of a QANN (made by :func:`qann_to_snn`); a :class:`~ann2snn_fx.TDTimeFolded`.
+
+    Every quantiser is an :class:`~ann2snn_ops.STBIFNeuron`; softmax, norms, GELU ... are TD operators;
+    biases, constants, position embeddings and the attention mask enter once at t = 0. Inputs and outputs
+    follow the TD convention: time inputs ``[T, B, ...]`` (the QANN's input at t = 0 and zeros after, or any
+    sequence summing to it), outputs ``[T, B, ...]`` whose cumulative sum equals the QANN's output once
+    every neuron is quiet. Weight layers run once on the time-folded ``[T*B, ...]`` batch.
+
+    Attributes:
+        settle_steps: After a forward, the number of steps until every neuron was quiet (no input, no
+            spike), or None if some neuron was still active at the last step.
+    """
+
+    settle_steps: int | None
+
+    def __init__(self, qann: QANN, *, time_inputs: Collection[int | str] | None = None) -> None:
+        first = next(qann.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        super().__init__(_SpikingQANN(copy.deepcopy(qann)), device, time_inputs=time_inputs)
+        self.settle_steps = None
+
+    def neurons(self) -> list[STBIFNeuron]:
+        """The ST-BIF neurons, one per quantiser site."""
+        return [m for m in self.modules() if isinstance(m, STBIFNeuron)]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run ``T`` steps at once (the TD convention); sets :attr:`settle_steps`."""
+        for neuron in self.neurons():
+            neuron.activity = None
+        out = super().forward(*args, **kwargs)
+        activity = [n.activity for n in self.neurons() if n.activity is not None]
+        self.settle_steps = 0
+        for act in activity:
+            active = torch.nonzero(act)
+            last = int(active.max()) + 1 if active.numel() else 0
+            if last == act.shape[0]:
+                self.settle_steps = None
+                break
+            self.settle_steps = max(self.settle_steps, last)
+        return out
+
+    def run_until_quiet(
+        self, *args: Any, max_steps: int = 1024, start_steps: int = 32, **kwargs: Any
+    ) -> tuple[Any, int]:
+        """Feed the QANN's inputs once at t = 0 and run until every neuron is quiet, at most ``max_steps``.
+
+        The step count doubles from ``start_steps`` until a run ends quiet (each try from scratch).
+
+        Args:
+            *args, **kwargs: The QANN's inputs, without a time axis (time inputs as chosen at conversion).
+            max_steps: The cap.
+            start_steps: The first try.
+
+        Returns:
+            ``(output, steps)``: the cumulative output at the step where the network went quiet (equal to
+            the QANN's output), and that number of steps (``max_steps`` if it never went quiet).
+        """
+        cap = _steps(max_steps, "max_steps")
+        steps = min(_steps(start_steps, "start_steps"), cap)
+        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        times = {key for key, value in items if self._is_time(key, value)}
+        while True:
+
+            def encode(key: int | str, value: Any, steps: int = steps) -> Any:
+                if key not in times:
+                    return value
+                return torch.cat([value.unsqueeze(0), value.new_zeros(steps - 1, *value.shape)])
+
+            out = self(
+                *[encode(i, v) for i, v in enumerate(args)], **{k: encode(k, v) for k, v in kwargs.items()}
+            )
+            if self.settle_steps is not None or steps >= cap:
+                used = steps if self.settle_steps is None else max(self.settle_steps, 1)
+                return pytree.tree_map(
+                    lambda v, k=used: v.cumsum(0)[k - 1] if isinstance(v, torch.Tensor) else v, out
+                ), used
+            steps = min(2 * steps, cap)
+
+
+def qann_to_snn(qann: QANN, *, time_inputs: Collection[int | str] | None = None) -> SpikeZIPSNN:
+    """Convert a calibrated or trained :class:`QANN` into its spike-driven SNN.
+
+    Quantisers become :class:`~ann2snn_ops.STBIFNeuron` (same step and bounds), so every weight layer and
+    product after the first receives ternary spikes ``{-s, 0, s}``; the rest is the TD path
+    (:class:`~ann2snn_fx.TDTimeFolded`): nonlinear ops become TD operators, biases and constants (and the
+    attention mask) enter once at t = 0. The QANN is copied, never changed.
+
+    Args:
+        qann: From :func:`~ann2snn_fx.prepare_qann`, with every quantiser's step set.
+        time_inputs: Which forward arguments are time sequences (as for ``TDTimeFolded``); default every
+            floating-point tensor argument.
+
+    Returns:
+        The :class:`SpikeZIPSNN`. ``snn(x_seq)`` runs a fixed ``T``; ``snn.run_until_quiet(x)`` runs until
+        every neuron is quiet and returns the steps used; ``snn.report`` is the TD report.
+
+    Raises:
+        TypeError: ``qann`` is not a :class:`QANN`.
+        RuntimeError: A quantiser was never calibrated or trained.
+
+    Examples:
+        >>> import torch
+        >>> from ann2snn_fx import calibrate_qann, prepare_qann, qann_to_snn
+        >>> _ = torch.manual_seed(0)
+        >>> ann = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2)).eval()
+        >>> x = torch.randn(16, 4)
+        >>> qann = calibrate_qann(prepare_qann(ann, levels=8, example_inputs=x), [x])
+        >>> snn = qann_to_snn(qann)
+        >>> out, steps = snn.run_until_quiet(x)
+        >>> torch.allclose(out, qann(x), rtol=1e-5, atol=1e-6), steps <= 9
+        (True, True)
+    """
+    if not isinstance(qann, QANN):
+        raise TypeError(f"qann_to_snn expects a QANN from prepare_qann, but got {type(qann).__name__}.")
+    for key, quantizer in qann.quantizers.items():
+        if not bool(quantizer.initialized):
+            raise RuntimeError(
+                f"qann_to_snn: the quantiser at {key} has no step yet; run calibrate_qann or train the QANN first."
+            )
+    return SpikeZIPSNN(qann, time_inputs=time_inputs)

@@ -1,0 +1,245 @@
+"""Running sums over time and temporal differences, with and without autograd.
+
+Two running sums are kept, for two needs:
+
+- :func:`cumulative_exact` equals ``torch.cumsum(x, 0, dtype=dtype)`` bit for bit (torch's CPU kernel adds in
+  float64 and rounds every step; we do the same, one step slice at a time, which on CPU is several times faster
+  than ``torch.cumsum`` along a leading dimension). Attention and the products use it: their outputs amplify
+  the last-bit differences of a float32 running sum (softmax of growing scores, sums of many products), and
+  users check them against references built with ``torch.cumsum``.
+- :func:`cumulative` adds in the working dtype, one ``add`` per step: it agrees with ``torch.cumsum`` to float32
+  rounding (a few ulps of the running sum) and is the fast path of the pointwise operators and norms, whose
+  outputs do not amplify those differences.
+
+The differentiable versions (:func:`cumsum_time`, :func:`difference`) are twice differentiable: their backward
+passes are built from differentiable torch ops whenever autograd records (``create_graph=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "accumulation_dtype",
+    "cumsum_shared",
+    "cumsum_time",
+    "cumulative",
+    "cumulative_exact",
+    "difference",
+    "difference_",
+    "difference_adjoint",
+    "difference_into",
+    "reverse_cumulative_",
+    "reverse_cumulative_exact",
+    "td_chunked",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which cumulative sums are kept: float32 for float16/bfloat16, else ``dtype`` itself."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's CPU cumsum kernel adds in (``at::acc_type<T, false>``)."""
+    if dtype.is_complex:
+        return torch.complex128
+    return torch.float64 if dtype.is_floating_point else torch.int64
+
+
+def cumulative(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x.cumsum(0)`` in ``dtype`` (default ``x.dtype``), added in that dtype; not differentiable.
+
+    One ``add`` per time step into a preallocated buffer; agrees with ``torch.cumsum`` to the rounding of
+    ``dtype`` (use :func:`cumulative_exact` for bitwise agreement).
+    """
+    dtype = x.dtype if dtype is None else dtype
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    out[0].copy_(x[0])
+    for t in range(1, x.shape[0]):
+        torch.add(out[t - 1], x[t], out=out[t])
+    return out
+
+
+def cumulative_exact(
+    x: torch.Tensor, dtype: torch.dtype | None = None, carry: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``torch.cumsum(x, 0, dtype=dtype)`` bit for bit (not differentiable).
+
+    Args:
+        x: ``[T, ...]``.
+        dtype: Output dtype (default ``x.dtype``).
+        carry: Optional running sum of earlier steps in torch's wide accumulation dtype (float64 for floating
+            dtypes), shape ``x.shape[1:]``; updated in place, so consecutive chunks continue the same sum.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    acc = torch.zeros(x.shape[1:], dtype=_wide(dtype), device=x.device) if carry is None else carry
+    for t in range(x.shape[0]):
+        acc.add_(x[t])
+        out[t].copy_(acc)
+    return out
+
+
+def reverse_cumulative_(g: torch.Tensor) -> torch.Tensor:
+    """In place: ``g[t] = sum(g[t:])`` (the adjoint of the cumulative sum), added in ``g``'s dtype."""
+    for t in range(g.shape[0] - 2, -1, -1):
+        g[t].add_(g[t + 1])
+    return g
+
+
+def reverse_cumulative_exact(g: torch.Tensor) -> torch.Tensor:
+    """``g.flip(0).cumsum(0).flip(0)`` bit for bit (the gradient torch's cumsum gives), as a new tensor."""
+    out = torch.empty_like(g)
+    acc = torch.zeros(g.shape[1:], dtype=_wide(g.dtype), device=g.device)
+    for t in range(g.shape[0] - 1, -1, -1):
+        acc.add_(g[t])
+        out[t].copy_(acc)
+    return out
+
+
+def difference_into(y_cum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[0] = y_cum[0]``, ``out[t] = y_cum[t] - y_cum[t-1]``; ``out`` must not overlap ``y_cum``."""
+    out[0].copy_(y_cum[0])
+    if y_cum.shape[0] > 1:
+        torch.sub(y_cum[1:], y_cum[:-1], out=out[1:])
+    return out
+
+
+def difference_(y_cum: torch.Tensor) -> torch.Tensor:
+    """In place, from the last step backwards (so each step still sees its unmodified predecessor)."""
+    for t in range(y_cum.shape[0] - 1, 0, -1):
+        y_cum[t].sub_(y_cum[t - 1])
+    return y_cum
+
+
+def difference_adjoint(g: torch.Tensor) -> torch.Tensor:
+    """The adjoint of differencing: ``out[t] = g[t] - g[t+1]``, ``out[T-1] = g[T-1]`` (a new tensor)."""
+    out = torch.empty_like(g)
+    out[-1].copy_(g[-1])
+    if g.shape[0] > 1:
+        torch.sub(g[:-1], g[1:], out=out[:-1])
+    return out
+
+
+def difference_adjoint_differentiable(g: torch.Tensor) -> torch.Tensor:
+    """:func:`difference_adjoint` from differentiable ops (for backward passes that autograd records)."""
+    return torch.cat([g[:-1] - g[1:], g[-1:]], dim=0)
+
+
+class _Difference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y_cum: torch.Tensor) -> torch.Tensor:
+        return difference_into(y_cum, torch.empty_like(y_cum))
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # create_graph=True: stay differentiable
+            return difference_adjoint_differentiable(g)
+        return difference_adjoint(g)
+
+
+def difference(y_cum: torch.Tensor) -> torch.Tensor:
+    """Temporal difference of a cumulative sequence: ``Y[0] = Y_cum[0]``, ``Y[t] = Y_cum[t] - Y_cum[t-1]``.
+
+    Differentiable (twice and more); equal in values and gradients to
+    ``torch.diff(y_cum, dim=0, prepend=torch.zeros_like(y_cum[:1]))`` with one temporary less.
+    """
+    if y_cum.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _Difference.apply(y_cum)
+        return out
+    return difference_into(y_cum, torch.empty_like(y_cum))
+
+
+class _Cumulative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[override]
+        ctx.in_dtype = x.dtype
+        return cumulative_exact(x, dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if torch.is_grad_enabled():  # create_graph=True: torch's own (differentiable) cumsum backward
+            return g.flip(0).cumsum(0).flip(0).to(ctx.in_dtype), None
+        return reverse_cumulative_exact(g).to(ctx.in_dtype), None
+
+
+def cumsum_time(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.cumsum(x, 0, dtype=dtype)`` bit for bit, differentiable with torch's cumsum gradients.
+
+    ``dtype`` defaults to float32 for half inputs, else ``x.dtype``.
+    """
+    dtype = accumulation_dtype(x.dtype) if dtype is None else dtype
+    if x.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _Cumulative.apply(x, dtype)
+        return out
+    return cumulative_exact(x, dtype)
+
+
+def cumsum_shared(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """:func:`cumsum_time` of each input, computed once for an input passed several times (self-attention)."""
+    out: list[torch.Tensor] = []
+    for i, x in enumerate(inputs):
+        same = next((j for j in range(i) if inputs[j] is x), None)
+        out.append(out[same] if same is not None else cumsum_time(x, dtype))
+    return out
+
+
+def td_chunked(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    out_dtype: torch.dtype,
+    chunks: int = 4,
+    time_sliced: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """``diff(fn(*cumsums))`` without autograd, a few time steps at a time (inference memory).
+
+    Only one chunk of each cumulative input is alive at a time, so several-input ops (attention, products)
+    do not hold ``len(inputs)`` full-size cumulative copies. The running sums are those of
+    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across chunks, so the result equals the
+    one-shot computation on ``torch.cumsum`` inputs. Each chunk calls ``fn`` once on its
+    ``[k, ...]`` block (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in
+    ``time_sliced`` are passed after the cumulative blocks, cut to the same time steps.
+    """
+    t_len = inputs[0].shape[0]
+    acc = accumulation_dtype(inputs[0].dtype)
+    k = -(-t_len // chunks)
+    # One buffer and running sum per distinct input (an input passed twice is accumulated once).
+    distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
+    buffers = {
+        i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
+    }
+    carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
+    prev_y: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    for t0 in range(0, t_len, k):
+        t1 = min(t_len, t0 + k)
+        for i, buf in buffers.items():
+            run, x = carry[i], inputs[i]
+            for t in range(t0, t1):
+                run.add_(x[t])
+                buf[t - t0].copy_(run)
+        y = fn(*(buffers[j][: t1 - t0] for j in distinct), *(a[t0:t1] for a in time_sliced))
+        if any(_shares(y, b) for b in buffers.values()):  # a view of (or written into) a reused buffer
+            y = y.clone()
+        if out is None:
+            out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
+        if prev_y is None:
+            out[t0].copy_(y[0])
+        else:
+            torch.sub(y[0], prev_y, out=out[t0])
+        if t1 - t0 > 1:
+            torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
+        prev_y = y[-1]
+    if out is None:
+        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
+    return out
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
