@@ -402,3 +402,16 @@ def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(
     )
     assert not stopped.complete
     assert stopped.records == []
+
+
+def test_tuner_spike_count_matches_profile_snn() -> None:
+    from ann2snn_fx import profile_snn
+    from ann2snn_fx.relu.tuner import _evaluate
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(32, 4)
+    factory = NeuronFactory(v_init=0.5, burst=3, signed=True)
+    snn = Converter([x], progress=False, neuron_factory=factory).convert_to_spiking_neurons(ann)
+    _, _, spikes = _evaluate(snn, [(x, torch.zeros(32, dtype=torch.long))], 4)
+    assert float(spikes.sum()) / 32 == pytest.approx(profile_snn(snn, x, 4).events)
