@@ -2,18 +2,21 @@
 
 Every check a person or CI runs is a session here:
 
-    nox -s lint tests integration     # what CI runs (.ci/run)
-    nox -s "tests(ops)"               # one package's own tests
-    nox -s demo                       # the main job
-    nox -s bench                      # benchmarks, written to docs/benchmarks.md
+    nox -s lint tests integration minimums docs build   # what CI runs (.ci/run, and the GitHub workflow)
+    nox -s "tests(ops)"                                 # one package's own tests
+    nox -s demo                                         # the main job
+    nox -s bench                                        # benchmarks, written to docs/benchmarks.md
 
-Every session installs third-party packages through ``constraints/ci.txt``, which pins torch to the CPU
-wheel: no session may resolve an unpinned torch (that pulls a multi-GB CUDA build).
+Every session installs third-party packages through ``constraints/ci.txt``, which pins torch's version
+(``torch==2.13.0``), so no session resolves an unpinned torch. The pin does not choose the build: from PyPI,
+Linux gets the CUDA build. ``ANN2SNN_TORCH=cpu nox ...`` adds torch's CPU index to every install and checks
+that the CPU-only build was installed (CI sets ``PIP_EXTRA_INDEX_URL`` to that index, to the same effect).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -24,6 +27,16 @@ import tomllib
 
 import nox
 
+
+class _NoUvProbeMessage(logging.Filter):
+    """nox looks for uv when it creates a venv and logs "uv binary not found." at INFO; we use virtualenv."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "uv binary not found."
+
+
+logging.getLogger("nox").addFilter(_NoUvProbeMessage())
+nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_external_run = True
 nox.options.sessions = ["lint", "tests", "integration"]
@@ -77,8 +90,47 @@ def _test_group(dist: str) -> list[str]:
     return nox.project.dependency_groups(_pyproject(dist), "test")
 
 
+# torch's CPU-only wheels. constraints/ci.txt pins torch's *version* only: from PyPI a Linux machine gets the
+# CUDA build (about 0.5 GB plus the nvidia-* wheels). ``ANN2SNN_TORCH=cpu nox ...`` adds this index to every
+# install (as CI does with PIP_EXTRA_INDEX_URL) and fails the session if a CUDA build was installed anyway.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+_TORCH_CHECKED: set[str] = set()
+
+
+def _torch_cpu_requested() -> bool:
+    value = os.environ.get("ANN2SNN_TORCH", "").strip().lower()
+    if value not in ("", "cpu", "default"):
+        raise ValueError(f"ANN2SNN_TORCH={value!r}: accepted values are 'cpu' and 'default' (or unset)")
+    return value == "cpu"
+
+
 def _install(session: nox.Session, *args: str) -> None:
-    session.install("-c", CONSTRAINTS, *args)
+    index = ["--extra-index-url", TORCH_CPU_INDEX] if _torch_cpu_requested() else []
+    session.install("-c", CONSTRAINTS, *index, *args)
+    _check_torch(session)
+
+
+def _check_torch(session: nox.Session) -> None:
+    """Say which torch build the session's venv holds; with ANN2SNN_TORCH=cpu, refuse a CUDA build."""
+    bin_dir = getattr(session, "bin", None)
+    if not bin_dir or bin_dir in _TORCH_CHECKED:
+        return
+    probe = (
+        "import importlib.util as u\n"
+        "if u.find_spec('torch') is None: print('absent')\n"
+        "else:\n import torch; print(torch.__version__, torch.version.cuda or 'cpu')"
+    )
+    found = str(session.run("python", "-c", probe, silent=True, log=False) or "").strip().splitlines()
+    if not found or found[-1] == "absent":
+        return
+    _TORCH_CHECKED.add(bin_dir)
+    version, cuda = found[-1].split()
+    if cuda == "cpu":
+        session.log(f"torch {version}: the CPU-only build")
+    elif _torch_cpu_requested():
+        session.error(f"ANN2SNN_TORCH=cpu, but torch {version} with CUDA {cuda} was installed")
+    else:
+        session.log(f"torch {version}: the CUDA {cuda} build; ANN2SNN_TORCH=cpu installs the CPU-only wheel")
 
 
 def _install_ours(session: nox.Session, ours: list[str], *others: str) -> None:
@@ -130,22 +182,80 @@ def _build_wheels(session: nox.Session, outdir: pathlib.Path, targets: tuple[str
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
     for dist in PACKAGES.values():
-        with session.chdir(_pkg_dir(dist)):
-            args = []
-            for target in targets:
-                args += ["-t", target]
-            session.run(hatch, "build", *args, str(outdir), silent=True, external=True)
+        _hatch_build(session, hatch, _pkg_dir(dist), outdir, targets)
+
+
+def _hatch_build(
+    session: nox.Session, hatch: str, src: pathlib.Path, outdir: pathlib.Path, targets: tuple[str, ...]
+) -> None:
+    with session.chdir(src):
+        args = []
+        for target in targets:
+            args += ["-t", target]
+        session.run(hatch, "build", *args, str(outdir), silent=True, external=True)
+
+
+def _bumped_copy(dist: str, dest: pathlib.Path, version: str, requires: dict[str, str]) -> pathlib.Path:
+    """A copy of ``dist``'s source with ``__version__ = version`` and sibling requirements replaced."""
+    src = dest / f"{dist}-{version}"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(_pkg_dir(dist), src, ignore=shutil.ignore_patterns("tests", "benchmarks", "__pycache__"))
+    (src / "src" / dist.replace("-", "_") / "__about__.py").write_text(f'__version__ = "{version}"\n')
+    pyproject = (src / "pyproject.toml").read_text()
+    for requirement in _pyproject(dist)["project"]["dependencies"]:
+        name = _requirement_name(requirement)
+        if name in requires:
+            pyproject = pyproject.replace(f'"{requirement}"', f'"{name}{requires[name]}"')
+    (src / "pyproject.toml").write_text(pyproject)
+    return src
+
+
+def _version(dist: str) -> tuple[int, int, int]:
+    ns: dict[str, str] = {}
+    exec((_pkg_dir(dist) / "src" / dist.replace("-", "_") / "__about__.py").read_text(), ns)
+    major, minor, micro = (int(part) for part in ns["__version__"].split(".")[:3])
+    return major, minor, micro
+
+
+def _pinning_indexes(session: nox.Session, wheels: pathlib.Path, out: pathlib.Path) -> None:
+    """Wheels for two package indexes that the pinning scenario serves on 127.0.0.1.
+
+    ``allow/``: today's four wheels plus a patch-bumped copy of ann2snn-ops; the newest ann2snn-fx (today's)
+    admits both ops versions. ``deny/``: the same plus a minor-bumped ann2snn-fx that requires the bumped
+    ops, so pinning ops to today's version conflicts with it.
+    """
+    hatch = _hatch(session)
+    a, b, c = _version("ann2snn-ops")
+    ops_new = f"{a}.{b}.{c + 1}"
+    fa, fb, _ = _version("ann2snn-fx")
+    fx_new = f"{fa}.{fb + 1}.0"
+    src = out / "src"
+    for name in ("allow", "deny"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        shutil.copytree(wheels, out / name)
+        _hatch_build(session, hatch, _bumped_copy("ann2snn-ops", src, ops_new, {}), out / name, ("wheel",))
+    fx_src = _bumped_copy("ann2snn-fx", src, fx_new, {"ann2snn-ops": f">={ops_new},<{a}.{b + 1}"})
+    _hatch_build(session, hatch, fx_src, out / "deny", ("wheel",))
 
 
 @nox.session(python=PYTHON)
-@nox.parametrize("scenario", ["ops-only", "full"], ids=["ops-only", "full"])
+@nox.parametrize("scenario", ["ops-only", "full", "pinning"], ids=["ops-only", "full", "pinning"])
 def integration(session: nox.Session, scenario: str) -> None:
     """Cross-package checks against wheels built with hatch and installed as a user would.
 
-    ``ops-only`` installs ann2snn-ops alone (a transformer project's view); ``full`` installs all four.
+    ``ops-only`` installs ann2snn-ops alone (a transformer project's view); ``full`` installs all four;
+    ``pinning`` serves today's wheels and bumped copies from a local package index on 127.0.0.1 and lets
+    pip resolve components pinned separately (torch is pre-installed, never resolved there).
     """
     wheels = pathlib.Path(session.create_tmp()).resolve() / "wheels"
     _build_wheels(session, wheels)
+    if scenario == "pinning":
+        indexes = wheels.parent / "indexes"
+        _pinning_indexes(session, wheels, indexes)
+        _install(session, "pytest", "torch", "tqdm", "requests")
+        session.env["ANN2SNN_PINNING_WHEELS"] = str(indexes)
+        session.run("pytest", str(ROOT / "tests-integration" / "pinning"), *session.posargs)
+        return
     # Install by file, so a same-named release on an index can never stand in for the wheels just built.
     built = {dist: next(wheels.glob(dist.replace("-", "_") + "-*.whl")) for dist in PACKAGES.values()}
     if scenario == "ops-only":
@@ -159,6 +269,9 @@ def integration(session: nox.Session, scenario: str) -> None:
             "numpy",
             "scikit-learn",
             "matplotlib",
+            "transformers",  # the fx README's TDTimeFolded example converts a Hugging Face BERT
+            "nir",  # with h5py: ann2snn-fx[nir], for the NIR guide's export example
+            "h5py",
         )
         session.run("pytest", str(ROOT / "tests-integration" / "full"), *session.posargs)
 
@@ -251,10 +364,16 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
-    """Build the mkdocs site with --strict (a broken link or docstring reference fails)."""
+    """Build the mkdocs site with --strict, then check it as opened from disk (tools/check_site.py).
+
+    The check fails on a root-absolute or dangling link in any built page, on a Chinese page that the Chinese
+    navigation does not reach, and on an untranslated Chinese navigation title.
+    """
     _install(session, "mkdocs-material", "mkdocstrings-python", "mkdocs-static-i18n")
     session.env["NO_MKDOCS_2_WARNING"] = "1"
-    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"), *session.posargs)
+    site = ROOT / "site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), *session.posargs)
+    session.run("python", str(ROOT / "tools" / "check_site.py"), str(site), str(ROOT / "docs"))
 
 
 @nox.session(python=PYTHON)
@@ -282,6 +401,27 @@ def demo(session: nox.Session) -> None:
     _install_ours(session, [str(_pkg_dir(d)) for d in PACKAGES.values()], "scikit-learn", "matplotlib")
     out = os.environ.get("ANN2SNN_DEMO_OUT", str(ROOT / "demo-output"))
     session.run("python", str(script), "--out", out, *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def models(session: nox.Session) -> None:
+    """docs/models.md ("Which models convert"), written from the results of ann2snn-fx's model tests."""
+    dist = "ann2snn-fx"
+    _install_ours(session, [str(_pkg_dir(d)) for d in [*_siblings(dist), dist]], *_test_group(dist))
+    results = pathlib.Path(session.create_tmp()).resolve() / "models.json"
+    tests = _pkg_dir(dist) / "tests"
+    session.run(
+        "pytest",
+        str(tests / "test_fx_models.py"),
+        str(tests / "test_fx_td_models.py"),
+        "-p",
+        "models_page",
+        *session.posargs,
+        env={"PYTHONPATH": str(ROOT / "tools"), "ANN2SNN_MODELS_JSON": str(results)},
+    )
+    session.run(
+        "python", str(ROOT / "tools" / "models_page.py"), str(results), str(ROOT / "docs" / "models.md")
+    )
 
 
 @nox.session(python=PYTHON, default=False)

@@ -11,12 +11,12 @@ import ann2snn_fx.converter
 import ann2snn_fx.factories
 import ann2snn_fx.neuron
 import ann2snn_fx.observers
+import ann2snn_fx.relu.calibration
 import ann2snn_fx.report
 import ann2snn_fx.rules
 import ann2snn_fx.runner
-import ann2snn_fx.threshold
-import ann2snn_fx.relu.calibration
 import ann2snn_fx.snn.inputs
+import ann2snn_fx.threshold
 import ann2snn_fx.tracing
 from ann2snn_fx import _numbers
 

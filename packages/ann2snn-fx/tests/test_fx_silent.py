@@ -101,7 +101,9 @@ def test_input_fn_several_inputs_and_kwargs() -> None:
     want = torch.stack([ann(x, y).max() for x, y, _ in batches]).max()
     by_args = _convert(ann, batches, momentum=None, input_fn=lambda b: ((b[0], b[1]), {}))
     by_kwargs = _convert(ann, batches, momentum=None, input_fn=lambda b: ((), {"x": b[0], "y": b[1]}))
-    for snn in (by_args, by_kwargs):
+    by_tuple = _convert(ann, batches, momentum=None, input_fn=lambda b: (b[0], b[1]))
+    by_dict = _convert(ann, batches, momentum=None, input_fn=lambda b: {"x": b[0], "y": b[1]})
+    for snn in (by_args, by_kwargs, by_tuple, by_dict):
         assert torch.equal(snn.spiking_0.scaler1.scale, want)
     # the same function feeds the SNN: call_with_batch is the one place that applies input_fn
     out = call_with_batch(by_args, batches[0], lambda b: ((b[0], b[1]), {}))

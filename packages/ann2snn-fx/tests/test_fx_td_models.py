@@ -11,10 +11,19 @@ import torch.nn as nn
 from ann2snn_fx.td import TDEquivalenceError, TDTimeFolded, replace_by_td_operators
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+_CURRENT: dict[str, pytest.Item] = {}
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request: pytest.FixtureRequest) -> None:
+    """The running test, so that _assert_cumulative can record the error it measured (docs/models.md)."""
+    _CURRENT["item"] = request.node
 
 
 def _assert_cumulative(out: torch.Tensor, ref: list[torch.Tensor], dtype: torch.dtype) -> None:
     cum = out.cumsum(0)
+    error = max((cum[t] - expected).abs().max().item() for t, expected in enumerate(ref))
+    _CURRENT["item"].user_properties.append(("max_abs_error", f"{error:.1e} ({dtype})".replace("torch.", "")))
     for t, expected in enumerate(ref):
         torch.testing.assert_close(cum[t], expected, atol=TOL[dtype], rtol=TOL[dtype])
 

@@ -9,13 +9,14 @@ rank raises together instead of one rank raising while the others wait in a coll
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "check_all_finite", "describe_nonfinite"]
+__all__ = ["NonFiniteError", "check_all_finite", "describe_nonfinite", "flag_nonfinite"]
 
 
 class NonFiniteError(ValueError):
@@ -61,6 +62,10 @@ def check_all_finite(hook: Any, x: Tensor, group: Any) -> None:
         return
     if x.numel():
         low, high = torch.aminmax(x)  # NaN propagates: one pass, no (N,) bool temporary as isfinite(x) makes
+        if group is None and x.device.type == "cpu":
+            if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+                raise describe_nonfinite(hook, x)
+            return
         bad = ~(torch.isfinite(low) & torch.isfinite(high))
     else:
         bad = torch.tensor(False, device=x.device)
@@ -70,6 +75,21 @@ def check_all_finite(hook: Any, x: Tensor, group: Any) -> None:
         bad = flag[0] > 0
     if bool(bad):
         raise describe_nonfinite(hook, x)
+
+
+def flag_nonfinite(hook: Any, x: Tensor, local: Tensor, low: Tensor, high: Tensor, group: Any) -> Tensor:
+    """``local``, or raise at once on the CPU without a group; else NaN/-inf marked as +inf (checked later).
+
+    Marked, the verdict travels with the MAX all-reduce to every rank, and an accelerator checks it with
+    the single host sync after the reduction.
+    """
+    if group is None and x.device.type == "cpu":
+        # Python floats: a few torch.isfinite calls on 0-dim tensors would cost more than the maximum
+        if not all(math.isfinite(v) for t in (low, high) for v in t.reshape(-1).tolist()):
+            raise describe_nonfinite(hook, x)
+        return local
+    finite = torch.isfinite(low).all() & torch.isfinite(high).all()
+    return torch.where(finite, local, float("inf"))
 
 
 # NonFiniteError says it lives in ann2snn_calib, so doctest.testmod of this module finds it only here.

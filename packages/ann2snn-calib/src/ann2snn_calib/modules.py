@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ann2snn_calib._finite import NonFiniteError, check_all_finite, describe_nonfinite
+from ann2snn_calib._finite import NonFiniteError, check_all_finite, describe_nonfinite, flag_nonfinite
 from ann2snn_calib._numbers import as_integral, as_real
 from ann2snn_calib._select import lerp, positions, stat_dtype
 from ann2snn_calib._stats import channel_pair, gather_counts, global_max, rows_percentile, rows_top
@@ -81,6 +81,9 @@ class VoltageHook(nn.Module):
     and the result is exact as long as the percentile needs no more than that many order statistics, i.e.
     while ``min(p, 100 - p) / 100 * N + 2 <= max_candidates`` for ``N`` elements seen per channel over all
     ranks. Past that bound the hook raises RuntimeError rather than return an approximation.
+
+    A NaN, +inf or -inf in the activation raises :class:`ann2snn_calib.NonFiniteError` (a ValueError) in
+    every mode, before the state changes (in a process group on every rank at once).
 
     With ``channel_dim`` set, every statistic is taken per channel (over all other dimensions) and
     ``scale`` has shape ``(C,)``; use it with ``VoltageScaler(scale, channel_dim=...)``.
@@ -252,18 +255,23 @@ def _batch_stat(hook: VoltageHook, x: Tensor, dtype: torch.dtype, group: Any) ->
         rows = 1 if hook.channel_dim is None else x.shape[_channel_dim(hook, x)]
         local = torch.full((rows,), float("-inf"), dtype=dtype, device=x.device)
     elif hook.channel_dim is None:
-        low, high = torch.aminmax(x) if x.is_floating_point() else (None, x.max())
-        local = high.to(dtype).reshape(1)
-        if low is not None:  # NaN/inf found by the same pass: NaN and -inf reported as +inf
-            local = torch.where(torch.isfinite(low) & torch.isfinite(high), local, float("inf"))
+        if x.is_floating_point():
+            low, high = torch.aminmax(x)  # NaN/inf are found by the pass that finds the maximum
+            local = flag_nonfinite(hook, x, high.to(dtype).reshape(1), low, high, group)
+        else:
+            local = x.max().to(dtype).reshape(1)
     else:
         cd = _channel_dim(hook, x)
         others = [d for d in range(x.dim()) if d != cd]
         local = (x.amax(dim=others) if others else x).to(dtype)
-        if x.is_floating_point():
-            local = torch.where(torch.isfinite(local) & (x.min() > float("-inf")), local, float("inf"))
+        if x.is_floating_point():  # the maxima hold NaN and +inf; -inf needs the minimum
+            local = flag_nonfinite(hook, x, local, x.min(), local, group)
     s = global_max(local, group)
-    if x.is_floating_point() and bool(torch.isposinf(s).any()):
+    if (
+        x.is_floating_point()
+        and (group is not None or x.device.type != "cpu")
+        and bool(torch.isposinf(s).any())
+    ):
         raise describe_nonfinite(hook, x)
     if group is not None and bool(torch.isneginf(s).any().item()) and x.numel() == 0:
         raise ValueError("VoltageHook received only empty tensors across the process group.")

@@ -44,8 +44,8 @@ class _LeafTracer(fx.Tracer):
         self.leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _ALWAYS_LEAVES):
-            return True
+        if isinstance(m, _ALWAYS_LEAVES) or getattr(type(m), "fx_leaf", False) is True:
+            return True  # the project's own modules (a class attribute ``fx_leaf = True`` opts in)
         if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)

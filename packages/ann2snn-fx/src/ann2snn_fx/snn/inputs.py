@@ -7,7 +7,9 @@ goes through :func:`call_with_batch`, so they accept the same batches and refuse
   (recursively); of a dict the entry under one of :data:`INPUT_KEYS`, or its only entry (recursively, so
   ``{"batch": {"image": x}}`` works). Anything else raises TypeError naming the batch index and type.
 * with ``input_fn`` (a callable ``batch -> input``): it returns the model input, a tensor, or an
-  ``(args tuple, kwargs dict)`` pair for models of several inputs or keyword inputs.
+  ``(args tuple, kwargs dict)`` pair for models of several inputs or keyword inputs; a plain tuple is
+  taken as the positional arguments and a dict as the keyword arguments (the convention of
+  :func:`ann2snn_fx.spikezip.calibrate_qann`), the pair form winning where both would fit.
 """
 
 from __future__ import annotations
@@ -107,9 +109,14 @@ def model_input(
         return (out,), {}
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], tuple) and isinstance(out[1], dict):
         return out[0], out[1]
+    if isinstance(out, tuple):
+        return out, {}
+    if isinstance(out, dict):
+        return (), out
     raise TypeError(
         f"input_fn returned {type(out).__name__} for {_where(index).lower()}; it must return the model "
-        "input: a tensor, or an (args tuple, kwargs dict) pair such as ((x, mask), {}) or ((), {'x': x})."
+        "input: a tensor, an (args tuple, kwargs dict) pair such as ((x, mask), {}), a tuple of positional "
+        "arguments or a dict of keyword arguments."
     )
 
 

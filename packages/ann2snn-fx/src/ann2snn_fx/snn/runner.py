@@ -166,6 +166,7 @@ def run_snn(
     reset: bool = True,
     running_mean: bool = True,
     chunk_elements: int | None = 2**18,
+    skip_steps: int = 0,
     input_fn: Callable[[Any], Any] | None = None,
     output_key: str | int | Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
@@ -187,6 +188,10 @@ def run_snn(
         running_mean: Return running means (default) instead of the raw per-step outputs.
         chunk_elements: Chunking of the multi-step execution (see :class:`MultiStepSNN`); ``None`` runs all
             steps as one ``[T*B, ...]`` batch (GPUs).
+        skip_steps: Delayed readout ``D`` (``0 <= D < time_steps``, see
+            :func:`ann2snn_fx.estimate_readout_delay`): the running mean leaves out the first ``D`` steps,
+            ``out[t] = mean(y_D .. y_t)`` for ``t >= D`` (earlier entries are the plain running mean). Only
+            with ``running_mean=True``.
         input_fn: A callable ``batch -> model input`` (a tensor, or an ``(args tuple, kwargs dict)`` pair),
             as ``Converter(input_fn=...)`` takes: the model is called ``snn(*args, **kwargs)`` at every step.
         output_key: Which part of a structured output to average: a key or attribute name (``"logits"``
@@ -214,6 +219,10 @@ def run_snn(
             "pass input_fn=, a callable batch -> (args tuple, kwargs dict)."
         )
     args, kwargs = model_input(x, input_fn)
+    if isinstance(skip_steps, bool) or not isinstance(skip_steps, int) or not 0 <= skip_steps < time_steps:
+        raise ValueError(
+            f"skip_steps must be an int in [0, time_steps={time_steps}), but got {skip_steps!r}."
+        )
     with torch.no_grad():
         if reset:
             reset_net(snn)
@@ -233,4 +242,9 @@ def run_snn(
         if not running_mean:
             return outputs
         counts = torch.arange(1, time_steps + 1, device=outputs.device, dtype=outputs.dtype)
-        return outputs.cumsum(0) / counts.view(-1, *([1] * (outputs.dim() - 1)))
+        shape = (-1, *([1] * (outputs.dim() - 1)))
+        means = outputs.cumsum(0) / counts.view(shape)
+        if skip_steps:
+            late = outputs[skip_steps:].cumsum(0) / counts[: time_steps - skip_steps].view(shape)
+            means = torch.cat([means[:skip_steps], late])
+        return means
