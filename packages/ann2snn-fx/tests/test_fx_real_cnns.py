@@ -17,6 +17,14 @@ from ann2snn_fx.snn.pooling import SpikingMaxPool
 
 T = 256
 
+_CURRENT: dict[str, pytest.Item] = {}
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request: pytest.FixtureRequest) -> None:
+    """The running test, so that the checks can record what they measured (docs/models.md)."""
+    _CURRENT["item"] = request.node
+
 
 def _bn(channels: int, dims: int = 2) -> nn.Module:
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](channels)
@@ -136,7 +144,10 @@ def _check(ann: nn.Module, data: torch.Tensor, tol: float, agree: float, centred
     with torch.no_grad():
         expected = ann(x)
     out = run_snn(snn, x, T, multi_step=True)[-1]
-    assert _relative_error(out, expected, centred) < tol
+    error = _relative_error(out, expected, centred)
+    name = "centred_error_T256" if centred else "relative_error_T256"
+    _CURRENT["item"].user_properties.append((name, f"{error:.3f}"))
+    assert error < tol
     assert (out.argmax(-1) == expected.argmax(-1)).float().mean() >= agree
     return snn
 

@@ -16,6 +16,14 @@ from ann2snn_fx import TDTimeFolded, replace_by_td_operators
 
 T, B, L, E = 3, 2, 5, 8
 
+_CURRENT: dict[str, pytest.Item] = {}
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request: pytest.FixtureRequest) -> None:
+    """The running test, so that the checks can record what they measured (docs/models.md)."""
+    _CURRENT["item"] = request.node
+
 
 class Products(nn.Module):
     def __init__(self, kind: str) -> None:
@@ -41,6 +49,14 @@ def _reference(ann: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([ann(x.cumsum(0)[t]) for t in range(x.shape[0])])
 
 
+def _assert_exact(out: torch.Tensor, ann: nn.Module, x: torch.Tensor) -> None:
+    """``out.cumsum(0)[t] == ann(x.cumsum(0)[t])`` at every step; the error is recorded (docs/models.md)."""
+    reference = _reference(ann, x)
+    error = (out.cumsum(0) - reference).abs().max().item()
+    _CURRENT["item"].user_properties.append(("max_abs_error", f"{error:.1e} (float32)"))
+    torch.testing.assert_close(out.cumsum(0), reference, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["baddbmm", "Tensor.baddbmm", "addmm", "addbmm"])
 @pytest.mark.parametrize("path", ["fx", "folded"])
 def test_add_products_are_exact(kind: str, path: str) -> None:
@@ -57,7 +73,7 @@ def test_add_products_are_exact(kind: str, path: str) -> None:
     model = replace_by_td_operators(ann, strict=True) if path == "fx" else TDTimeFolded(ann, strict=True)
     with torch.no_grad():
         out = model(x)
-    torch.testing.assert_close(out.cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+    _assert_exact(out, ann, x)
 
 
 class SwinLike(nn.Module):
@@ -81,7 +97,7 @@ def test_roll_and_adaptive_pooling_are_time_transparent_in_the_folded_path() -> 
     folded = TDTimeFolded(ann, strict=True)  # before: roll and adaptive_avg_pool were reported
     with torch.no_grad():
         out = folded(x)
-    torch.testing.assert_close(out.cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+    _assert_exact(out, ann, x)
     assert folded.report.equivalent
 
 
@@ -98,7 +114,7 @@ def test_roll_over_a_token_dim_is_time_transparent_in_the_fx_path() -> None:
     gm = replace_by_td_operators(ann, strict=True)
     x = torch.randn(T, B, L, E)
     with torch.no_grad():
-        torch.testing.assert_close(gm(x).cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+        _assert_exact(gm(x), ann, x)
     with pytest.raises(Exception, match="roll"):  # a roll over all dims (flattened) mixes the steps
         replace_by_td_operators(_Lambda(lambda m, x: torch.roll(x, 1)), strict=True)
 
@@ -141,7 +157,7 @@ def test_inplace_relu_whose_mutation_is_read_later(inplace, path: str) -> None:
     model = replace_by_td_operators(ann, strict=True) if path == "fx" else TDTimeFolded(ann, strict=True)
     with torch.no_grad():
         out = model(x)
-    torch.testing.assert_close(out.cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+    _assert_exact(out, ann, x)
 
 
 class _Apply(nn.Module):
@@ -190,6 +206,6 @@ def test_a_bool_flag_of_the_forward_is_a_constant_not_a_refusal() -> None:
     gm = replace_by_td_operators(ann, strict=True)
     x = torch.randn(T, B, L, E)
     with torch.no_grad():
-        torch.testing.assert_close(gm(x).cumsum(0), _reference(ann, x), atol=1e-5, rtol=1e-5)
+        _assert_exact(gm(x), ann, x)
     with pytest.raises(AssertionError, match="is_causal has been specialized"):
         gm(x, None, True)  # a different flag at run time is refused loudly, not run on the wrong graph

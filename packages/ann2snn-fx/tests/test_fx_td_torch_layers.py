@@ -16,6 +16,14 @@ from ann2snn_fx import ModelTraceError, TDTimeFolded, replace_by_td_operators, t
 
 E, HEADS, FF, T, B, S = 16, 2, 32, 4, 2, 5
 
+_CURRENT: dict[str, pytest.Item] = {}
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request: pytest.FixtureRequest) -> None:
+    """The running test, so that the checks can record what they measured (docs/models.md)."""
+    _CURRENT["item"] = request.node
+
 
 def _encoder(batch_first: bool, norm_first: bool = False) -> nn.Module:
     torch.manual_seed(0)
@@ -35,6 +43,14 @@ def _seq(batch_first: bool, length: int = S) -> torch.Tensor:
 
 def _check_cumulative(out: torch.Tensor, ann, x: torch.Tensor, *extra, **kwargs) -> None:
     with torch.no_grad():
+        error = max(
+            (out.cumsum(0)[t] - ann(x.cumsum(0)[t], *[e.cumsum(0)[t] for e in extra], **kwargs))
+            .abs()
+            .max()
+            .item()
+            for t in range(T)
+        )
+        _CURRENT["item"].user_properties.append(("max_abs_error", f"{error:.1e} (float32)"))
         for t in range(T):
             expected = ann(x.cumsum(0)[t], *[e.cumsum(0)[t] for e in extra], **kwargs)
             torch.testing.assert_close(out.cumsum(0)[t], expected, atol=2e-5, rtol=1e-4)
