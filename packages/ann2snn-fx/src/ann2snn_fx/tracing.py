@@ -7,6 +7,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any, ForwardRef
 
+import torch
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
@@ -133,7 +134,16 @@ def trace_model(
 
 
 def specialised_placeholders(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> dict[fx.Node, Any]:
-    """``placeholder -> value`` for the inputs fixed by ``concrete_args`` (fx names them ``<name>_1``)."""
+    """``placeholder -> value`` for the inputs fixed by ``concrete_args`` (fx names them ``<name>_1``).
+
+    Examples:
+        >>> class Flag(nn.Module):
+        ...     def forward(self, x, double=False):
+        ...         return x * 2 if double else x
+        >>> graph = fx.Tracer().trace(Flag(), concrete_args={"double": True})
+        >>> [(n.name, v) for n, v in specialised_placeholders(graph, {"double": True}).items()]
+        [('double_1', True)]
+    """
     if not concrete_args:
         return {}
     found = {}
@@ -151,7 +161,18 @@ def specialised_placeholders(graph: fx.Graph, concrete_args: dict[str, Any] | No
 def specialise_defaults(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
     """Make the values of ``concrete_args`` the defaults of their placeholders, so that the traced graph,
     called with the other inputs only, runs the way it was specialised (fx checks the value at run time and
-    would otherwise compare the forward's own default with it)."""
+    would otherwise compare the forward's own default with it).
+
+    Examples:
+        >>> class Flag(nn.Module):
+        ...     def forward(self, x, double=False):
+        ...         return x * 2 if double else x
+        >>> tracer = fx.Tracer()
+        >>> graph = tracer.trace(Flag(), concrete_args={"double": True})
+        >>> specialise_defaults(graph, {"double": True})
+        >>> fx.GraphModule(tracer.root, graph)(torch.ones(1)).item()  # no double=True needed
+        2.0
+    """
     for node, value in specialised_placeholders(graph, concrete_args).items():
         node.args = (value,)
 

@@ -98,7 +98,14 @@ _PRODUCT_METHODS = ("mul", "matmul", "bmm", "div", "pow")
 
 
 def max_pool_call(node: fx.Node, gm: fx.GraphModule) -> tuple[str, dict[str, Any]] | None:
-    """``(function name, options)`` of a max-pool node (module or function), or ``None`` if it is none."""
+    """``(function name, options)`` of a max-pool node (module or function), or ``None`` if it is none.
+
+    Examples:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.MaxPool2d(2, ceil_mode=True)))
+        >>> name, options = max_pool_call(list(gm.graph.nodes)[1], gm)
+        >>> name, options["ceil_mode"]
+        ('max_pool2d', True)
+    """
     if node.op == "call_module" and isinstance(node.target, str):
         module = gm.get_submodule(node.target)
         name = _MODULE_POOLS.get(type(module))
@@ -134,6 +141,13 @@ def commute_max_pools(gm: fx.GraphModule, rules: list[Any]) -> int:
 
     Only activations matched by a built-in rule in ``rules`` (monotone non-decreasing), whose only user is
     the pool, and that mutate no tensor another node reads, are moved.
+
+    Examples:
+        >>> gm = fx.symbolic_trace(nn.Sequential(nn.Conv1d(1, 1, 1), nn.ReLU(), nn.MaxPool1d(2)))
+        >>> commute_max_pools(gm, [ReLURule()])
+        1
+        >>> [n.target for n in gm.graph.nodes if n.op == "call_module"]
+        ['0', '2', '1']
     """
     active = [rule for rule in rules if type(rule) in _COMMUTING_RULES]
     if not active:
@@ -193,7 +207,16 @@ def _nonlinear_reason(node: fx.Node, temporal: set[fx.Node]) -> str | None:
 
 
 def spiking_max_pools(gm: fx.GraphModule) -> list[LeftActivation]:
-    """Replace max pools on time-varying values by :class:`SpikingMaxPool`; report what stays inexact."""
+    """Replace max pools on time-varying values by :class:`SpikingMaxPool`; report what stays inexact.
+
+    Examples:
+        >>> from ann2snn_fx import IFNode, trace_model
+        >>> gm = trace_model(nn.Sequential(IFNode(), nn.MaxPool1d(2)))
+        >>> spiking_max_pools(gm)
+        []
+        >>> type(gm.get_submodule("spiking_max_pool_0")).__name__
+        'SpikingMaxPool'
+    """
     temporal = _temporal_nodes(gm)
     left: list[LeftActivation] = []
     counts: dict[str, int] = {}

@@ -218,7 +218,12 @@ def make_traceable(model: nn.Module) -> nn.Module:
 
 
 def sequence_first_layers(model: nn.Module) -> list[str]:
-    """Paths of the swapped layers of ``model`` that are sequence-first (``batch_first=False``)."""
+    """Paths of the swapped layers of ``model`` that are sequence-first (``batch_first=False``).
+
+    Examples:
+        >>> sequence_first_layers(make_traceable(nn.TransformerEncoderLayer(8, 2, 16)))
+        ['']
+    """
     return [name for name, m in model.named_modules() if isinstance(m, _Layer) and m.seq_first]
 
 
@@ -229,6 +234,11 @@ def torch_layer_defaults(model: nn.Module, static_inputs: Collection[str]) -> di
 
     Tracing a ``None`` default as an input would make a mask a time sequence; fx checks at run time that a
     specialised input is still ``None``.
+
+    Examples:
+        >>> layer = make_traceable(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+        >>> sorted(torch_layer_defaults(layer, static_inputs=("src_mask",)))
+        ['is_causal', 'src_key_padding_mask']
     """
     parameters = list(inspect.signature(model.forward).parameters.values())
     if not isinstance(model, tuple(_SWAPS.values())):
