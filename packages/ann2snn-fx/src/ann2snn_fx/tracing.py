@@ -7,7 +7,6 @@ import typing
 from collections.abc import Iterable
 from typing import Any, ForwardRef
 
-import torch
 from torch import fx, nn
 from torch.fx.proxy import TraceError
 
