@@ -166,6 +166,7 @@ def specialise_defaults(graph: fx.Graph, concrete_args: dict[str, Any] | None) -
         >>> class Flag(nn.Module):
         ...     def forward(self, x, double=False):
         ...         return x * 2 if double else x
+        >>> import torch
         >>> tracer = fx.Tracer()
         >>> graph = tracer.trace(Flag(), concrete_args={"double": True})
         >>> specialise_defaults(graph, {"double": True})
