@@ -47,7 +47,8 @@ class SpikingMaxPool(nn.Module):
         [1.0, 0.0, 1.0]
     """
 
-    spike_unit = 1.0
+    # No ``spike_unit``: this is no neuron (after a commuted ReLU it pools analog currents), so the analysis
+    # does not count its output as spike events.
 
     def __init__(self, function: str, options: dict[str, Any]) -> None:
         super().__init__()
