@@ -87,7 +87,8 @@ class SwinLike(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.roll(self.fc(x), shifts=2, dims=1).roll(-1, -2)
         pooled = self.pool(self.norm(y).transpose(-1, -2)).flatten(-2)
-        return pooled + F.adaptive_avg_pool2d(y.unsqueeze(1), (1, E)).flatten(-3)
+        # unsqueeze(-3) of a 3-D tensor inserts at dim 1 (it was a false alarm of the folded path)
+        return pooled + F.adaptive_avg_pool2d(y.unsqueeze(-3), (1, E)).flatten(-3)
 
 
 def test_roll_and_adaptive_pooling_are_time_transparent_in_the_folded_path() -> None:

@@ -70,16 +70,18 @@ def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
     return out
 
 
-def _no_dim0(*positions: tuple[int, str, Any]) -> _Handler:
-    """Linear ops whose dim arguments must not touch the time-folded batch dim 0."""
+def _no_dim0(*positions: tuple[int, str, Any], new_dim: bool = False) -> _Handler:
+    """Linear ops whose dim arguments must not touch the time-folded batch dim 0 (``new_dim``: the dim
+    indexes the output, one dim longer, as ``unsqueeze``'s does)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0]
+        rank = x.dim() + (1 if new_dim else 0)
         for index, name, default in positions:
             value = read_arg(args, kwargs, index, name, default)
             values = value if isinstance(value, (tuple, list)) else [value]
             for dim in values:
-                if dim is None or (isinstance(dim, int) and dim % max(x.dim(), 1) == 0):
+                if dim is None or (isinstance(dim, int) and dim % max(rank, 1) == 0):
                     raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
         return func(*args, **kwargs)
 
