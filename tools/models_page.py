@@ -83,6 +83,10 @@ LABELS = {
         "`torch.roll` over a token dim",
         "TD: `replace_by_td_operators`",
     ),
+    "test_average_pooling_and_upsampling_modules_in_the_fx_path": (
+        "average pooling and upsampling modules",
+        "TD: `replace_by_td_operators`",
+    ),
     "test_inplace_relu_whose_mutation_is_read_later": (
         "in-place ReLU read later ({param})",
         "TD: both paths",

@@ -210,3 +210,30 @@ def test_a_bool_flag_of_the_forward_is_a_constant_not_a_refusal() -> None:
         _assert_exact(gm(x), ann, x)
     with pytest.raises(AssertionError, match="is_causal has been specialized"):
         gm(x, None, True)  # a different flag at run time is refused loudly, not run on the wrong graph
+
+
+class PoolsAndUpsampling(nn.Module):
+    """Average pooling and upsampling modules: linear, bias-free, run per step in the fx path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(E, E)
+        self.pool1 = nn.AdaptiveAvgPool1d(2)
+        self.pool2 = nn.AvgPool2d(2, ceil_mode=True)
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)  # [B, L, E]
+        a = self.pool1(y.transpose(-1, -2)).flatten(-2)  # [B, 2E]
+        b = self.up(self.pool2(y.unsqueeze(-3))).flatten(-3)  # [B, 2*ceil(L/2) * E]
+        return torch.cat([a, b], -1)
+
+
+def test_average_pooling_and_upsampling_modules_in_the_fx_path() -> None:
+    """Before: reported as 'not known to be time-transparent', and the pools failed on the [T, ...] rank."""
+    torch.manual_seed(4)
+    ann = PoolsAndUpsampling().eval()
+    gm = replace_by_td_operators(ann, strict=True)
+    x = torch.randn(T, B, L, E)
+    with torch.no_grad():
+        _assert_exact(gm(x), ann, x)
