@@ -188,8 +188,6 @@ def test_converted_options_step_loop_equals_multi_step_and_survive_saving(strate
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(run_snn(loaded, x, 6), loop)
-    if strategy == "per_channel":
-        return  # a calibrate=False skeleton has scalar scalers, whatever the strategy (not this issue's)
     skeleton = Converter(
         progress=False,
         rules=all_rules(),

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ann2snn_calib import VoltageHook
+from ann2snn_calib._finite import check_all_finite  # the same NaN/inf rule (SPEC 13.4) as every hook
 
 __all__ = ["LTBHook"]
 
@@ -78,6 +79,8 @@ class LTBHook(VoltageHook):
         cd = channel_dim % x.dim()
         shape = [1] * x.dim()
         shape[cd] = x.shape[cd]
+        group = self._group()
+        check_all_finite(self, x.detach(), group)  # raises NonFiniteError on every rank at once
         positive = x.detach().clamp_min(0)
         with torch.no_grad():
             theta = self.scale
@@ -88,7 +91,6 @@ class LTBHook(VoltageHook):
             excess = (positive.float() - theta.view(shape)).clamp_min_(0)
             total = excess.sum(dim=others)
             count = torch.tensor(float(excess.numel() // max(x.shape[cd], 1)), device=x.device)
-            group = self._group()
             if group is not None:
                 dist.all_reduce(total, group=group)
                 dist.all_reduce(count, group=group)
