@@ -105,6 +105,12 @@ from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
 
 __all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
 
+# Real models (issue 18): spiking max pooling, tracing on an example input.
+from ann2snn_fx.snn.pooling import SpikingMaxPool  # noqa: E402
+from ann2snn_fx.tracing_example import ExampleInputTracer  # noqa: E402
+
+__all__ += ["ExampleInputTracer", "SpikingMaxPool"]
+
 # Low-latency ReLU -> IF conversion (issue 15).
 from ann2snn_fx.relu.calibrate import CalibratedLayer, calibrate_snn  # noqa: E402
 from ann2snn_fx.relu.ltb import LTBHook  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ann2snn_fx._numbers import as_integral, as_real
-from ann2snn_fx.relu import stages
+from ann2snn_fx.relu import pools, stages
 from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
 from ann2snn_fx.relu.options import check_converter_options, check_mode
 from ann2snn_fx.relu.passes import SeedPasses
@@ -163,6 +163,7 @@ class Converter(SeedPasses):
         dtype = reference.dtype if reference is not None else None
         gm = stages.trace(ann, device, tracer=tracer, concrete_args=concrete_args, leaf_modules=leaf_modules)
         gm = stages.fuse(gm, self.fuse_flag)
+        pools.commute_max_pools(gm, self.rules)
         modules = dict(gm.named_modules())
         activations = {n.name: describe(n, modules) for n in gm.graph.nodes if is_activation(n, modules)}
         if calibrate and self.dataloader is None and not _qcfs_only(gm):
@@ -182,10 +183,11 @@ class Converter(SeedPasses):
         thresholds = stages.choose_thresholds(self.threshold_optimizer, calibrate)
         replaced = stages.replace(gm, self.rules, self.neuron_factory, thresholds)
         stages.remove_leftover_hooks(gm)
+        inexact = pools.spiking_max_pools(gm)
         stages.cast_scales(gm, dtype)
         gm = gm.to(device)
         gm.eval()
-        report = build_report(gm, activations, replaced, self.rules)
+        report = build_report(gm, activations, replaced, self.rules, inexact)
         gm.__dict__["conversion_report"] = report
         self.last_report = report
         logger.info(
