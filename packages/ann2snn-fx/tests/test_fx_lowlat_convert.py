@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import pathlib
 import socket
+import sys
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from ann2snn_fx import (
@@ -297,6 +298,7 @@ def _free_port() -> int:
 def _rank(rank: int, port: int, path: str) -> None:
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -312,8 +314,23 @@ def _rank(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
+    reason="needs the fork start method (a spawned child cannot import this test module by its pytest name)",
+)
 def test_two_gloo_ranks_calibrate_like_one_process(tmp_path: pathlib.Path) -> None:
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    codes = [proc.exitcode for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert codes == [0, 0], f"worker exit codes {codes} (a rank hung or crashed)"
     torch.manual_seed(0)
     ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval()
     data = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
