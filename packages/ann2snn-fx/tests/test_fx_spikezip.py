@@ -198,7 +198,7 @@ def test_quantisation_aware_training_updates_steps_and_weights() -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs()) > 0 for g in grads if g is not None)
     opt.step()
-    assert any(float(q.scale) != steps[k] for k, q in qann.quantizers.items())
+    assert any(float(q.scale.detach()) != steps[k] for k, q in qann.quantizers.items())
     snn = qann_to_snn(qann.eval())
     with torch.no_grad():
         out, _ = snn.run_until_quiet(images=x[:2])
