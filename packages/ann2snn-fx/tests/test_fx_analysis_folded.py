@@ -86,10 +86,13 @@ def test_spike_driven_transformer_feeds_spikes_to_every_weight_layer_and_product
     for r in products:
         if r.role == "spikes":
             assert len(r.source.split("; ")) == (1 if r.op.startswith("F.") or r.op == "torch.mm" else 2)
-    assert any(r.op in ("TDMatMul", "torch.matmul") and r.role == "spikes" for r in products) or name == "bert"
+    assert (
+        any(r.op in ("TDMatMul", "torch.matmul") and r.role == "spikes" for r in products) or name == "bert"
+    )
     neurons = [r for r in profile.layers if r.role == "neuron"]
     assert len(neurons) == len(snn.neurons())
-    assert profile.sop > 0 and profile.events > 0
+    assert profile.sop > 0
+    assert profile.events > 0
 
 
 class _Pair(nn.Module):
@@ -126,7 +129,8 @@ def test_sops_equal_a_brute_force_loop_over_synapses() -> None:
         assert rows[key].events_pos == pytest.approx(float(spikes.clamp(min=0).sum()) / 2)
         assert rows[key].events_neg == pytest.approx(float(-spikes.clamp(max=0).sum()) / 2)
     products = [r for r in profile.layers if r.op == "TDMatMul"]
-    assert len(products) == 2 and all(r.role == "spikes" for r in products)
+    assert len(products) == 2
+    assert all(r.role == "spikes" for r in products)
     first = products[0]
     a_key, b_key = (s.split(" <- ")[1] for s in first.source.split("; "))
     a, b = seen[a_key], seen[b_key]  # [T, B, L, 4] @ [T, B, 4, L] (b quantised after its transpose)
@@ -139,11 +143,13 @@ def test_sops_equal_a_brute_force_loop_over_synapses() -> None:
                         sop += abs(int(a[t, s, i, k])) + abs(int(b[t, s, k, j]))
     assert first.sop == pytest.approx(sop / 2)
     out = rows["out"]
-    assert out.role == "spikes" and out.op == "F.linear"
+    assert out.role == "spikes"
+    assert out.op == "F.linear"
     fed = seen[out.source.split(" <- ")[1]]
     assert out.sop == pytest.approx(float(fed.abs().sum()) * 2 / 2)  # events x out_features, per sample
     assert out.ann_mac == 3 * 4 * 2
-    assert rows["a"].role == "analog" and rows["a"].mac == 10 * 3 * 3 * 4  # the model input: MACs every step
+    assert rows["a"].role == "analog"  # fed the model input: MACs every step
+    assert rows["a"].mac == 10 * 3 * 3 * 4
 
 
 def test_conv_fed_spikes_counts_exact_border_fanout() -> None:
@@ -159,9 +165,12 @@ def test_conv_fed_spikes_counts_exact_border_fanout() -> None:
     with torch.no_grad():  # the neuron's spikes, recomputed outside the SNN
         pre = torch.nn.functional.conv2d(seq.flatten(0, 1), model[0].weight).unflatten(0, (6, 2))
         pre[0] += model[0].bias.reshape(-1, 1, 1)
-        events = STBIFNeuron(neuron.scale, neuron.n_min, neuron.n_max)(torch.nn.functional.gelu(pre.cumsum(0)).diff(
-            dim=0, prepend=torch.zeros_like(pre[:1])
-        )) / neuron.spike_unit
+        events = (
+            STBIFNeuron(neuron.scale, neuron.n_min, neuron.n_max)(
+                torch.nn.functional.gelu(pre.cumsum(0)).diff(dim=0, prepend=torch.zeros_like(pre[:1]))
+            )
+            / neuron.spike_unit
+        )
     sop = 0
     for oy in range(3):  # 5x5 input, kernel 3, stride 2, padding 1 -> 3x3 outputs, 3 channels
         for ox in range(3):
@@ -182,8 +191,11 @@ def test_td_time_folded_bert_counts_macs_as_the_ann_every_step() -> None:
     profile = profile_snn(snn, {"inputs_embeds": seq}, 4)
     rows = {r.name: r for r in profile.layers}
     query = rows["encoder.layer.0.attention.self.query"]
-    assert query.role == "analog" and query.ann_mac == 5 * 16 * 16 and query.mac == 4 * 5 * 16 * 16
-    assert profile.sop == 0.0 and profile.events == 0.0
+    assert query.role == "analog"
+    assert query.ann_mac == 5 * 16 * 16
+    assert query.mac == 4 * 5 * 16 * 16
+    assert profile.sop == 0.0
+    assert profile.events == 0.0
     with pytest.raises(ValueError, match="time_steps"):
         profile_snn(snn, {"inputs_embeds": seq}, 5)
     with pytest.raises(ValueError, match="mode"):

@@ -75,7 +75,9 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class FoldedAccounting(TorchFunctionMode):
     """Counts events, SOPs and MACs of one forward of a TD-folded model (see the module docstring)."""
 
-    def __init__(self, modules: dict[str, nn.Module], neuron_names: dict[int, str], steps: int, batch: int) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], neuron_names: dict[int, str], steps: int, batch: int
+    ) -> None:
         super().__init__()
         self.modules, self.neuron_names, self.steps, self.batch = modules, neuron_names, steps, batch
         self.names = {id(m): name for name, m in modules.items()}
@@ -166,7 +168,13 @@ class FoldedAccounting(TorchFunctionMode):
         return path, k
 
     def record(
-        self, kind: str, op: str, operands: list[tuple[str, Tensor]], macs: float, conv: Any = None, why: str = ""
+        self,
+        kind: str,
+        op: str,
+        operands: list[tuple[str, Tensor]],
+        macs: float,
+        conv: Any = None,
+        why: str = "",
     ) -> None:
         """One counted call: SOPs if every activation operand is spikes, else the ANN's MACs every step."""
         path, k = self._site(kind)

@@ -32,13 +32,13 @@ def _check(snn: object, inputs: object, time_steps: object, mode: object, labels
         )
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, but got {mode!r}.")
-    _positive_steps(time_steps)
+    steps = _positive_steps(time_steps)
     need = 2 if mode == "sequence" else 1
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < need:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         what = "[T, B, *]" if mode == "sequence" else "[B, *]"
         raise ValueError(f"inputs must be a tensor {what} for mode={mode!r}, but got {shape}.")
-    if mode == "sequence" and inputs.shape[0] != int(time_steps):
+    if mode == "sequence" and inputs.shape[0] != steps:
         raise ValueError(
             f"mode='sequence' needs inputs [T, B, *] with T == time_steps ({time_steps}), but got shape "
             f"{tuple(inputs.shape)}."
@@ -93,13 +93,22 @@ def profile_snn(
     :class:`~ann2snn_fx.analysis.LayerRecord` for every column and ``docs/guides/accounting.md`` for the
     conventions and their limits.
 
+    A :class:`~ann2snn_fx.TDTimeFolded` or :class:`~ann2snn_fx.SpikeZIPSNN` (spike-driven transformers,
+    Hugging Face models) is not an fx graph: it is profiled per call site instead (every ``F.linear``, conv,
+    ``mm``/``addmm``, ``matmul``/``bmm``, norm and TD product the forward makes), an operand counting as spikes
+    when it is a view of a neuron's output (see the accounting guide).
+
     Args:
-        snn: The SNN as an ``fx.GraphModule`` (what the converters return).
+        snn: The SNN: an ``fx.GraphModule`` (what the converters return), a ``TDTimeFolded`` or a
+            ``SpikeZIPSNN``.
         inputs: The batch: ``[B, *]`` fed at every step (``mode="step"`` or ``"multi"``), or the whole
-            sequence ``[T, B, *]`` (``mode="sequence"``: TD and spike-driven transformers).
+            sequence ``[T, B, *]`` (``mode="sequence"``: TD and spike-driven transformers). For a
+            ``TDTimeFolded``/``SpikeZIPSNN`` the forward's arguments: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments, with the time inputs ``[T, B, *]``.
         time_steps: ``T``.
         mode: ``"step"`` (one call per step, ``run_snn``), ``"multi"`` (``run_snn(multi_step=True)``) or
-            ``"sequence"`` (one call on ``[T, B, *]``). The counts are the same in the first two.
+            ``"sequence"`` (one call on ``[T, B, *]``). The counts are the same in the first two. Default
+            (None): ``"step"`` for fx graphs, ``"sequence"`` (the only one) for time-folded models.
         labels: Class labels ``[B]``; the profile then records the accuracy of the output after ``T`` steps.
         energy_models: The constants of the energy tables (default fp32 and int8, 45 nm, Horowitz 2014).
         chunk_elements: Chunking of the multi-step execution (see :class:`~ann2snn_fx.MultiStepSNN`).
@@ -109,7 +118,7 @@ def profile_snn(
         ``to_csv()``).
 
     Raises:
-        TypeError: ``snn`` is not an ``fx.GraphModule``.
+        TypeError: ``snn`` is not an ``fx.GraphModule``, ``TDTimeFolded`` or ``SpikeZIPSNN``.
         ValueError: A bad ``mode``, ``time_steps``, input or label shape.
 
     Examples:
@@ -118,6 +127,17 @@ def profile_snn(
         >>> profile = profile_snn(snn, torch.tensor([[0.5, 1.0]]), 4)
         >>> [(r.name, r.role, r.events, r.sop) for r in profile.layers]
         [('0', 'neuron', 6.0, 0.0), ('1', 'spikes', 0.0, 18.0)]
+
+        A spike-driven network (the first layer is fed the analog input, the second ST-BIF spikes):
+
+        >>> from ann2snn_fx import calibrate_qann, prepare_qann, qann_to_snn
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(4, 3)
+        >>> ann = nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 2)).eval()
+        >>> snn = qann_to_snn(calibrate_qann(prepare_qann(ann, 8, example_inputs=x), [x]))
+        >>> x_seq = torch.cat([x[None], torch.zeros(9, 4, 3)])  # input at t = 0, zeros after
+        >>> [(r.name, r.role) for r in profile_snn(snn, x_seq, 10).layers]
+        [('0', 'analog'), ('2:linear0:x', 'neuron'), ('2', 'spikes')]
     """
     models = tuple(energy_models)
     if not models or not all(isinstance(m, EnergyModel) for m in models):
@@ -131,6 +151,7 @@ def profile_snn(
         return _profile_folded(snn, inputs, t, batch, labels, models)
     mode = "step" if mode is None else mode
     batch = _check(snn, inputs, time_steps, mode, labels)
+    assert isinstance(inputs, torch.Tensor)  # checked by _check
     t = int(time_steps)
     info = analyse(snn)
     neurons = {str(n.target): info.modules[str(n.target)] for n in info.neurons}
@@ -234,11 +255,11 @@ def _folded_batch(snn: TDTimeFolded, inputs: object, time_steps: int, mode: obje
         raise ValueError(
             f"a {type(snn).__name__} runs whole sequences: mode must be 'sequence' (or None), but got {mode!r}."
         )
-    items = (
+    items: list[tuple[Any, Any]] = (
         list(inputs.items()) if isinstance(inputs, dict)
         else list(enumerate(inputs)) if isinstance(inputs, tuple) else [(0, inputs)]
     )  # fmt: skip
-    times = [v for k, v in items if snn._is_time(k, v)]
+    times: list[torch.Tensor] = [v for k, v in items if snn._is_time(k, v)]
     if not times or times[0].dim() < 2 or times[0].shape[0] != time_steps:
         shape = tuple(times[0].shape) if times else None
         raise ValueError(
@@ -249,14 +270,20 @@ def _folded_batch(snn: TDTimeFolded, inputs: object, time_steps: int, mode: obje
 
 
 def _profile_folded(
-    snn: TDTimeFolded, inputs: Any, t: int, batch: int, labels: torch.Tensor | None, models: tuple[EnergyModel, ...]
+    snn: TDTimeFolded,
+    inputs: Any,
+    t: int,
+    batch: int,
+    labels: torch.Tensor | None,
+    models: tuple[EnergyModel, ...],
 ) -> SNNProfile:
     """The accounting of a :class:`~ann2snn_fx.TDTimeFolded` (or spike-driven ``SpikeZIPSNN``) run."""
-    root = snn.model.qann.model if isinstance(snn, SpikeZIPSNN) else snn.model
+    wrapped: Any = snn.model
+    root: nn.Module = wrapped.qann.model if isinstance(snn, SpikeZIPSNN) else wrapped
     modules = dict(root.named_modules())
     neurons = {id(m): n for n, m in snn.named_modules() if is_neuron(m)}
     if isinstance(snn, SpikeZIPSNN):
-        neurons = {id(m): key for key, m in snn.model.neurons.items()}
+        neurons = {id(m): key for key, m in wrapped.neurons.items()}
     with torch.no_grad(), FoldedAccounting(modules, neurons, t, batch) as acc:
         out = _call(snn, inputs)
     profile = SNNProfile(t, batch, "sequence", energy_models=models)
@@ -273,7 +300,9 @@ def _profile_folded(
     for name, row in acc.rows.items():
         ann = row.mac / (t * batch)
         if row.spikes:
-            rec = LayerRecord(name, row.op, "spikes", row.source, synapses=row.synapses, sop=row.sop / batch, ann_mac=ann)
+            rec = LayerRecord(
+                name, row.op, "spikes", row.source, synapses=row.synapses, sop=row.sop / batch, ann_mac=ann
+            )
         else:
             rec = LayerRecord(name, row.op, "analog", row.source, mac=row.mac / batch, ann_mac=ann)
         rows.append((row.order, rec))
