@@ -35,6 +35,7 @@ _CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _NORMS = {F.layer_norm, F.rms_norm, F.group_norm}
 _TD_PRODUCTS = {"TDMatMul": "matmul", "TDMul": "mul", "TDScaledDotProductAttention": "attention"}
 _TD_PRODUCTS["TDMultiheadAttention"] = "mha"
+_COUNTED = set(_LINEAR) | set(_CONVS) | _NORMS
 
 
 @dataclass
@@ -87,7 +88,7 @@ class FoldedAccounting(TorchFunctionMode):
         self.rows: dict[str, Row] = {}
         self.occurrences: dict[tuple[str, str], int] = {}
         self.neuron_order: dict[str, int] = {}
-        self._spikes: dict[int, tuple[weakref.ReferenceType[Tensor], str, Any]] = {}
+        self._spikes: dict[int, tuple[weakref.ReferenceType[Tensor], str, Any, Tensor | None]] = {}
         self._conv_cache: dict[Any, Tensor] = {}
         self._handles: list[Any] = []
         self._calls = 0
@@ -133,33 +134,40 @@ class FoldedAccounting(TorchFunctionMode):
         name = self.neuron_names.get(id(module))
         if name is not None and is_neuron(module):
             counter = self.counters.setdefault(name, EventCounter(module, True))
-            counter.add(out, "forward")
+            absolute = _count_events(counter, out)
             self.neuron_order.setdefault(name, self._next())
             if isinstance(out, Tensor):
                 root = _root(out)
-                self._spikes[id(root)] = (weakref.ref(root), name, module.spike_unit)
+                whole = absolute if root.numel() == out.numel() else None
+                self._spikes[id(root)] = (weakref.ref(root), name, module.spike_unit, whole)
 
     def _next(self) -> int:
         self._calls += 1
         return self._calls
 
     # ---- operands ----------------------------------------------------------------------------
-    def events(self, x: Any) -> tuple[str, Tensor] | None:
-        """``(neuron, |events| per element of x)`` when ``x`` is a view of a neuron's output, else None."""
+    def events(self, x: Any) -> tuple[str, Any, Tensor | None] | None:
+        """``(neuron, spike_unit, the output's events if x spans it)`` when ``x`` is a view of a neuron's
+        output, else None."""
         if not isinstance(x, Tensor):
             return None
         root = _root(x)
         entry = self._spikes.get(id(root))
         if entry is None or entry[0]() is not root:
             return None
-        _, name, unit = entry
+        return entry[1], entry[2], (entry[3] if x.numel() == root.numel() else None)
+
+    @staticmethod
+    def counts(x: Tensor, unit: Any) -> Tensor | None:
+        """``|events|`` per element of the spike operand ``x`` (None: a tensor unit on a strided root)."""
         with torch._C.DisableTorchFunction():
             if isinstance(unit, (int, float)):
-                return name, (x.detach().abs() / unit).round() if unit != 1 else x.detach().abs()
+                return (x.detach().abs() / unit).round()
+            root = _root(x)
             if not root.is_contiguous():
                 return None
             full = (root.detach() / unit).round().abs()
-            return name, full.as_strided(x.size(), x.stride(), x.storage_offset() - root.storage_offset())
+            return full.as_strided(x.size(), x.stride(), x.storage_offset() - root.storage_offset())
 
     def _site(self, op: str) -> tuple[str, int]:
         path = self.stack[-1] if self.stack else "<root>"
@@ -190,15 +198,30 @@ class FoldedAccounting(TorchFunctionMode):
         row = Row(self._next(), op, True, "")
         for label, x, ev in found:
             assert ev is not None
-            neuron, counts = ev
-            if conv is not None:
-                fan = self._conv_map(x, conv)
-                row.sop += float((counts.sum(0) * fan).sum())
-                row.synapses += float(fan.sum())
+            neuron, unit, whole = ev
+            if conv is None and whole is not None:  # x spans the neuron's output: its events, counted
+                row.sop += float(whole.sum()) * macs / max(x.numel(), 1)
+            elif conv is None and isinstance(unit, (int, float)):  # values are exactly 0 or +-unit
+                with torch._C.DisableTorchFunction():
+                    row.sop += (
+                        float(x.detach().abs().sum(dtype=torch.float64)) / unit * macs / max(x.numel(), 1)
+                    )
             else:
-                fan_out = macs / max(x.numel(), 1)
-                row.sop += float(counts.sum()) * fan_out
-                row.synapses += fan_out * x.numel() / (self.steps * self.batch)
+                counts = self.counts(x, unit)
+                if counts is None:
+                    why = f"{label}: per-element spike unit on a strided view"
+                    self.rows[name] = Row(self._next(), op, False, why, mac=macs)
+                    return
+                fan = (
+                    self._conv_map(x, conv)
+                    if conv is not None
+                    else torch.full_like(counts[0], macs / x.numel())
+                )
+                row.sop += float((counts.sum(0) * fan).sum())
+            if conv is not None:
+                row.synapses += float(self._conv_map(x, conv).sum())
+            else:
+                row.synapses += macs / (self.steps * self.batch)
             row.sources.append(f"{label} <- {neuron}")
         row.mac = macs  # the ANN's MACs of this call (all T steps): the record keeps mac / T as ann_mac
         row.source = "; ".join(row.sources)
@@ -226,8 +249,10 @@ class FoldedAccounting(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        if func not in _COUNTED:
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
-        if self.inside_td == 0 and (func in _LINEAR or func in _CONVS or func in _NORMS):
+        if self.inside_td == 0:
             out = func(*args, **kwargs)
             site = _call_site(func, args, kwargs, out)
             if site is not None:
@@ -243,6 +268,24 @@ class FoldedAccounting(TorchFunctionMode):
         if mode is not None:
             return mode.is_time(x) or self.events(x) is not None
         return not isinstance(x, nn.Parameter)
+
+
+def _count_events(counter: EventCounter, out: Any) -> Tensor | None:
+    """Add a neuron's ``[T, B, ...]`` output to its counter (signed and absolute events, summed over time);
+    returns this call's absolute events ``[B, ...]``."""
+    if not isinstance(out, Tensor) or out.dim() < 2:
+        counter.add(out, "forward")  # the counter's own checks and messages
+        return None
+    with torch._C.DisableTorchFunction():
+        unit: Any = counter.module.spike_unit
+        signed = out.detach().sum(0, dtype=torch.float32).div_(unit)
+        absolute = out.detach().abs().sum(0, dtype=torch.float32).div_(unit)
+        if counter.signed is None or counter.absolute is None:
+            counter.signed, counter.absolute, counter.mixed = signed, absolute.clone(), True
+        else:
+            counter.signed.add_(signed)
+            counter.absolute.add_(absolute)
+    return absolute
 
 
 def _product_macs(module: nn.Module, kind: str, tensors: list[Tensor]) -> float:
