@@ -73,28 +73,26 @@ def _conv_fanout(x: Tensor, nd: int, args: tuple[Any, ...], kwargs: dict[str, An
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class FoldedAccounting(TorchFunctionMode):
-    """Counts events, SOPs and MACs of one forward of a TD-folded model (see the module docstring)."""
+class _Tracker(TorchFunctionMode):
+    """The module side: global hooks that keep the running module's path, count every neuron's events and
+    remember its output (by storage base), and bracket the TD product modules."""
 
-    def __init__(
-        self, modules: dict[str, nn.Module], neuron_names: dict[int, str], steps: int, batch: int
-    ) -> None:
+    def __init__(self, modules: dict[str, nn.Module], neuron_names: dict[int, str]) -> None:
         super().__init__()
-        self.modules, self.neuron_names, self.steps, self.batch = modules, neuron_names, steps, batch
+        self.modules, self.neuron_names = modules, neuron_names
         self.names = {id(m): name for name, m in modules.items()}
         self.stack: list[str] = []
         self.inside_td = 0
         self.counters: dict[str, EventCounter] = {}
-        self.rows: dict[str, Row] = {}
-        self.occurrences: dict[tuple[str, str], int] = {}
         self.neuron_order: dict[str, int] = {}
         self._spikes: dict[int, tuple[weakref.ReferenceType[Tensor], str, Any, Tensor | None]] = {}
-        self._conv_cache: dict[Any, Tensor] = {}
         self._handles: list[Any] = []
         self._calls = 0
 
-    # ---- hooks -------------------------------------------------------------------------------
-    def __enter__(self) -> FoldedAccounting:
+    def _td_product(self, module: nn.Module, kind: str, args: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _Tracker:
         self._handles = [
             nn.modules.module.register_module_forward_pre_hook(self._pre),
             nn.modules.module.register_module_forward_hook(self._post),
@@ -145,7 +143,6 @@ class FoldedAccounting(TorchFunctionMode):
         self._calls += 1
         return self._calls
 
-    # ---- operands ----------------------------------------------------------------------------
     def events(self, x: Any) -> tuple[str, Any, Tensor | None] | None:
         """``(neuron, spike_unit, the output's events if x spans it)`` when ``x`` is a view of a neuron's
         output, else None."""
@@ -168,6 +165,19 @@ class FoldedAccounting(TorchFunctionMode):
                 return None
             full = (root.detach() / unit).round().abs()
             return full.as_strided(x.size(), x.stride(), x.storage_offset() - root.storage_offset())
+
+
+class FoldedAccounting(_Tracker):
+    """Counts events, SOPs and MACs of one forward of a TD-folded model (see the module docstring)."""
+
+    def __init__(
+        self, modules: dict[str, nn.Module], neuron_names: dict[int, str], steps: int, batch: int
+    ) -> None:
+        super().__init__(modules, neuron_names)
+        self.steps, self.batch = steps, batch
+        self.rows: dict[str, Row] = {}
+        self.occurrences: dict[tuple[str, str], int] = {}
+        self._conv_cache: dict[Any, Tensor] = {}
 
     def _site(self, op: str) -> tuple[str, int]:
         path = self.stack[-1] if self.stack else "<root>"

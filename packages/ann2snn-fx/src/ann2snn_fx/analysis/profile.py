@@ -284,7 +284,8 @@ def _profile_folded(
     neurons = {id(m): n for n, m in snn.named_modules() if is_neuron(m)}
     if isinstance(snn, SpikeZIPSNN):
         neurons = {id(m): key for key, m in wrapped.neurons.items()}
-    with torch.no_grad(), FoldedAccounting(modules, neurons, t, batch) as acc:
+    acc = FoldedAccounting(modules, neurons, t, batch)
+    with torch.no_grad(), acc:
         out = _call(snn, inputs)
     profile = SNNProfile(t, batch, "sequence", energy_models=models)
     if labels is not None:
