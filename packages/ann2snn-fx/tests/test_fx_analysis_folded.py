@@ -200,3 +200,41 @@ def test_td_time_folded_bert_counts_macs_as_the_ann_every_step() -> None:
         profile_snn(snn, {"inputs_embeds": seq}, 5)
     with pytest.raises(ValueError, match="mode"):
         profile_snn(snn, {"inputs_embeds": seq}, 4, mode="step")
+
+
+class _Floor(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.floor(x)  # not time-transparent: the fold mode runs it unchanged and reports it
+
+
+def test_diagnose_td_finds_the_broken_module_of_a_time_folded_model() -> None:
+    from ann2snn_fx.analysis import diagnose_td
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.LayerNorm(6), nn.Linear(6, 3)).eval()
+    seq = torch.randn(3, 2, 4)
+    good = diagnose_td(ann, TDTimeFolded(ann), seq)
+    assert good.first_broken is None
+    assert [n.name for n in good.nodes] == ["0", "1", "2", "3"]
+    assert max(n.deviation for n in good.nodes) < 1e-5
+    bad_ann = nn.Sequential(nn.Linear(4, 6), _Floor(), nn.Linear(6, 3)).eval()
+    bad = diagnose_td(bad_ann, TDTimeFolded(bad_ann), seq * 3)
+    assert bad.first_broken == "1"
+    assert bad.nodes[0].deviation < 1e-5
+
+
+def test_diagnose_td_compares_a_settled_spikezip_snn_with_its_qann() -> None:
+    from ann2snn_fx.analysis import diagnose_td
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).eval(), torch.randn(8, 4)
+    qann = calibrate_qann(prepare_qann(model, 8, example_inputs=x), [x])
+    snn = qann_to_snn(qann)
+    _, steps = snn.run_until_quiet(x)
+    settled = diagnose_td(qann, snn, _sequence(x, steps + 1))
+    assert settled.first_broken is None
+    assert {n.name for n in settled.nodes} == {"0", "1", "2"}
+    early = diagnose_td(qann, snn, _sequence(x, 1))  # one step: the counts have not settled
+    assert early.first_broken is not None
+    with pytest.raises(TypeError, match="QANN"):
+        diagnose_td(model, snn, _sequence(x, 4))
