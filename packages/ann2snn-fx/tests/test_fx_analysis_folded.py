@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ann2snn_fx import TDTimeFolded, calibrate_qann, prepare_qann, qann_to_snn
 from ann2snn_fx.analysis import profile_snn
@@ -19,7 +19,7 @@ _WEIGHTED = ("F.linear", "F.conv2d", "torch.mm", "torch.matmul", "TDMatMul", "TD
 
 
 class Attention(nn.Module):
-    """A small hand-written attention block: qkv heads, q @ k^T, softmax, @ v, projection, gated MLP."""
+    """A small hand-written attention block: qkv heads, SDPA, projection, a gated (product) MLP."""
 
     def __init__(self, width: int = 8, heads: int = 2) -> None:
         super().__init__()
@@ -28,9 +28,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(c // self.heads)).softmax(dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+        q, k, v = (
+            t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
+            for t in self.qkv(self.norm(x)).chunk(3, -1)
+        )
+        att = F.scaled_dot_product_attention(q, k, v)  # the QANN computes it in its parts: two matmuls
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, c))
         return x + self.ff(x) * torch.sigmoid(x)
 
 
