@@ -241,3 +241,26 @@ def test_diagnose_td_compares_a_settled_spikezip_snn_with_its_qann() -> None:
     assert early.first_broken is not None
     with pytest.raises(TypeError, match="QANN"):
         diagnose_td(model, snn, _sequence(x, 4))
+
+
+def test_a_per_channel_spike_unit_counts_events_not_amplitudes() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 3)).eval(), torch.randn(8, 4)
+    snn = qann_to_snn(calibrate_qann(prepare_qann(model, 8, example_inputs=x), [x]))
+    neuron = snn.neurons()[0]
+    neuron.scale = neuron.scale * torch.linspace(0.5, 2.0, 6)  # one step per channel: spikes of 6 amplitudes
+    seq = _sequence(x, 10)
+    spikes: list[torch.Tensor] = []
+    handle = neuron.register_forward_hook(lambda m, a, out: spikes.append(out / m.scale))
+    try:
+        with torch.no_grad():
+            snn(seq)
+    finally:
+        handle.remove()
+    events = spikes[0]
+    assert set(events.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    profile = profile_snn(snn, seq, 10)
+    rows = {r.name: r for r in profile.layers}
+    assert rows[next(iter(snn.model.neurons))].events == pytest.approx(float(events.abs().sum()) / 8)
+    assert rows["2"].role == "spikes"
+    assert rows["2"].sop == pytest.approx(float(events.abs().sum()) * 3 / 8)
