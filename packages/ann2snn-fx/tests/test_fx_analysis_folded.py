@@ -15,7 +15,7 @@ from ann2snn_ops import STBIFNeuron
 
 transformers = pytest.importorskip("transformers")
 
-_WEIGHTED = ("F.linear", "F.conv2d", "torch.mm", "torch.matmul", "TDMatMul", "TDMul")
+_WEIGHTED = ("F.linear", "F.conv2d", "torch.mm", "torch.matmul", "torch.addmm", "TDMatMul", "TDMul")
 
 
 class Attention(nn.Module):
@@ -60,11 +60,12 @@ def _sequence(x: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([x.unsqueeze(0), x.new_zeros(steps - 1, *x.shape)])
 
 
-@pytest.mark.parametrize("name", ["attention", "patches", "bert"])
+@pytest.mark.parametrize("name", ["attention", "patches", "bert", "gpt2"])
 def test_spike_driven_transformer_feeds_spikes_to_every_weight_layer_and_product(name: str) -> None:
     torch.manual_seed(0)
-    if name == "bert":
-        model: nn.Module = _bert()
+    if name in ("bert", "gpt2"):  # GPT-2's Conv1D layers are addmm calls
+        cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+        model: nn.Module = _bert() if name == "bert" else transformers.GPT2Model(cfg).eval()
         x = torch.randn(2, 5, 16)
         mask = torch.ones(2, 5, dtype=torch.long)
         mask[1, -1] = 0
@@ -88,7 +89,7 @@ def test_spike_driven_transformer_feeds_spikes_to_every_weight_layer_and_product
     assert {neuron for _, neuron in fed} == {site.key for site in qann.report.sites}  # every neuron feeds one
     for r in products:
         if r.role == "spikes":
-            assert len(r.source.split("; ")) == (1 if r.op.startswith("F.") or r.op == "torch.mm" else 2)
+            assert len(r.source.split("; ")) == (2 if r.op.startswith("TD") else 1)
     assert (
         any(r.op in ("TDMatMul", "torch.matmul") and r.role == "spikes" for r in products) or name == "bert"
     )

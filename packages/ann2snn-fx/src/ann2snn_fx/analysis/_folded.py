@@ -202,7 +202,9 @@ class FoldedAccounting(_Tracker):
         found = [(label, x, self.events(x)) for label, x in operands]
         analog = [label for label, _, ev in found if ev is None]
         if analog or not found:
-            why = why or ("analog operand(s): " + ", ".join(analog) if analog else "no activation operand")
+            if not why:
+                why = "analog operand(s): " + ", ".join(analog) if analog else "no activation operand"
+            why = "a norm (analog values)" if kind == "norm" else why
             self.rows[name] = Row(self._next(), op, False, why, mac=macs)
             return
         row = Row(self._next(), op, True, "")
