@@ -190,6 +190,16 @@ def cumsum_shared(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[to
     return out
 
 
+def _accumulate(x: torch.Tensor, run: torch.Tensor, wide: torch.Tensor, buf: torch.Tensor) -> None:
+    """``buf[t] = round(run += x[t])`` for the steps of ``x``: torch.cumsum's float64 running sum, carried in
+    ``run``; ``wide`` is a kept buffer of ``run``'s shape (``add_`` of mixed dtypes would allocate one per step).
+    """
+    for t in range(x.shape[0]):
+        wide.copy_(x[t])
+        run.add_(wide)
+        buf[t].copy_(run)
+
+
 def td_chunked(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
@@ -199,47 +209,40 @@ def td_chunked(
 ) -> torch.Tensor:
     """``diff(fn(*cumsums))`` without autograd, a few time steps at a time (inference memory).
 
-    Only one chunk of each cumulative input is alive at a time, so several-input ops (attention, products)
+    Only one block of each cumulative input is alive at a time, so several-input ops (attention, products)
     do not hold ``len(inputs)`` full-size cumulative copies. The running sums are those of
-    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across chunks, so the result equals the
-    one-shot computation on ``torch.cumsum`` inputs. Each chunk calls ``fn`` once on its
-    ``[k, ...]`` block (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in
-    ``time_sliced`` are passed after the cumulative blocks, cut to the same time steps.
+    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across blocks, so the result equals the
+    one-shot computation on ``torch.cumsum`` inputs. Each block calls ``fn`` once on its ``[k, ...]`` block
+    (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in ``time_sliced`` are passed
+    after the cumulative blocks, cut to the same time steps. ``fn`` may return a view of a block buffer or write its result into
+    the first one (``a.mul_(b)``): each block is differenced before the next one is accumulated.
     """
     t_len = inputs[0].shape[0]
+    if t_len == 0:
+        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
     acc = accumulation_dtype(inputs[0].dtype)
-    k = -(-t_len // chunks)
     # One buffer and running sum per distinct input (an input passed twice is accumulated once).
     distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
+    k = -(-t_len // chunks)
     buffers = {
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
     carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
-    prev_y: torch.Tensor | None = None
-    out: torch.Tensor | None = None
+    scratch = {i: torch.empty_like(c) for i, c in carry.items()}
+    out = prev_y = torch.empty(0)
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
         for i, buf in buffers.items():
-            run, x = carry[i], inputs[i]
-            for t in range(t0, t1):
-                run.add_(x[t])
-                buf[t - t0].copy_(run)
+            _accumulate(inputs[i][t0:t1], carry[i], scratch[i], buf)
         y = fn(*(buffers[j][: t1 - t0] for j in distinct), *(a[t0:t1] for a in time_sliced))
-        if any(_shares(y, b) for b in buffers.values()):  # a view of (or written into) a reused buffer
-            y = y.clone()
-        if out is None:
+        if t0 == 0:
             out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
-        if prev_y is None:
-            out[t0].copy_(y[0])
+            prev_y = torch.empty(y.shape[1:], dtype=y.dtype, device=y.device)
+            out[0].copy_(y[0])
         else:
             torch.sub(y[0], prev_y, out=out[t0])
         if t1 - t0 > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
-        prev_y = y[-1]
-    if out is None:
-        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
+        if t1 < t_len:  # y may live in a block buffer that the next block overwrites
+            prev_y.copy_(y[-1])
     return out
-
-
-def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -65,11 +65,20 @@ class _TDBinary(TDModule):
         self._check_pair(a, b)
         if not needs_grad(a, b):
             with torch.no_grad():
-                return td_chunked(op, (a, b), a.dtype)
+                return td_chunked(self._inference_op(a, b, op), (a, b), a.dtype)
         acc = accumulation_dtype(a.dtype)
         a_cum = cumsum_time(a, acc)
         b_cum = a_cum if b is a else cumsum_time(b, acc)
         return difference(op(a_cum, b_cum)).to(a.dtype)
+
+    def _inference_op(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The op on cumulative blocks without autograd (a subclass may write into the first block)."""
+        return op
 
 
 def _matmul_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,6 +141,18 @@ class TDMul(_TDBinary):
     def forward(self, a_seq: torch.Tensor, b_seq: torch.Tensor) -> torch.Tensor:
         """Apply the TD product to two complete sequences (or one step of each in streaming mode)."""
         return self._run(a_seq, b_seq, self._op)
+
+    def _inference_op(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Multiply in place into ``a``'s cumulative block when it has the output's shape (no fresh result)."""
+        rank = max(a.dim(), b.dim())
+        if a.dim() == rank and torch.broadcast_shapes(a.shape, _align(b, rank).shape) == a.shape:
+            return lambda a_cum, b_cum: a_cum.mul_(_align(b_cum, rank))
+        return op
 
     @staticmethod
     def _op(a_cum: torch.Tensor, b_cum: torch.Tensor) -> torch.Tensor:
