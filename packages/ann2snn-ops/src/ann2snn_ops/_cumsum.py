@@ -66,6 +66,20 @@ def cumulative(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return out
 
 
+def _accumulate(
+    x: torch.Tensor, run: torch.Tensor, wide: torch.Tensor, out: torch.Tensor, reverse: bool = False
+) -> None:
+    """``out[t] = round(run += x[t])`` step by step (last step first if ``reverse``): torch.cumsum's float64
+    running sum, carried in ``run``. ``wide`` is a kept buffer of ``run``'s shape that each step is widened
+    into: ``add_`` of mixed dtypes would allocate a fresh float64 temporary per step.
+    """
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        wide.copy_(x[t])
+        run.add_(wide)
+        out[t].copy_(run)
+
+
 def cumulative_exact(
     x: torch.Tensor, dtype: torch.dtype | None = None, carry: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -80,9 +94,7 @@ def cumulative_exact(
     dtype = x.dtype if dtype is None else dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     acc = torch.zeros(x.shape[1:], dtype=_wide(dtype), device=x.device) if carry is None else carry
-    for t in range(x.shape[0]):
-        acc.add_(x[t])
-        out[t].copy_(acc)
+    _accumulate(x, acc, torch.empty_like(acc), out)
     return out
 
 
@@ -97,9 +109,7 @@ def reverse_cumulative_exact(g: torch.Tensor) -> torch.Tensor:
     """``g.flip(0).cumsum(0).flip(0)`` bit for bit (the gradient torch's cumsum gives), as a new tensor."""
     out = torch.empty_like(g)
     acc = torch.zeros(g.shape[1:], dtype=_wide(g.dtype), device=g.device)
-    for t in range(g.shape[0] - 1, -1, -1):
-        acc.add_(g[t])
-        out[t].copy_(acc)
+    _accumulate(g, acc, torch.empty_like(acc), out, reverse=True)
     return out
 
 
@@ -188,16 +198,6 @@ def cumsum_shared(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[to
         same = next((j for j in range(i) if inputs[j] is x), None)
         out.append(out[same] if same is not None else cumsum_time(x, dtype))
     return out
-
-
-def _accumulate(x: torch.Tensor, run: torch.Tensor, wide: torch.Tensor, buf: torch.Tensor) -> None:
-    """``buf[t] = round(run += x[t])`` for the steps of ``x``: torch.cumsum's float64 running sum, carried in
-    ``run``; ``wide`` is a kept buffer of ``run``'s shape (``add_`` of mixed dtypes would allocate one per step).
-    """
-    for t in range(x.shape[0]):
-        wide.copy_(x[t])
-        run.add_(wide)
-        buf[t].copy_(run)
 
 
 def td_chunked(
