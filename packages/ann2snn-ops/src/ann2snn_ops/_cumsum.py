@@ -228,7 +228,9 @@ def td_chunked(
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
     carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
-    scratch = {i: torch.empty_like(c) for i, c in carry.items()}
+    # One widening buffer shared by the inputs (the transient of a mixed-dtype add_, kept instead of reallocated).
+    wide = torch.empty(max(c.numel() for c in carry.values()), dtype=_wide(acc), device=inputs[0].device)
+    scratch = {i: wide[: c.numel()].view(c.shape) for i, c in carry.items()}
     out = prev_y = torch.empty(0)
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
