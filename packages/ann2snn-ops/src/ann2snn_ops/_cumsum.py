@@ -228,23 +228,33 @@ def td_chunked(
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
     carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
-    # One widening buffer shared by the inputs (the transient of a mixed-dtype add_, kept instead of reallocated).
-    wide = torch.empty(max(c.numel() for c in carry.values()), dtype=_wide(acc), device=inputs[0].device)
-    scratch = {i: wide[: c.numel()].view(c.shape) for i, c in carry.items()}
-    out = prev_y = torch.empty(0)
+    widest = max(c.numel() for c in carry.values())
+    out = prev_y = kept = torch.empty(0)
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
+        # One widening buffer for all inputs, per block (the transient of a mixed-dtype add_, made once per
+        # block instead of per step), freed before ``fn`` allocates its result.
+        wide = torch.empty(widest, dtype=_wide(acc), device=inputs[0].device)
         for i, buf in buffers.items():
-            _accumulate(inputs[i][t0:t1], carry[i], scratch[i], buf)
+            _accumulate(inputs[i][t0:t1], carry[i], wide[: carry[i].numel()].view(carry[i].shape), buf)
+        del wide
         y = fn(*(buffers[j][: t1 - t0] for j in distinct), *(a[t0:t1] for a in time_sliced))
         if t0 == 0:
             out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
-            prev_y = torch.empty(y.shape[1:], dtype=y.dtype, device=y.device)
             out[0].copy_(y[0])
         else:
             torch.sub(y[0], prev_y, out=out[t0])
         if t1 - t0 > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
-        if t1 < t_len:  # y may live in a block buffer that the next block overwrites
-            prev_y.copy_(y[-1])
+        if t1 < t_len:
+            if any(_shares(y, b) for b in buffers.values()):  # the next block overwrites it: keep a copy
+                if kept.numel() == 0:
+                    kept = torch.empty(y.shape[1:], dtype=y.dtype, device=y.device)
+                prev_y = kept.copy_(y[-1])
+            else:
+                prev_y = y[-1]
     return out
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
