@@ -328,3 +328,16 @@ def test_mul_inference_equals_cumsum_reference_bitwise(case: str) -> None:
     a_cum = a_cum[:, None] if a.dim() < rank else a_cum
     b_cum = b_cum[:, None] if b.dim() < rank else b_cum
     assert torch.equal(y, _diff(a_cum * b_cum))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8, 9, 12, 33])
+def test_inference_running_sums_equal_torch_cumsum_on_both_paths(steps: int) -> None:
+    """Up to 8 steps the chunked inference path calls torch.cumsum in one shot; longer sequences carry the
+    float64 running sum block by block: both equal the torch.cumsum reference bit for bit."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(steps, 3, 4, generator=g)
+        b = torch.randn(steps, 4, 5, generator=g)
+        with torch.no_grad():
+            assert torch.equal(TDMatMul()(a, b), _diff(a.cumsum(0) @ b.cumsum(0))), seed
+            assert torch.equal(TDMul()(a, a), _diff(a.cumsum(0) * a.cumsum(0))), seed

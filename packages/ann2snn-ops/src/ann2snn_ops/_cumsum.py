@@ -200,6 +200,9 @@ def cumsum_shared(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[to
     return out
 
 
+_SHORT = 8  # td_chunked's one-shot torch.cumsum path up to this many steps
+
+
 def td_chunked(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
@@ -223,6 +226,16 @@ def td_chunked(
     acc = accumulation_dtype(inputs[0].dtype)
     # One buffer and running sum per distinct input (an input passed twice is accumulated once).
     distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
+    if t_len <= _SHORT:
+        # A few steps: torch.cumsum itself in one shot (bit for bit the reference by construction; at T <= 8
+        # it beats the step loop, and a block of k = ceil(T / chunks) <= 2 steps would save little memory).
+        cums = {i: torch.cumsum(inputs[i], 0, dtype=acc) for i in set(distinct)}
+        y = fn(*(cums[j] for j in distinct), *time_sliced)
+        out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
+        out[0].copy_(y[0])
+        if t_len > 1:
+            torch.sub(y[1:], y[:-1], out=out[1:])
+        return out
     k = -(-t_len // chunks)
     buffers = {
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
