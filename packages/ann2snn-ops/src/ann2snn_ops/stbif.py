@@ -183,8 +183,8 @@ class STBIFNeuron(TDModule):
         activity: After a full-sequence call, a ``[T]`` bool tensor: whether any element received a non-zero
             input or spiked at each step (the settle time is one past its last True). In streaming mode,
             a one-element tensor for the last step.
-        record_activity: Whether to record :attr:`activity` (default True; costs about one pass over the
-            input and the output).
+        record_activity: Whether to record :attr:`activity` (default True; costs two small reductions a
+            step).
 
     Examples:
         >>> import torch
@@ -247,9 +247,9 @@ class STBIFNeuron(TDModule):
 
         The potential is kept as ``q = u - c`` with ``u = 1/2 + sum(x / s)`` accumulated step by step: then
         ``q >= 1`` and ``q < 0`` read ``floor(u) > c`` and ``floor(u) < c`` exactly, and the spike is
-        ``sign(d)`` of the integer ``d = clamp(floor(u), n_min, n_max) - c``. A full sequence runs that
-        recurrence on ``d`` in place (its per-step change is the target's difference minus the spike: three
-        small integer ops a step); streaming does the same arithmetic on ``u`` and ``c`` (bit for bit).
+        ``sign(d)`` of the integer ``d = clamp(floor(u), n_min, n_max) - c``. A full sequence does each step's
+        ops on one step slice with preallocated buffers (the slice stays in cache); streaming does the same
+        arithmetic (bit for bit).
         """
         name = type(self).__name__
         if self.streaming:
@@ -262,23 +262,7 @@ class STBIFNeuron(TDModule):
         s = self.scale.to(device=x.device, dtype=acc)
         if self.streaming:
             return self._stream(x, x.to(acc) / s, s)
-        u = torch.empty(torch.broadcast_shapes(x.shape, (1, *s.shape)), dtype=acc, device=x.device)
-        torch.div(x[0], s, out=u[0]).add_(0.5)  # u[t] = 1/2 + x[0]/s + ... + x[t]/s, the stream's order
-        for t in range(1, x.shape[0]):
-            torch.div(x[t], s, out=u[t]).add_(u[t - 1])
-        if self.n_min < 0:
-            u.floor_()  # (unsigned: u is clamped to >= 0, where the cast's truncation is the floor)
-        d = u.clamp_(self.n_min, self.n_max).to(self._count_dtype())
-        for t in range(x.shape[0] - 1, 0, -1):
-            d[t].sub_(d[t - 1])  # d[t] = target[t] - target[t-1]; d[0] = target[0] - c[0]
-        spikes = torch.empty_like(d)
-        for t in range(x.shape[0]):
-            torch.clamp(d[t], -1, 1, out=spikes[t])  # sign(d), d an integer
-            if t + 1 < x.shape[0]:
-                d[t + 1].add_(d[t].sub_(spikes[t]))  # target[t+1] - c[t+1]
-        if self.record_activity:
-            self.activity = x.flatten(1).any(1) | spikes.flatten(1).any(1)
-        return torch.mul(spikes, s, out=u).to(x.dtype)  # u's storage reused
+        return _sequence(self, x.to(acc), s).to(x.dtype)
 
     def _stream(self, x: torch.Tensor, xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(xs.shape, s.shape)
@@ -304,3 +288,26 @@ class STBIFNeuron(TDModule):
         """The integer spike count ``c`` of the streaming state (None before the first step)."""
         state = self._state.get("c")
         return None if state is None else state.to(torch.int64)
+
+
+def _sequence(neuron: STBIFNeuron, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """STBIFNeuron's full-sequence loop, one step slice at a time (each slice's ops run while it is in cache)."""
+    out = torch.empty(torch.broadcast_shapes(x.shape, (1, *s.shape)), dtype=x.dtype, device=x.device)
+    u, buf = torch.empty_like(out[0]), torch.empty_like(out[0])  # u = q + c
+    c = torch.zeros(out.shape[1:], dtype=neuron._count_dtype(), device=x.device)
+    gap, spike = torch.empty_like(c), torch.empty_like(c)
+    active = []
+    for t in range(x.shape[0]):
+        if t == 0:
+            torch.div(x[0], s, out=u).add_(0.5)  # u[t] = 1/2 + x[0]/s + ... + x[t]/s, the stream's order
+        else:
+            u.add_(torch.div(x[t], s, out=buf))
+        floor = torch.floor(u, out=buf) if neuron.n_min < 0 else u  # unsigned: clamped >= 0, the cast floors
+        gap.copy_(torch.clamp(floor, neuron.n_min, neuron.n_max, out=buf)).sub_(c)  # target - c, integers
+        c.add_(torch.clamp(gap, -1, 1, out=spike))  # the spike: sign of the gap
+        out[t].copy_(spike).mul_(s)
+        if neuron.record_activity:
+            active.append(x[t].any() | spike.any())
+    if neuron.record_activity:
+        neuron.activity = torch.stack(active)
+    return out
