@@ -403,6 +403,15 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(script), "--out", out, *session.posargs)
 
 
+# issue 18's real-model tests, also rows of docs/models.md
+ISSUE18_MODEL_TESTS = (
+    "test_fx_real_cnns.py",
+    "test_fx_real_hf_cnns.py",
+    "test_fx_td_torch_layers.py",
+    "test_fx_td_real_ops.py",
+)
+
+
 @nox.session(python=PYTHON, default=False)
 def models(session: nox.Session) -> None:
     """docs/models.md ("Which models convert"), written from the results of ann2snn-fx's model tests."""
@@ -414,6 +423,7 @@ def models(session: nox.Session) -> None:
         "pytest",
         str(tests / "test_fx_models.py"),
         str(tests / "test_fx_td_models.py"),
+        *(str(tests / name) for name in ISSUE18_MODEL_TESTS),
         "-p",
         "models_page",
         *session.posargs,

@@ -1,7 +1,9 @@
 """The main job of ann2snn, end to end on real data: ``nox -s demo`` runs this file.
 
 1. Train a small CNN on scikit-learn's digits, convert it ReLU -> IF in several modes, simulate T = 1..128,
-   print a table of accuracy against T beside the ANN's, and write a plot.
+   print a table of accuracy against T beside the ANN's, and write a plot. Two low-latency rows join them
+   (``demo_lowlat.py``): the training-free configuration ``tune_latency`` picks for T = 2, and a QCFS copy
+   of the CNN fine-tuned for a few epochs and converted with burst neurons.
 2. Train a tiny transformer on the same digits, convert it with TD operators, and print how closely its
    cumulative output reproduces the ANN.
 3. Account for the CNN's spikes, operations and energy at T = 4 and 32, and plot energy against T beside
@@ -25,6 +27,7 @@ import time
 
 import cnn
 import demo_accounting
+import demo_lowlat
 import demo_spikezip
 import torch
 import transformer
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         data, epochs=cnn_epochs, steps=steps, num_batches=num_batches, seed=args.seed, progress=progress
     )
     print(f"ANN test accuracy: {100 * ann_accuracy:.1f}%\n")
+    results += demo_lowlat.run_lowlat(  # type: ignore[arg-type]
+        data, epochs=cnn_epochs, steps=steps, seed=args.seed, quick=args.quick, progress=progress
+    )
     cnn_table = cnn.format_table(ann_accuracy, results, report_steps)
     print(cnn_table)
     plot = cnn.plot_accuracy(ann_accuracy, results, str(args.out / "cnn_accuracy_vs_T.png"))

@@ -34,6 +34,7 @@ def test_prints_the_accuracy_table_for_every_configuration(demo_run) -> None:
     assert re.findall(r"T=(\d+)", header) == ["2", "4", "8"]  # quick mode stops at T=8
     rows = [line for line in lines if line.startswith("| SNN ")]
     labels = [row.split("|")[1].strip() for row in rows]
+    *labels, qcfs = labels
     assert labels == [
         "SNN mode='max'",
         "SNN mode='max', v_init=0.5",
@@ -41,7 +42,9 @@ def test_prints_the_accuracy_table_for_every_configuration(demo_run) -> None:
         "SNN mode='99.9%', v_init=0.5",
         "SNN mode=0.5",
         "SNN mode=0.5, v_init=0.5",
+        "SNN tune_latency pick for T=2 (training-free)",
     ]
+    assert re.fullmatch(r"SNN QCFS L=8 \+ \d+ epochs, burst=8", qcfs), qcfs
     for row in [*rows, next(line for line in lines if line.startswith("| ANN (reference)"))]:
         cells = [c.strip() for c in row.strip("|").split("|")]
         accuracies = [float(c) for c in cells[2:]]
@@ -64,7 +67,7 @@ def test_results_are_consistent_with_the_table(demo_run) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] is True
     configurations = results["cnn"]["configurations"]
-    assert len(configurations) == 6
+    assert len(configurations) == 8  # six calibration settings, the tuner's pick, the QCFS model
     for configuration in configurations:
         assert len(configuration["accuracy_per_step"]) == results["cnn"]["steps"] == 8
         assert configuration["calibration_seconds"] > 0

@@ -8,6 +8,8 @@ folded) at T = 32:
 * ``profile_snn`` in step-loop and multi-step mode against the plain ``run_snn`` of the same mode (target: at
   most 1.3x);
 * ``diagnose`` against the plain step-loop ``run_snn`` (target: at most 3x);
+* ``profile_snn`` on a spike-driven transformer block (``SpikeZIPSNN``, the time-folded path: a
+  ``TorchFunctionMode`` and module hooks) against its plain forward on the same sequence (target: at most 1.3x);
 * the peer, SpikingJelly 2.0.0's ``DispatchCounterMode([SynOpCounter(), MACCounter()])`` around the same step
   loop (it counts a threshold-scaled spike as a MAC: its SynOp total is shown beside ours).
 """
@@ -22,7 +24,31 @@ import torch.nn as nn
 from _timing import median_times
 from torch.utils.data import DataLoader, TensorDataset
 
-from ann2snn_fx import Converter, diagnose, profile_snn, run_snn
+from ann2snn_fx import Converter, calibrate_qann, diagnose, prepare_qann, profile_snn, qann_to_snn, run_snn
+
+
+class _Block(nn.Module):
+    """A small attention block: norm, qkv heads, q @ k^T, softmax, @ v, projection, MLP (all products quantised)."""
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+        return x + self.mlp(x)
+
+
+def _spike_driven(quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
+    width, batch, tokens, t = (16, 2, 4, 4) if quick else (64, 8, 16, 32)
+    x = torch.randn(batch, tokens, width)
+    qann = calibrate_qann(prepare_qann(_Block(width).eval(), 16, example_inputs=x), [x])
+    return qann_to_snn(qann), torch.cat([x[None], torch.zeros(t - 1, *x.shape)]), t
 
 
 def _cnn(width: int) -> nn.Module:
@@ -77,15 +103,19 @@ def main() -> None:
         "profile_snn (multi-step)": lambda: profile_snn(snn, x, t, mode="multi"),
         "diagnose (step loop)": lambda: diagnose(ann, snn, x, t),
     }
+    sdt, x_seq, t_sdt = _spike_driven(args.quick)
+    fns["SpikeZIPSNN forward (spike-driven, T steps)"] = lambda: sdt(x_seq)
+    fns["profile_snn (SpikeZIPSNN)"] = lambda: profile_snn(sdt, x_seq, t_sdt)
     peer = _peer(snn, x, t)
     if peer is not None:
         fns["SpikingJelly 2.0.0 SynOp+MAC counters (step loop)"] = peer[0]  # type: ignore[assignment]
     times = median_times(fns, repeats)
     base = {"step": times["run_snn (step loop)"], "multi": times["run_snn (multi-step)"]}
+    base["spike"] = times["SpikeZIPSNN forward (spike-driven, T steps)"]
     rows = ["| what | seconds | relative to the plain run of its mode | target |", "|---|---|---|---|"]
     targets = {"profile_snn": "<= 1.3x", "diagnose": "<= 3x"}
     for name, seconds in times.items():
-        mode = "multi" if "multi-step" in name else "step"
+        mode = "multi" if "multi-step" in name else "spike" if "SpikeZIPSNN" in name else "step"
         target = next((v for k, v in targets.items() if name.startswith(k)), "")
         rows.append(f"| {name} | {seconds:.3f} | {seconds / base[mode]:.2f}x | {target} |")
     ours = profile_snn(snn, x, t)
@@ -93,7 +123,8 @@ def main() -> None:
         "## ann2snn-fx: accounting and conversion doctor",
         "",
         f"Measured on CPU with {torch.get_num_threads()} torch threads, medians of {repeats} interleaved "
-        f"repeats; a converted 3-conv CNN (width {width}, input {tuple(x.shape)}), T = {t}.",
+        f"repeats; a converted 3-conv CNN (width {width}, input {tuple(x.shape)}), T = {t}; a spike-driven "
+        f"attention block (SpikeZIPSNN, levels 16, sequence {tuple(x_seq.shape)}), T = {t_sdt}.",
         "",
         *rows,
         "",

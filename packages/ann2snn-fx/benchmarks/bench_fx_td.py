@@ -1,4 +1,4 @@
-"""Benchmark: a TD-converted ViT-tiny encoder on [T, B, ...] against the ANN on [T*B, ...].
+"""Benchmark: TD-converted encoders (a small one and ViT-tiny) on [T, B, ...] against the ANN on [T*B, ...].
 
 Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_td.py [--quick] [--markdown PATH]``.
 
@@ -45,9 +45,20 @@ class Encoder(nn.Module):
         return self.norm(self.blocks(x))
 
 
+# (name, width, heads, blocks, tokens, batch): the small size is where per-op Python dispatch of the folded
+# path dominates (issue 18 measured 4.3-6x for BERT/Llama at hidden 32-64 and 5-16 tokens).
+SIZES = (("small encoder", 48, 3, 2, 16, 2), ("ViT-tiny encoder", 192, 3, 4, 65, 2))
+
+
 def run(quick: bool) -> str:
+    """Both sizes, one markdown section each."""
+    sizes = ((SIZES[0][0], 48, 3, 1, 17, 2),) if quick else SIZES
+    return "\n".join(run_size(quick, *size) for size in sizes)
+
+
+def run_size(quick: bool, name: str, width: int, heads: int, depth: int, tokens: int, batch: int) -> str:
+    """One size: the ANN, both TD paths, side by side."""
     torch.manual_seed(0)
-    width, heads, depth, tokens, batch = (48, 3, 1, 17, 2) if quick else (192, 3, 4, 65, 2)
     steps_list, repeats = ((2,), 1) if quick else ((4, 16, 32), 5)
     ann = Encoder(width, heads, depth).eval()
     graph = replace_by_td_operators(ann, strict=True)
@@ -69,7 +80,7 @@ def run(quick: bool) -> str:
                 f"| {steps} | {times['ann'] * 1e3:.1f} | {times['fx'] / times['ann']:.2f}x "
                 f"| {times['folded'] / times['ann']:.2f}x | {error:.1e} |"
             )
-    title = "## ann2snn-fx: TD-converted ViT-tiny encoder"
+    title = f"## ann2snn-fx: TD-converted {name}"
     shape = f"width {width}, {heads} heads, {depth} blocks, {tokens} tokens, batch {batch}"
     lines = [
         title,

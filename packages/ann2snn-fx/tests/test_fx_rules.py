@@ -200,8 +200,10 @@ def test_unconvertible_activations_are_reported(activation: Any, reason: str) ->
         snn = _convert(Odd().eval(), _data(), rules=all_rules())
     report = snn.conversion_report
     assert len(report.converted) == 1
-    assert len(report.left) == 1
-    assert reason in report.left[0].reason
+    # x.min() of a spike train is reported too (it is not the min of the rates)
+    left = [item for item in report.left if "of a spike train" not in item.reason]
+    assert len(left) == 1
+    assert reason in left[0].reason
 
 
 def test_user_relu_subclass_is_traced_through_to_a_functional_relu() -> None:

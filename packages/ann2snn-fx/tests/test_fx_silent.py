@@ -18,6 +18,7 @@ STRATEGIES = {
     "fixed": {},
     "min_error": {"time_steps": 8},
     "per_channel": {"channel_dim": 1},
+    "ltb": {"channel_dim": 1},
 }
 assert set(STRATEGIES) == set(ThresholdOptimizer.strategies), "a new strategy needs its NaN/inf case here"
 

@@ -193,12 +193,12 @@ def test_quantisation_aware_training_updates_steps_and_weights() -> None:
     opt = torch.optim.SGD(qann.parameters(), lr=0.1)
     loss = F.cross_entropy(qann(x), y)  # the first batch initialises every step (LSQ's rule)
     loss.backward()
-    steps = {k: float(q.scale) for k, q in qann.quantizers.items()}
+    steps = {k: float(q.scale.detach()) for k, q in qann.quantizers.items()}
     grads = [q.scale.grad for q in qann.quantizers.values()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(float(g.abs()) > 0 for g in grads if g is not None)
     opt.step()
-    assert any(float(q.scale) != steps[k] for k, q in qann.quantizers.items())
+    assert any(float(q.scale.detach()) != steps[k] for k, q in qann.quantizers.items())
     snn = qann_to_snn(qann.eval())
     with torch.no_grad():
         out, _ = snn.run_until_quiet(images=x[:2])

@@ -74,7 +74,6 @@ def test_ops_are_time_equivalent(fn: Callable[..., torch.Tensor]) -> None:
         (lambda m, x: x.reshape(5, -1), "reshape that does not keep"),
         (lambda m, x: F.batch_norm(x, torch.zeros(5), torch.ones(5)), "unconverted nonlinearity"),
         (lambda m, x: torch.pow(x, m.w), "extra arguments are time-varying or trainable"),
-        (lambda m, x: torch.addmm(x, x, m.w.detach().diag()), "addmm other than"),
         (lambda m, x: torch.cumsum(x, -1), "not known to be time-transparent"),
         (lambda m, x: 1.0 / x, "not known to be time-transparent"),
         (lambda m, x: m.w / x, "division by a time-varying tensor"),
@@ -132,7 +131,8 @@ def test_input_errors() -> None:
 
 
 def test_multihead_attention_checks() -> None:
-    with pytest.raises(ValueError, match=r"only supports dropout=0\.0"):
+    # dropout is refused in training mode only (issue 18: inactive, hence ignored, in eval mode)
+    with pytest.raises(ValueError, match=r"dropout=0\.1\) is in training mode"):
         TDTimeFolded(nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True))
 
     class Attn(nn.Module):

@@ -152,7 +152,6 @@ class _MHAModel(nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "call", "message"),
     [
-        ({"dropout": 0.1}, "default_weights", "only supports dropout=0.0"),
         ({"batch_first": False}, "default_weights", "only supports batch_first=True"),
         ({"kdim": 4}, "default_weights", r"kdim == vdim == embed_dim"),
         ({"vdim": 4}, "plain", r"kdim == vdim == embed_dim"),

@@ -27,7 +27,7 @@ def _hook(*batches: torch.Tensor, **kwargs: Any) -> VoltageHook:
 
 
 def test_strategies_listed() -> None:
-    assert ThresholdOptimizer.strategies == ("fixed", "min_error", "per_channel")
+    assert ThresholdOptimizer.strategies == ("fixed", "min_error", "per_channel", "ltb")
 
 
 def test_fixed_returns_hook_scale() -> None:

@@ -306,3 +306,25 @@ def test_elementwise_agree_with_cumsum_references_to_float32_rounding(name: str)
         worst = max(worst, ((y - ref).abs() / (1 + ref.abs())).max().item())
     # a few float32 ulps of the running sum (|x_cum| <= ~12 here), as the plain op's own rounding
     assert worst < 2e-6, worst
+
+
+@pytest.mark.parametrize("case", ["same", "b_broadcasts", "a_broadcasts", "a_is_b"])
+def test_mul_inference_equals_cumsum_reference_bitwise(case: str) -> None:
+    """The no-grad TDMul (which multiplies into its cumulative block when it can) equals the cumsum reference."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(9, 3, 4, generator=g)
+    b = {"same": torch.randn(9, 3, 4, generator=g), "b_broadcasts": torch.randn(9, 4, generator=g)}.get(
+        case, a
+    )
+    if case == "a_broadcasts":
+        a, b = torch.randn(9, 4, generator=g), a
+    a_before, b_before = a.clone(), b.clone()
+    with torch.no_grad():
+        y = TDMul()(a, b)
+    assert torch.equal(a, a_before)  # the inputs are never written
+    assert torch.equal(b, b_before)
+    a_cum, b_cum = a.cumsum(0), b.cumsum(0)
+    rank = max(a.dim(), b.dim())
+    a_cum = a_cum[:, None] if a.dim() < rank else a_cum
+    b_cum = b_cum[:, None] if b.dim() < rank else b_cum
+    assert torch.equal(y, _diff(a_cum * b_cum))

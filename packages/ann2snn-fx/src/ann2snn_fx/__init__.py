@@ -105,6 +105,33 @@ from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
 
 __all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
 
+# Real models (issue 18): spiking max pooling, tracing on an example input.
+from ann2snn_fx.snn.pooling import SpikingMaxPool  # noqa: E402
+from ann2snn_fx.tracing_example import ExampleInputTracer  # noqa: E402
+
+__all__ += ["ExampleInputTracer", "SpikingMaxPool"]
+
+# Low-latency ReLU -> IF conversion (issue 15).
+from ann2snn_fx.relu.calibrate import CalibratedLayer, calibrate_snn  # noqa: E402
+from ann2snn_fx.relu.ltb import LTBHook  # noqa: E402
+from ann2snn_fx.relu.qcfs import QCFS, QCFSRule, prepare_qcfs  # noqa: E402
+from ann2snn_fx.relu.tuner import LatencyRecord, LatencyResult, pareto_front, tune_latency  # noqa: E402
+from ann2snn_fx.snn.readout import estimate_readout_delay  # noqa: E402
+
+__all__ += [
+    "QCFS",
+    "CalibratedLayer",
+    "LTBHook",
+    "LatencyRecord",
+    "LatencyResult",
+    "QCFSRule",
+    "calibrate_snn",
+    "estimate_readout_delay",
+    "pareto_front",
+    "prepare_qcfs",
+    "tune_latency",
+]
+
 # NIR export/import (the ann2snn-fx[nir] extra), loaded on first use so `import ann2snn_fx` needs no nir.
 if TYPE_CHECKING:
     from ann2snn_fx.export import ExportError, from_nir, to_nir, write_nir

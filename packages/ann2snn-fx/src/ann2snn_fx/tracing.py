@@ -44,8 +44,8 @@ class _LeafTracer(fx.Tracer):
         self.leaf_names = leaf_names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _ALWAYS_LEAVES):
-            return True
+        if isinstance(m, _ALWAYS_LEAVES) or getattr(type(m), "fx_leaf", False) is True:
+            return True  # the project's own modules (a class attribute ``fx_leaf = True`` opts in)
         if (self.leaf_types and isinstance(m, self.leaf_types)) or module_qualified_name in self.leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -124,9 +124,57 @@ def trace_model(
     name = type(model).__name__
     try:
         graph = active.trace(model, concrete_args=concrete_args)
-    except TraceError as exc:
-        raise ModelTraceError(f"Could not trace {name}: {exc}. {_ADVICE}") from exc
+    except ModelTraceError:
+        raise
+    except Exception as exc:  # TraceError, and the raw TypeError/RuntimeError of code that probes a proxy
+        raise ModelTraceError(f"Could not trace {name}: {type(exc).__name__}: {exc}. {_ADVICE}") from exc
+    specialise_defaults(graph, concrete_args)
     return fx.GraphModule(active.root, graph, name)
+
+
+def specialised_placeholders(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> dict[fx.Node, Any]:
+    """``placeholder -> value`` for the inputs fixed by ``concrete_args`` (fx names them ``<name>_1``).
+
+    Examples:
+        >>> class Flag(nn.Module):
+        ...     def forward(self, x, double=False):
+        ...         return x * 2 if double else x
+        >>> graph = fx.Tracer().trace(Flag(), concrete_args={"double": True})
+        >>> [(n.name, v) for n, v in specialised_placeholders(graph, {"double": True}).items()]
+        [('double_1', True)]
+    """
+    if not concrete_args:
+        return {}
+    found = {}
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        base = str(node.target).lstrip("*")
+        stem, _, suffix = base.rpartition("_")
+        key = base if base in concrete_args else stem if suffix.isdigit() and stem in concrete_args else None
+        if key is not None and not isinstance(concrete_args[key], fx._symbolic_trace.PHBase):
+            found[node] = concrete_args[key]
+    return found
+
+
+def specialise_defaults(graph: fx.Graph, concrete_args: dict[str, Any] | None) -> None:
+    """Make the values of ``concrete_args`` the defaults of their placeholders, so that the traced graph,
+    called with the other inputs only, runs the way it was specialised (fx checks the value at run time and
+    would otherwise compare the forward's own default with it).
+
+    Examples:
+        >>> class Flag(nn.Module):
+        ...     def forward(self, x, double=False):
+        ...         return x * 2 if double else x
+        >>> import torch
+        >>> tracer = fx.Tracer()
+        >>> graph = tracer.trace(Flag(), concrete_args={"double": True})
+        >>> specialise_defaults(graph, {"double": True})
+        >>> fx.GraphModule(tracer.root, graph)(torch.ones(1)).item()  # no double=True needed
+        2.0
+    """
+    for node, value in specialised_placeholders(graph, concrete_args).items():
+        node.args = (value,)
 
 
 def _contains_string_annotation(annotation: Any) -> bool:

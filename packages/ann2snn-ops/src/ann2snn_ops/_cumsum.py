@@ -66,6 +66,20 @@ def cumulative(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return out
 
 
+def _accumulate(
+    x: torch.Tensor, run: torch.Tensor, wide: torch.Tensor, out: torch.Tensor, reverse: bool = False
+) -> None:
+    """``out[t] = round(run += x[t])`` step by step (last step first if ``reverse``): torch.cumsum's float64
+    running sum, carried in ``run``. ``wide`` is a kept buffer of ``run``'s shape that each step is widened
+    into: ``add_`` of mixed dtypes would allocate a fresh float64 temporary per step.
+    """
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    for t in steps:
+        wide.copy_(x[t])
+        run.add_(wide)
+        out[t].copy_(run)
+
+
 def cumulative_exact(
     x: torch.Tensor, dtype: torch.dtype | None = None, carry: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -80,9 +94,7 @@ def cumulative_exact(
     dtype = x.dtype if dtype is None else dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     acc = torch.zeros(x.shape[1:], dtype=_wide(dtype), device=x.device) if carry is None else carry
-    for t in range(x.shape[0]):
-        acc.add_(x[t])
-        out[t].copy_(acc)
+    _accumulate(x, acc, torch.empty_like(acc), out)
     return out
 
 
@@ -97,9 +109,7 @@ def reverse_cumulative_exact(g: torch.Tensor) -> torch.Tensor:
     """``g.flip(0).cumsum(0).flip(0)`` bit for bit (the gradient torch's cumsum gives), as a new tensor."""
     out = torch.empty_like(g)
     acc = torch.zeros(g.shape[1:], dtype=_wide(g.dtype), device=g.device)
-    for t in range(g.shape[0] - 1, -1, -1):
-        acc.add_(g[t])
-        out[t].copy_(acc)
+    _accumulate(g, acc, torch.empty_like(acc), out, reverse=True)
     return out
 
 
@@ -199,45 +209,50 @@ def td_chunked(
 ) -> torch.Tensor:
     """``diff(fn(*cumsums))`` without autograd, a few time steps at a time (inference memory).
 
-    Only one chunk of each cumulative input is alive at a time, so several-input ops (attention, products)
+    Only one block of each cumulative input is alive at a time, so several-input ops (attention, products)
     do not hold ``len(inputs)`` full-size cumulative copies. The running sums are those of
-    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across chunks, so the result equals the
-    one-shot computation on ``torch.cumsum`` inputs. Each chunk calls ``fn`` once on its
-    ``[k, ...]`` block (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in
-    ``time_sliced`` are passed after the cumulative blocks, cut to the same time steps.
+    :func:`cumulative_exact` (``torch.cumsum`` bit for bit), carried across blocks, so the result equals the
+    one-shot computation on ``torch.cumsum`` inputs. Each block calls ``fn`` once on its ``[k, ...]`` block
+    (``k = ceil(T / chunks)``, one buffer per distinct input, reused); tensors in ``time_sliced`` are passed
+    after the cumulative blocks, cut to the same time steps. ``fn`` may return a view of a block buffer or write its result into
+    the first one (``a.mul_(b)``): each block is differenced before the next one is accumulated.
     """
     t_len = inputs[0].shape[0]
+    if t_len == 0:
+        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
     acc = accumulation_dtype(inputs[0].dtype)
-    k = -(-t_len // chunks)
     # One buffer and running sum per distinct input (an input passed twice is accumulated once).
     distinct: list[int] = [next(j for j in range(i + 1) if inputs[j] is x) for i, x in enumerate(inputs)]
+    k = -(-t_len // chunks)
     buffers = {
         i: torch.empty((k, *inputs[i].shape[1:]), dtype=acc, device=inputs[i].device) for i in set(distinct)
     }
     carry = {i: torch.zeros(inputs[i].shape[1:], dtype=_wide(acc), device=inputs[i].device) for i in buffers}
-    prev_y: torch.Tensor | None = None
-    out: torch.Tensor | None = None
+    widest = max(c.numel() for c in carry.values())
+    out = prev_y = kept = torch.empty(0)
     for t0 in range(0, t_len, k):
         t1 = min(t_len, t0 + k)
+        # One widening buffer for all inputs, per block (the transient of a mixed-dtype add_, made once per
+        # block instead of per step), freed before ``fn`` allocates its result.
+        wide = torch.empty(widest, dtype=_wide(acc), device=inputs[0].device)
         for i, buf in buffers.items():
-            run, x = carry[i], inputs[i]
-            for t in range(t0, t1):
-                run.add_(x[t])
-                buf[t - t0].copy_(run)
+            _accumulate(inputs[i][t0:t1], carry[i], wide[: carry[i].numel()].view(carry[i].shape), buf)
+        del wide
         y = fn(*(buffers[j][: t1 - t0] for j in distinct), *(a[t0:t1] for a in time_sliced))
-        if any(_shares(y, b) for b in buffers.values()):  # a view of (or written into) a reused buffer
-            y = y.clone()
-        if out is None:
+        if t0 == 0:
             out = torch.empty((t_len, *y.shape[1:]), dtype=out_dtype, device=y.device)
-        if prev_y is None:
-            out[t0].copy_(y[0])
+            out[0].copy_(y[0])
         else:
             torch.sub(y[0], prev_y, out=out[t0])
         if t1 - t0 > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t1])
-        prev_y = y[-1]
-    if out is None:
-        raise ValueError(f"td_chunked expects a non-empty time dimension, but got {t_len} steps.")
+        if t1 < t_len:
+            if any(_shares(y, b) for b in buffers.values()):  # the next block overwrites it: keep a copy
+                if kept.numel() == 0:
+                    kept = torch.empty(y.shape[1:], dtype=y.dtype, device=y.device)
+                prev_y = kept.copy_(y[-1])
+            else:
+                prev_y = y[-1]
     return out
 
 

@@ -26,6 +26,9 @@ def _align(x: torch.Tensor, rank: int) -> torch.Tensor:
     return x.reshape(x.shape[0], *([1] * missing), *x.shape[1:])
 
 
+BinaryOp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class _TDBinary(TDModule):
     def _check_pair(self, a: torch.Tensor, b: torch.Tensor) -> None:
         name = type(self).__name__
@@ -44,8 +47,10 @@ class _TDBinary(TDModule):
         self,
         a: torch.Tensor,
         b: torch.Tensor,
-        op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        op: BinaryOp,
+        in_place: BinaryOp | None = None,
     ) -> torch.Tensor:
+        """``diff(op(cumsum(a), cumsum(b)))``; ``in_place`` (writing into its first argument) without autograd."""
         name = type(self).__name__
         if self.streaming:
             check_step(a, name)
@@ -65,7 +70,7 @@ class _TDBinary(TDModule):
         self._check_pair(a, b)
         if not needs_grad(a, b):
             with torch.no_grad():
-                return td_chunked(op, (a, b), a.dtype)
+                return td_chunked(op if in_place is None else in_place, (a, b), a.dtype)
         acc = accumulation_dtype(a.dtype)
         a_cum = cumsum_time(a, acc)
         b_cum = a_cum if b is a else cumsum_time(b, acc)
@@ -131,9 +136,21 @@ class TDMul(_TDBinary):
 
     def forward(self, a_seq: torch.Tensor, b_seq: torch.Tensor) -> torch.Tensor:
         """Apply the TD product to two complete sequences (or one step of each in streaming mode)."""
-        return self._run(a_seq, b_seq, self._op)
+        return self._run(a_seq, b_seq, self._op, _mul_in_place(a_seq, b_seq))
 
     @staticmethod
     def _op(a_cum: torch.Tensor, b_cum: torch.Tensor) -> torch.Tensor:
         rank = max(a_cum.dim(), b_cum.dim())
         return _align(a_cum, rank) * _align(b_cum, rank)
+
+
+def _mul_in_place(a: torch.Tensor, b: torch.Tensor) -> BinaryOp | None:
+    """``a_cum *= b_cum`` when ``a``'s steps have the product's shape (no fresh result per block), else None."""
+    if a.dim() == 0 or b.dim() == 0 or a.dtype != b.dtype:  # refused by the checks of _run, with our message
+        return None
+    rank = max(a.dim(), b.dim())
+    try:
+        fits = a.dim() == rank and torch.broadcast_shapes(a.shape, _align(b, rank).shape) == a.shape
+    except RuntimeError:  # shapes that do not broadcast: the plain product raises torch's own error
+        return None
+    return (lambda a_cum, b_cum: a_cum.mul_(_align(b_cum, rank))) if fits else None

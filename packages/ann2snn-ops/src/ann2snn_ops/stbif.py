@@ -173,7 +173,8 @@ class STBIFNeuron(TDModule):
 
     Args:
         scale: The step ``s``: positive real, or a float tensor broadcastable to one time step.
-        n_min, n_max: Integer bounds of the count, ``n_min <= 0 <= n_max`` and ``n_min < n_max``.
+        n_min: Lower integer bound of the count, ``n_min <= 0``.
+        n_max: Upper integer bound of the count, ``n_max >= 0`` and ``n_min < n_max``.
 
     Shape:
         - Input: ``[T, ...]`` (one step ``[...]`` in streaming mode), floating point.

@@ -281,9 +281,14 @@ class TDDiagnosis:
 
 
 def diagnose_td(
-    ann: nn.Module, td_model: fx.GraphModule, inputs: torch.Tensor, *, tolerance: float = 1e-4
+    ann: nn.Module, td_model: nn.Module, inputs: torch.Tensor, *, tolerance: float = 1e-4
 ) -> TDDiagnosis:
     """Find where a TD conversion (:func:`~ann2snn_fx.replace_by_td_operators`) stops matching its ANN.
+
+    A :class:`~ann2snn_fx.TDTimeFolded` ``td_model`` (inputs ``[T, B, *]``) is compared module by module with
+    the ANN on the cumulative inputs, the time axis folded into the batch; a
+    :class:`~ann2snn_fx.SpikeZIPSNN` (with its QANN as ``ann``) only at the last step, where a settled SNN
+    equals its QANN: run enough steps for it to settle (``run_until_quiet`` tells how many).
 
     ``td_model`` runs on the sequence ``inputs`` ``[T, *]`` and the ANN on ``inputs.cumsum(0)`` (the time
     axis as a batch axis); every module path present in both is compared: ``||cumsum(td_out) - ann_out|| /
@@ -297,15 +302,23 @@ def diagnose_td(
         >>> diagnose_td(ann, td, torch.randn(3, 2, 4)).first_broken is None
         True
     """
-    if not isinstance(td_model, fx.GraphModule) or not isinstance(ann, nn.Module):
+    from ann2snn_fx.td import TDTimeFolded
+
+    if not isinstance(td_model, (fx.GraphModule, TDTimeFolded)) or not isinstance(ann, nn.Module):
         raise TypeError(
-            f"diagnose_td needs an nn.Module ann and an fx.GraphModule td_model, but got {type(ann).__name__} "
-            f"and {type(td_model).__name__}."
+            f"diagnose_td needs an nn.Module ann and an fx.GraphModule, TDTimeFolded or SpikeZIPSNN td_model, "
+            f"but got {type(ann).__name__} and {type(td_model).__name__}."
         )
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError(f"inputs must be a time sequence [T, *], but got {type(inputs).__name__}.")
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not tolerance > 0:
         raise ValueError(f"tolerance must be a positive real number, but got {tolerance!r}.")
+    if isinstance(td_model, TDTimeFolded):
+        from ann2snn_fx.analysis._doctor_folded import folded_deviations
+
+        found = folded_deviations(ann, td_model, inputs)
+        broken = next((n.name for n in found if n.deviation > tolerance), None)
+        return TDDiagnosis(found, float(tolerance), broken)
     ann_modules = dict(ann.named_modules())
     names = [str(n.target) for n in td_model.graph.nodes if n.op == "call_module" and n.target in ann_modules]
     outputs: dict[tuple[str, str], torch.Tensor] = {}

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ann2snn_fx.analysis._graph import GraphInfo, Opaque, analyse, fanout_map, spike_source
-from ann2snn_fx.analysis._hooks import Instrumentation
+from ann2snn_fx.analysis._folded import FoldedAccounting
+from ann2snn_fx.analysis._graph import GraphInfo, Opaque, analyse, fanout_map, is_neuron, spike_source
+from ann2snn_fx.analysis._hooks import EventCounter, Instrumentation
 from ann2snn_fx.analysis.energy import FP32_45NM, INT8_45NM, EnergyModel
 from ann2snn_fx.analysis.records import LayerRecord, SNNProfile
 from ann2snn_fx.neuron import reset_net
 from ann2snn_fx.runner import run_snn
+from ann2snn_fx.spikezip import SpikeZIPSNN
+from ann2snn_fx.td import TDTimeFolded
 
 __all__ = ["profile_snn", "profile_sweep"]
 
@@ -23,28 +27,37 @@ _MODES = ("step", "multi", "sequence")
 def _check(snn: object, inputs: object, time_steps: object, mode: object, labels: object) -> int:
     if not isinstance(snn, fx.GraphModule):
         raise TypeError(
-            f"snn must be an fx.GraphModule (a converted SNN, or ann2snn_fx.trace_model(model)), but got "
-            f"{type(snn).__name__}."
+            f"snn must be an fx.GraphModule (a converted SNN, or ann2snn_fx.trace_model(model)), a TDTimeFolded "
+            f"or a SpikeZIPSNN, but got {type(snn).__name__}."
         )
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, but got {mode!r}.")
-    if isinstance(time_steps, bool) or not isinstance(time_steps, numbers.Integral) or int(time_steps) < 1:
-        raise ValueError(f"time_steps must be a positive integer, but got {time_steps!r}.")
+    steps = _positive_steps(time_steps)
     need = 2 if mode == "sequence" else 1
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < need:
         shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         what = "[T, B, *]" if mode == "sequence" else "[B, *]"
         raise ValueError(f"inputs must be a tensor {what} for mode={mode!r}, but got {shape}.")
-    if mode == "sequence" and inputs.shape[0] != int(time_steps):
+    if mode == "sequence" and inputs.shape[0] != steps:
         raise ValueError(
             f"mode='sequence' needs inputs [T, B, *] with T == time_steps ({time_steps}), but got shape "
             f"{tuple(inputs.shape)}."
         )
     batch = int(inputs.shape[1] if mode == "sequence" else inputs.shape[0])
+    _check_labels(labels, batch)
+    return batch
+
+
+def _positive_steps(time_steps: object) -> int:
+    if isinstance(time_steps, bool) or not isinstance(time_steps, numbers.Integral) or int(time_steps) < 1:
+        raise ValueError(f"time_steps must be a positive integer, but got {time_steps!r}.")
+    return int(time_steps)
+
+
+def _check_labels(labels: object, batch: int) -> None:
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (batch,)):
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor of shape ({batch},) (one per sample), but got {shape}.")
-    return batch
 
 
 def _run(snn: fx.GraphModule, inputs: torch.Tensor, t: int, mode: str, chunk: int | None) -> torch.Tensor:
@@ -62,11 +75,11 @@ def _run(snn: fx.GraphModule, inputs: torch.Tensor, t: int, mode: str, chunk: in
 
 
 def profile_snn(
-    snn: fx.GraphModule,
-    inputs: torch.Tensor,
+    snn: fx.GraphModule | TDTimeFolded,
+    inputs: torch.Tensor | tuple[Any, ...] | dict[str, Any],
     time_steps: int,
     *,
-    mode: str = "step",
+    mode: str | None = None,
     labels: torch.Tensor | None = None,
     energy_models: Sequence[EnergyModel] = (FP32_45NM, INT8_45NM),
     chunk_elements: int | None = 2**18,
@@ -80,13 +93,22 @@ def profile_snn(
     :class:`~ann2snn_fx.analysis.LayerRecord` for every column and ``docs/guides/accounting.md`` for the
     conventions and their limits.
 
+    A :class:`~ann2snn_fx.TDTimeFolded` or :class:`~ann2snn_fx.SpikeZIPSNN` (spike-driven transformers,
+    Hugging Face models) is not an fx graph: it is profiled per call site instead (every ``F.linear``, conv,
+    ``mm``/``addmm``, ``matmul``/``bmm``, norm and TD product the forward makes), an operand counting as spikes
+    when it is a view of a neuron's output (see the accounting guide).
+
     Args:
-        snn: The SNN as an ``fx.GraphModule`` (what the converters return).
+        snn: The SNN: an ``fx.GraphModule`` (what the converters return), a ``TDTimeFolded`` or a
+            ``SpikeZIPSNN``.
         inputs: The batch: ``[B, *]`` fed at every step (``mode="step"`` or ``"multi"``), or the whole
-            sequence ``[T, B, *]`` (``mode="sequence"``: TD and spike-driven transformers).
+            sequence ``[T, B, *]`` (``mode="sequence"``: TD and spike-driven transformers). For a
+            ``TDTimeFolded``/``SpikeZIPSNN`` the forward's arguments: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments, with the time inputs ``[T, B, *]``.
         time_steps: ``T``.
         mode: ``"step"`` (one call per step, ``run_snn``), ``"multi"`` (``run_snn(multi_step=True)``) or
-            ``"sequence"`` (one call on ``[T, B, *]``). The counts are the same in the first two.
+            ``"sequence"`` (one call on ``[T, B, *]``). The counts are the same in the first two. Default
+            (None): ``"step"`` for fx graphs, ``"sequence"`` (the only one) for time-folded models.
         labels: Class labels ``[B]``; the profile then records the accuracy of the output after ``T`` steps.
         energy_models: The constants of the energy tables (default fp32 and int8, 45 nm, Horowitz 2014).
         chunk_elements: Chunking of the multi-step execution (see :class:`~ann2snn_fx.MultiStepSNN`).
@@ -96,7 +118,7 @@ def profile_snn(
         ``to_csv()``).
 
     Raises:
-        TypeError: ``snn`` is not an ``fx.GraphModule``.
+        TypeError: ``snn`` is not an ``fx.GraphModule``, ``TDTimeFolded`` or ``SpikeZIPSNN``.
         ValueError: A bad ``mode``, ``time_steps``, input or label shape.
 
     Examples:
@@ -105,13 +127,31 @@ def profile_snn(
         >>> profile = profile_snn(snn, torch.tensor([[0.5, 1.0]]), 4)
         >>> [(r.name, r.role, r.events, r.sop) for r in profile.layers]
         [('0', 'neuron', 6.0, 0.0), ('1', 'spikes', 0.0, 18.0)]
+
+        A spike-driven network (the first layer is fed the analog input, the second ST-BIF spikes):
+
+        >>> from ann2snn_fx import calibrate_qann, prepare_qann, qann_to_snn
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(4, 3)
+        >>> ann = nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 2)).eval()
+        >>> snn = qann_to_snn(calibrate_qann(prepare_qann(ann, 8, example_inputs=x), [x]))
+        >>> x_seq = torch.cat([x[None], torch.zeros(9, 4, 3)])  # input at t = 0, zeros after
+        >>> [(r.name, r.role) for r in profile_snn(snn, x_seq, 10).layers]
+        [('0', 'analog'), ('2:linear0:x', 'neuron'), ('2', 'spikes')]
     """
-    batch = _check(snn, inputs, time_steps, mode, labels)
     models = tuple(energy_models)
     if not models or not all(isinstance(m, EnergyModel) for m in models):
         raise TypeError(
             f"energy_models must be a non-empty sequence of EnergyModel, but got {energy_models!r}."
         )
+    if isinstance(snn, TDTimeFolded):
+        t = _positive_steps(time_steps)
+        batch = _folded_batch(snn, inputs, t, mode)
+        _check_labels(labels, batch)
+        return _profile_folded(snn, inputs, t, batch, labels, models)
+    mode = "step" if mode is None else mode
+    batch = _check(snn, inputs, time_steps, mode, labels)
+    assert isinstance(inputs, torch.Tensor)  # checked by _check
     t = int(time_steps)
     info = analyse(snn)
     neurons = {str(n.target): info.modules[str(n.target)] for n in info.neurons}
@@ -126,26 +166,12 @@ def profile_snn(
 
 
 def _records(profile: SNNProfile, info: GraphInfo, inst: Instrumentation, mode: str) -> None:
-    t, batch = profile.time_steps, profile.batch_size
     leading = 2 if mode == "sequence" else 1
     rows: list[tuple[int, LayerRecord]] = []
     for node in info.neurons:
-        counter = inst.counters[str(node.target)]
-        magnitude = counter.magnitude
-        if magnitude is None or counter.signed is None:
-            profile.notes.append(f"neuron {node.target!r} was never called in this run; it has no row.")
-            continue
-        n = magnitude[0].numel()
-        total = float(magnitude.sum()) / batch
-        signed = float(counter.signed.sum()) / batch
-        pos, neg = (total + signed) / 2, (total - signed) / 2
-        silent = float((magnitude == 0).float().mean())
-        record = LayerRecord(
-            str(node.target), type(counter.module).__name__, "neuron", neurons=n, events_pos=pos,
-            events_neg=neg, firing_rate=total / (n * t), silent_fraction=silent, state_adds=n * t + total,
-            state_compares=float(n * t),
-        )  # fmt: skip
-        rows.append((info.order[node], record))
+        record = neuron_record(str(node.target), inst.counters[str(node.target)], profile)
+        if record is not None:
+            rows.append((info.order[node], record))
     for node, kind in info.layers:
         name = str(node.target)
         module = info.modules[name]
@@ -159,6 +185,24 @@ def _records(profile: SNNProfile, info: GraphInfo, inst: Instrumentation, mode: 
     profile.notes.append(
         "functional calls (F.linear, torch.matmul, ...) and elementwise ops are not counted on either side."
     )
+
+
+def neuron_record(name: str, counter: EventCounter, profile: SNNProfile) -> LayerRecord | None:
+    """The row of one neuron layer (None, with a note, if it never ran)."""
+    t, batch = profile.time_steps, profile.batch_size
+    magnitude = counter.magnitude
+    if magnitude is None or counter.signed is None:
+        profile.notes.append(f"neuron {name!r} was never called in this run; it has no row.")
+        return None
+    n = magnitude[0].numel()
+    total = float(magnitude.sum()) / batch
+    signed = float(counter.signed.sum()) / batch
+    pos, neg = (total + signed) / 2, (total - signed) / 2
+    silent = float((magnitude == 0).float().mean())
+    return LayerRecord(
+        name, type(counter.module).__name__, "neuron", neurons=n, events_pos=pos, events_neg=neg,
+        firing_rate=total / (n * t), silent_fraction=silent, state_adds=n * t + total, state_compares=float(n * t),
+    )  # fmt: skip
 
 
 def _layer_record(
@@ -198,6 +242,77 @@ def _layer_record(
     if node in info.static and mode != "sequence":
         return LayerRecord(name, op, "analog, once", "time-invariant input", mac=per_step, ann_mac=per_step)
     return LayerRecord(name, op, "analog", reason, mac=per_step * t, ann_mac=per_step)
+
+
+def _call(snn: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return snn(**inputs)
+    return snn(*inputs) if isinstance(inputs, tuple) else snn(inputs)
+
+
+def _folded_batch(snn: TDTimeFolded, inputs: object, time_steps: int, mode: object) -> int:
+    if mode not in (None, "sequence"):
+        raise ValueError(
+            f"a {type(snn).__name__} runs whole sequences: mode must be 'sequence' (or None), but got {mode!r}."
+        )
+    items: list[tuple[Any, Any]] = (
+        list(inputs.items()) if isinstance(inputs, dict)
+        else list(enumerate(inputs)) if isinstance(inputs, tuple) else [(0, inputs)]
+    )  # fmt: skip
+    times: list[torch.Tensor] = [v for k, v in items if snn._is_time(k, v)]
+    if not times or times[0].dim() < 2 or times[0].shape[0] != time_steps:
+        shape = tuple(times[0].shape) if times else None
+        raise ValueError(
+            f"inputs of a {type(snn).__name__} must hold a time sequence [T, B, *] with T == time_steps "
+            f"({time_steps}) (a tensor, a tuple of args or a dict of kwargs), but got time input shape {shape}."
+        )
+    return int(times[0].shape[1])
+
+
+def _profile_folded(
+    snn: TDTimeFolded,
+    inputs: Any,
+    t: int,
+    batch: int,
+    labels: torch.Tensor | None,
+    models: tuple[EnergyModel, ...],
+) -> SNNProfile:
+    """The accounting of a :class:`~ann2snn_fx.TDTimeFolded` (or spike-driven ``SpikeZIPSNN``) run."""
+    wrapped: Any = snn.model
+    root: nn.Module = wrapped.qann.model if isinstance(snn, SpikeZIPSNN) else wrapped
+    modules = dict(root.named_modules())
+    neurons = {id(m): n for n, m in snn.named_modules() if is_neuron(m)}
+    if isinstance(snn, SpikeZIPSNN):
+        neurons = {id(m): key for key, m in wrapped.neurons.items()}
+    acc = FoldedAccounting(modules, neurons, t, batch)
+    with torch.no_grad(), acc:
+        out = _call(snn, inputs)
+    profile = SNNProfile(t, batch, "sequence", energy_models=models)
+    if labels is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"labels need a model returning one tensor, but got {type(out).__name__}.")
+        final = out.sum(0)
+        profile.accuracy = float((final.argmax(-1) == labels.to(final.device)).float().mean())
+    rows: list[tuple[int, LayerRecord]] = []
+    for name, counter in acc.counters.items():
+        record = neuron_record(name, counter, profile)
+        if record is not None:
+            rows.append((acc.neuron_order[name], record))
+    for name, row in acc.rows.items():
+        ann = row.mac / (t * batch)
+        if row.spikes:
+            rec = LayerRecord(
+                name, row.op, "spikes", row.source, synapses=row.synapses, sop=row.sop / batch, ann_mac=ann
+            )
+        else:
+            rec = LayerRecord(name, row.op, "analog", row.source, mac=row.mac / batch, ann_mac=ann)
+        rows.append((row.order, rec))
+    profile.layers = [record for _, record in sorted(rows, key=lambda item: item[0])]
+    profile.notes.append(
+        "time-folded model: counted per call site (F.linear, conv, mm/addmm, matmul/bmm, norms, TD products); "
+        "elementwise ops, softmax and other TD operators are not counted on either side."
+    )
+    return profile
 
 
 def profile_sweep(

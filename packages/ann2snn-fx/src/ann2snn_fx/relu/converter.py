@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ann2snn_fx._numbers import as_integral, as_real
-from ann2snn_fx.relu import stages
+from ann2snn_fx.relu import pools, stages
 from ann2snn_fx.relu.factories import HookFactory, NeuronFactory
 from ann2snn_fx.relu.options import check_converter_options, check_mode
 from ann2snn_fx.relu.passes import SeedPasses
@@ -44,7 +44,8 @@ class Converter(SeedPasses):
     Args:
         dataloader: Iterable of calibration batches: a tensor, a tuple/list whose first element is the input,
             or a dict with one of the keys ``"input"``, ``"image"``, ``"img"``, ``"x"``, ``"data"``,
-            ``"pixel_values"`` (or a single entry).
+            ``"pixel_values"`` (or a single entry). May be ``None`` when every activation of the model is a
+            :class:`~ann2snn_fx.QCFS` (converted by :class:`~ann2snn_fx.QCFSRule` without data).
         device: Device for the converted model; ``None`` uses the model's own device (never remembered
             between conversions).
         mode: Calibration statistic: ``"Max"`` (EMA of batch maxima; case-insensitive), ``"p%"`` (EMA of the
@@ -52,7 +53,7 @@ class Converter(SeedPasses):
         momentum: EMA momentum of the hooks, in [0, 1], or ``None`` for dataset-level statistics (running
             maximum, exact percentile over all calibration data; see :class:`ann2snn_calib.VoltageHook`).
         fuse_flag: Fuse Conv+BatchNorm pairs before calibration.
-        rules: Activation rules (default ``[ReLURule()]``; :func:`ann2snn_fx.all_rules` adds functional and
+        rules: Activation rules (default ``[ReLURule(), QCFSRule()]``; :func:`ann2snn_fx.all_rules` adds functional and
             clipped ReLUs). Any object with the four :class:`ActivationRule` methods works.
         neuron_factory: Builds the neurons (default ``NeuronFactory()``: ``IFNode(1.0, v_reset=None)``).
         threshold_optimizer: Chooses each layer's threshold (default ``ThresholdOptimizer("fixed")``).
@@ -82,7 +83,7 @@ class Converter(SeedPasses):
 
     def __init__(
         self,
-        dataloader: Iterable[Any],
+        dataloader: Iterable[Any] | None = None,
         device: torch.device | str | None = None,
         mode: str | float = "Max",
         momentum: float | None = 0.1,
@@ -98,7 +99,7 @@ class Converter(SeedPasses):
     ) -> None:
         check_mode(mode)
         self.mode, self.fuse_flag, self.dataloader, self.device = mode, fuse_flag, dataloader, device
-        self.rules: list[Any] = [ReLURule()] if rules is None else list(rules)
+        self.rules: list[Any] = _default_rules() if rules is None else list(rules)
         self.neuron_factory = NeuronFactory() if neuron_factory is None else neuron_factory
         self.threshold_optimizer = (
             ThresholdOptimizer() if threshold_optimizer is None else threshold_optimizer
@@ -162,12 +163,19 @@ class Converter(SeedPasses):
         dtype = reference.dtype if reference is not None else None
         gm = stages.trace(ann, device, tracer=tracer, concrete_args=concrete_args, leaf_modules=leaf_modules)
         gm = stages.fuse(gm, self.fuse_flag)
+        pools.commute_max_pools(gm, self.rules)
         modules = dict(gm.named_modules())
         activations = {n.name: describe(n, modules) for n in gm.graph.nodes if is_activation(n, modules)}
+        if calibrate and self.dataloader is None and not _qcfs_only(gm):
+            raise ValueError(
+                "dataloader is None, but the model has activations other than QCFS "
+                f"({', '.join(activations) or 'none converted'}): only a model whose every activation is a QCFS "
+                "(ann2snn_fx.prepare_qcfs) converts without calibration data; pass calibration batches."
+            )
         gm = stages.observe(gm, self.mode, self.momentum, self.rules, hook_factory=self._hook_factory()).to(
             device
         )
-        if calibrate:
+        if calibrate and self.dataloader is not None:
             batches, bar = self.num_batches, self.progress
             stages.calibrate(
                 gm, self.dataloader, device, dtype, num_batches=batches, progress=bar, input_fn=self.input_fn
@@ -175,10 +183,11 @@ class Converter(SeedPasses):
         thresholds = stages.choose_thresholds(self.threshold_optimizer, calibrate)
         replaced = stages.replace(gm, self.rules, self.neuron_factory, thresholds)
         stages.remove_leftover_hooks(gm)
+        inexact = pools.spiking_max_pools(gm)
         stages.cast_scales(gm, dtype)
         gm = gm.to(device)
         gm.eval()
-        report = build_report(gm, activations, replaced, self.rules)
+        report = build_report(gm, activations, replaced, self.rules, inexact)
         gm.__dict__["conversion_report"] = report
         self.last_report = report
         logger.info(
@@ -199,3 +208,15 @@ class Converter(SeedPasses):
             f"rules={[type(r).__name__ for r in self.rules]}, neuron_factory={self.neuron_factory!r}, "
             f"threshold_optimizer={self.threshold_optimizer!r})"
         )
+
+
+def _default_rules() -> list[Any]:
+    from ann2snn_fx.relu.qcfs import QCFSRule
+
+    return [ReLURule(), QCFSRule()]
+
+
+def _qcfs_only(gm: Any) -> bool:
+    from ann2snn_fx.relu.qcfs import data_free
+
+    return bool(data_free(gm))

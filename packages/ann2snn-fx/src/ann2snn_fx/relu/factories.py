@@ -27,7 +27,9 @@ class NeuronFactory:
         v_init: Initial membrane potential passed to the neuron when not ``None`` (e.g. ``0.5`` =
             half the default threshold, which rounds instead of floors the firing rate and makes
             converted SNNs accurate at a few time steps). Needs a ``neuron_type`` that accepts it.
-        **kwargs: Further keyword arguments for the neuron constructor.
+        **kwargs: Further keyword arguments for the neuron constructor, e.g. IFNode's low-latency options
+            ``burst=4`` (up to 4 spikes per step) and ``signed=True`` (negative spikes undo overshoots):
+            ``NeuronFactory(IFNode, v_init=0.5, burst=4, signed=True)``.
 
     Examples:
         >>> NeuronFactory(v_init=0.5).create(scale=3.0).extra_repr()
@@ -71,7 +73,9 @@ class NeuronFactory:
     def __repr__(self) -> str:
         return (
             f"NeuronFactory(neuron_type={getattr(self.neuron_type, '__name__', self.neuron_type)}, "
-            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, v_init={self.v_init})"
+            f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, v_init={self.v_init}"
+            + "".join(f", {k}={v!r}" for k, v in self.neuron_kwargs.items())
+            + ")"
         )
 
 
@@ -86,6 +90,8 @@ class HookFactory:
             ``ThresholdOptimizer(strategy="min_error")``).
         channel_dim: When not ``None``, hooks keep one scale per channel along this dimension
             (``VoltageHook(channel_dim=...)``; needed by ``ThresholdOptimizer(strategy="per_channel")``).
+        hook_class: When set, hooks are ``hook_class(channel_dim=...)`` (e.g.
+            :class:`ann2snn_fx.relu.ltb.LTBHook`, which ``ThresholdOptimizer("ltb")`` asks for).
 
     Examples:
         >>> HookFactory("99.9%", momentum=0.2).create().mode
@@ -99,7 +105,11 @@ class HookFactory:
         *,
         histogram_bins: int = 0,
         channel_dim: int | None = None,
+        hook_class: Any = None,
     ) -> None:
+        if hook_class is not None and not callable(hook_class):
+            raise TypeError(f"hook_class must be a VoltageHook subclass or None, but got {hook_class!r}.")
+        self.hook_class = hook_class
         self.mode = mode
         self.momentum = momentum
         self.histogram_bins = histogram_bins
@@ -107,6 +117,8 @@ class HookFactory:
 
     def create(self) -> VoltageHook:
         """Return a new hook (initial scale 1.0)."""
+        if self.hook_class is not None:
+            return self.hook_class(channel_dim=1 if self.channel_dim is None else self.channel_dim)
         if self.histogram_bins:
             return ActivationStatsHook(
                 momentum=self.momentum,

@@ -84,9 +84,11 @@ def build_report(
     activations: dict[str, str],
     replaced: list[tuple[str, str, str, str]],
     rules: list[Any],
+    inexact: list[LeftActivation] | None = None,
 ) -> ConversionReport:
     """The last stage of the Converter: what was converted and what was left (and why); warns when
-    something was left."""
+    something was left. ``inexact`` lists further operations on spike trains that do not preserve rates
+    (from :func:`ann2snn_fx.relu.pools.spiking_max_pools`)."""
     blocks = gm.meta.get(BLOCKS_META_KEY, {})
     converted = []
     for node_name, kind, rule_name, hook_target in replaced:
@@ -122,6 +124,7 @@ def build_report(
                     "stay ANN operations",
                 )
             )
+    left.extend(inexact or [])
     report = ConversionReport(converted=converted, left=left)
     if not converted:
         warnings.warn(

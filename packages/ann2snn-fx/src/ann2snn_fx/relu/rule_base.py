@@ -267,6 +267,12 @@ class _SpikingBlockRule:
 
         prefix = _block_prefix(fx_model, hook_parent, hook_leaf)
         neuron = neuron_factory.create(scale=threshold)
+        layer_threshold = threshold
+        burst = getattr(neuron, "burst", 1)
+        if isinstance(burst, int) and burst > 1:
+            # A burst neuron emits up to ``burst`` spikes a step: each is worth threshold / burst, so the block
+            # keeps the layer's range with ``burst`` times finer steps.
+            threshold = threshold / burst
         scaler0, scaler1 = _block_scalers(neuron, threshold, hook)
         fx_model.add_submodule(f"{prefix}.scaler0", scaler0)
         fx_model.add_submodule(f"{prefix}.if_node", neuron)
@@ -275,7 +281,7 @@ class _SpikingBlockRule:
             fx_model, activation_node, hook_node, source, prefix, _is_inplace(activation_node, modules)
         )
         record = fx_model.meta.setdefault(BLOCKS_META_KEY, {}) if hasattr(fx_model, "meta") else {}
-        record[hook_node.target] = (prefix, threshold)
+        record[hook_node.target] = (prefix, layer_threshold)
 
 
 def _block_prefix(fx_model: nn.Module, hook_parent: str, hook_leaf: str) -> str:

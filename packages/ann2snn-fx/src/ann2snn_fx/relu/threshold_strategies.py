@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["STRATEGIES", "expected_error", "fixed", "min_error", "per_channel"]
+__all__ = ["STRATEGIES", "expected_error", "fixed", "ltb", "min_error", "per_channel"]
 
 
 def expected_error(
@@ -90,8 +90,21 @@ def per_channel(optimizer: Any, hook: Any) -> torch.Tensor:
     return stat
 
 
+def ltb(optimizer: Any, hook: Any) -> torch.Tensor:
+    """Local threshold balancing: the per-channel thresholds an :class:`~ann2snn_fx.LTBHook` learnt."""
+    from ann2snn_fx.relu.ltb import LTBHook
+
+    if not isinstance(hook, LTBHook):
+        raise ValueError(
+            f"strategy 'ltb' needs LTBHook calibration hooks, but got {type(hook).__name__}; the Converter "
+            "builds them when given this optimizer, or pass HookFactory(hook_class=LTBHook)."
+        )
+    return hook.scale.detach().float().clone()
+
+
 STRATEGIES: dict[str, Callable[[Any, Any], float | torch.Tensor]] = {
     "fixed": fixed,
     "min_error": min_error,
     "per_channel": per_channel,
+    "ltb": ltb,
 }

@@ -27,6 +27,9 @@ class ThresholdOptimizer:
     - ``"per_channel"``: one threshold per channel (``channel_dim``), the per-channel statistic of
       :class:`ann2snn_calib.VoltageHook` in the converter's mode (max, percentile or fraction of the max).
       Channels that never fired get the layer's largest channel threshold.
+    - ``"ltb"``: local threshold balancing (Bu et al., CVPR 2025): one threshold per channel learnt during
+      calibration by :class:`~ann2snn_fx.LTBHook` (``θ += 2 · mean((x⁺ - θ)₊)`` per batch from 0, the
+      clipped activation fed forward). Use it with neurons starting half-way, ``NeuronFactory(v_init=0.5)``.
 
     An unknown strategy is accepted at construction and raises ``NotImplementedError`` in
     :meth:`compute_threshold` (reference behaviour). Subclasses may override :meth:`compute_threshold`; the
@@ -48,7 +51,7 @@ class ThresholdOptimizer:
         >>> ThresholdOptimizer().compute_threshold(hook)
         2.0
         >>> ThresholdOptimizer.strategies
-        ('fixed', 'min_error', 'per_channel')
+        ('fixed', 'min_error', 'per_channel', 'ltb')
     """
 
     strategies: ClassVar[tuple[str, ...]] = tuple(STRATEGIES)
@@ -99,6 +102,10 @@ class ThresholdOptimizer:
             return {"histogram_bins": self.histogram_bins}
         if self.strategy == "per_channel":
             return {"channel_dim": self.channel_dim}
+        if self.strategy == "ltb":
+            from ann2snn_fx.relu.ltb import LTBHook
+
+            return {"channel_dim": self.channel_dim, "hook_class": LTBHook}
         return {}
 
     def compute_threshold(self, hook: Any) -> float | torch.Tensor:
@@ -130,6 +137,6 @@ class ThresholdOptimizer:
         extra = ""
         if self.strategy == "min_error":
             extra = f", time_steps={self.time_steps}, v_init={self.v_init}"
-        elif self.strategy == "per_channel":
+        elif self.strategy in ("per_channel", "ltb"):
             extra = f", channel_dim={self.channel_dim}"
         return f"ThresholdOptimizer(strategy={self.strategy!r}{extra})"

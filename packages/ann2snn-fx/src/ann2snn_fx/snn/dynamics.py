@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["integrate_and_fire", "integrate_and_fire_sequence"]
+__all__ = ["fire_burst_signed", "fire_burst_signed_", "integrate_and_fire", "integrate_and_fire_sequence"]
 
 
 def integrate_and_fire(
@@ -67,3 +67,61 @@ def integrate_and_fire_sequence(
         torch.ge(v, threshold, out=out[t])
         v.sub_(out[t], alpha=threshold)
     return out, v
+
+
+def fire_burst_signed_(
+    v: torch.Tensor,
+    out: torch.Tensor,
+    threshold: float | torch.Tensor,
+    burst: int,
+    count: torch.Tensor | None,
+) -> None:
+    """Soft-reset inference step of a burst and/or signed neuron on an integrated ``v`` (SPEC 14.2), in place.
+
+    Writes ``k = clamp(floor(v / θ), 0, burst)`` into ``out`` (``v >= θ`` when ``burst == 1``) and subtracts
+    ``k θ``; with a ``count`` (the net spikes so far, signed neurons), emits ``-1`` and adds ``θ`` back where
+    ``v < 0`` and ``count > 0``, and adds the step's output to ``count``.
+    """
+    tensor = isinstance(threshold, torch.Tensor)
+    if burst == 1:
+        torch.ge(v, threshold, out=out)
+    else:
+        if tensor or threshold != 1.0:
+            torch.div(v, threshold, out=out)
+            out.floor_()
+        else:
+            torch.floor(v, out=out)
+        out.clamp_(0, burst)
+    if tensor:
+        v.sub_(out * threshold)
+    else:
+        v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
+    if count is not None:
+        # Float comparisons (bool tensors are slow on CPU): 1 where v < 0, then the minimum with the integer
+        # count keeps it only where the count is positive.
+        negative = torch.lt(v, 0, out=torch.empty_like(v))
+        torch.minimum(negative, count, out=negative)
+        out.sub_(negative)
+        if tensor:
+            v.add_(negative * threshold)
+        else:
+            v.add_(negative, alpha=threshold)  # type: ignore[arg-type]
+        count.add_(out)
+
+
+def fire_burst_signed(
+    v: torch.Tensor, threshold: float | torch.Tensor, burst: int, count: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Out-of-place (autograd-safe) :func:`fire_burst_signed_`; the count carries no gradient.
+
+    Returns ``(k, v, count)``.
+    """
+    with torch.no_grad():
+        k = torch.floor(v / threshold).clamp_(0, burst)
+    v = v - k * threshold
+    if count is not None:
+        negative = ((v.detach() < 0) & (count > 0)).to(v.dtype)
+        k = k - negative
+        v = v + negative * threshold
+        count = count + k
+    return k, v, count

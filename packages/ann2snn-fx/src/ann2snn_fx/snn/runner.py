@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from ann2snn_fx._numbers import as_integral
+from ann2snn_fx.snn.inputs import check_input_fn, model_input
 from ann2snn_fx.snn.multistep import _compiled_state, _MultiStepInterpreter
 from ann2snn_fx.snn.neurons import reset_net
 
@@ -108,15 +110,65 @@ def _shape(x: Any) -> str:
     return f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def select_output(y: Any, output_key: str | int | Callable[[Any], Any] | None) -> torch.Tensor:
+    """The tensor ``run_snn`` averages, out of one step's output ``y``.
+
+    ``output_key``: ``None`` (``y`` must be a tensor), a key/attribute name (``"logits"`` of a dict or a
+    Hugging Face ``ModelOutput``), an index (of a tuple/list), or a callable ``output -> tensor``.
+
+    Examples:
+        >>> select_output({"logits": torch.ones(1), "aux": 2}, "logits")
+        tensor([1.])
+        >>> select_output((torch.zeros(1), None), 0)
+        tensor([0.])
+    """
+    if callable(output_key):
+        out = output_key(y)
+    elif output_key is None:
+        out = y
+    elif isinstance(output_key, str):
+        if isinstance(y, Mapping) and output_key in y:
+            out = y[output_key]
+        elif hasattr(y, output_key):
+            out = getattr(y, output_key)
+        else:
+            keys = sorted(map(str, y)) if isinstance(y, Mapping) else None
+            raise KeyError(
+                f"output_key={output_key!r}: the model's output ({type(y).__name__}) has no such field"
+                + (f"; its keys are {keys}." if keys is not None else ".")
+            )
+    elif isinstance(output_key, int) and not isinstance(output_key, bool) and isinstance(y, (tuple, list)):
+        out = y[output_key]
+    else:
+        raise TypeError(
+            f"output_key must be None, a str, an int (for tuple outputs) or a callable, but got {output_key!r} "
+            f"for an output of type {type(y).__name__}."
+        )
+    if not isinstance(out, torch.Tensor):
+        hint = (
+            " Pass output_key= (e.g. output_key='logits' for a dict or a Hugging Face ModelOutput, 0 for a "
+            "tuple, or a callable output -> tensor)."
+            if output_key is None
+            else ""
+        )
+        raise TypeError(
+            f"run_snn averages models returning one tensor per step, but got {type(out).__name__}.{hint}"
+        )
+    return out
+
+
 def run_snn(
     snn: nn.Module,
-    x: torch.Tensor,
+    x: Any,
     time_steps: int,
     *,
     multi_step: bool = False,
     reset: bool = True,
     running_mean: bool = True,
     chunk_elements: int | None = 2**18,
+    skip_steps: int = 0,
+    input_fn: Callable[[Any], Any] | None = None,
+    output_key: str | int | Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """Run ``snn`` for ``time_steps`` steps on the constant input ``x``, under ``torch.no_grad()``.
 
@@ -127,7 +179,8 @@ def run_snn(
 
     Args:
         snn: The converted SNN (one step per call).
-        x: The input batch ``[B, *]``.
+        x: The input batch ``[B, *]``; with ``input_fn``, any batch (a tuple or dict of several inputs, as
+            the dataloader yields it).
         time_steps: Number of steps ``T``.
         multi_step: Use :class:`MultiStepSNN` (batched layers, neurons loop over time) instead of calling
             ``snn`` once per step; same outputs. Needs an ``fx.GraphModule``.
@@ -135,6 +188,14 @@ def run_snn(
         running_mean: Return running means (default) instead of the raw per-step outputs.
         chunk_elements: Chunking of the multi-step execution (see :class:`MultiStepSNN`); ``None`` runs all
             steps as one ``[T*B, ...]`` batch (GPUs).
+        skip_steps: Delayed readout ``D`` (``0 <= D < time_steps``, see
+            :func:`ann2snn_fx.estimate_readout_delay`): the running mean leaves out the first ``D`` steps,
+            ``out[t] = mean(y_D .. y_t)`` for ``t >= D`` (earlier entries are the plain running mean). Only
+            with ``running_mean=True``.
+        input_fn: A callable ``batch -> model input`` (a tensor, or an ``(args tuple, kwargs dict)`` pair),
+            as ``Converter(input_fn=...)`` takes: the model is called ``snn(*args, **kwargs)`` at every step.
+        output_key: Which part of a structured output to average: a key or attribute name (``"logits"``
+            of a dict or ``ModelOutput``), an index of a tuple, or a callable ``output -> tensor``.
 
     Returns:
         Tensor ``[T, B, *]``.
@@ -144,30 +205,46 @@ def run_snn(
         >>> snn = trace_model(nn.Sequential(IFNode(v_reset=None)))
         >>> run_snn(snn, torch.tensor([[0.5]]), 4).flatten().tolist()
         [0.0, 0.5, 0.3333333432674408, 0.5]
+        >>> two = lambda batch: ((batch["a"],), {})
+        >>> run_snn(snn, {"a": torch.tensor([[0.5]]), "label": 1}, 2, input_fn=two).flatten().tolist()
+        [0.0, 0.5]
     """
     if not isinstance(snn, nn.Module):
         raise TypeError(f"snn must be an nn.Module, but got {type(snn).__name__}.")
     time_steps = _check_steps(time_steps)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, but got {type(x).__name__}.")
+    check_input_fn(input_fn)
+    if input_fn is None and not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"x must be a tensor, but got {type(x).__name__}; for a batch of several inputs (a tuple or dict) "
+            "pass input_fn=, a callable batch -> (args tuple, kwargs dict)."
+        )
+    args, kwargs = model_input(x, input_fn)
+    if isinstance(skip_steps, bool) or not isinstance(skip_steps, int) or not 0 <= skip_steps < time_steps:
+        raise ValueError(
+            f"skip_steps must be an int in [0, time_steps={time_steps}), but got {skip_steps!r}."
+        )
     with torch.no_grad():
         if reset:
             reset_net(snn)
         if multi_step:
             if not isinstance(snn, fx.GraphModule):
                 raise TypeError(f"multi_step=True needs an fx.GraphModule, but got {type(snn).__name__}.")
-            outputs = MultiStepSNN(snn, chunk_elements=chunk_elements)(x, time_steps)
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or output_key is not None:
+                raise TypeError(
+                    "multi_step=True runs models of one tensor input and one tensor output; this call has "
+                    f"{len(args)} positional and {len(kwargs)} keyword input(s) and output_key={output_key!r}: "
+                    "use multi_step=False."
+                )
+            outputs = MultiStepSNN(snn, chunk_elements=chunk_elements)(args[0], time_steps)
         else:
-            steps = []
-            for _ in range(time_steps):
-                y = snn(x)
-                if not isinstance(y, torch.Tensor):
-                    raise TypeError(
-                        f"run_snn supports models returning one tensor, but got {type(y).__name__}."
-                    )
-                steps.append(y)
+            steps = [select_output(snn(*args, **kwargs), output_key) for _ in range(time_steps)]
             outputs = torch.stack(steps)
         if not running_mean:
             return outputs
         counts = torch.arange(1, time_steps + 1, device=outputs.device, dtype=outputs.dtype)
-        return outputs.cumsum(0) / counts.view(-1, *([1] * (outputs.dim() - 1)))
+        shape = (-1, *([1] * (outputs.dim() - 1)))
+        means = outputs.cumsum(0) / counts.view(shape)
+        if skip_steps:
+            late = outputs[skip_steps:].cumsum(0) / counts[: time_steps - skip_steps].view(shape)
+            means = torch.cat([means[:skip_steps], late])
+        return means

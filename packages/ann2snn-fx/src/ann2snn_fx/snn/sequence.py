@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ann2snn_fx.snn.dynamics import integrate_and_fire_sequence
+from ann2snn_fx.snn.dynamics import fire_burst_signed_, integrate_and_fire_sequence
 
 __all__ = ["SequenceSteps"]
 
@@ -24,6 +24,9 @@ class SequenceSteps:
     v_threshold: Any
     v: Any
     v_seq: torch.Tensor | None
+    burst: int
+    signed: bool
+    count: Any
 
     def single_step_forward(
         self, x: torch.Tensor
@@ -31,6 +34,9 @@ class SequenceSteps:
         raise NotImplementedError
 
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
+        raise NotImplementedError
+
+    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
         raise NotImplementedError
 
     def _sequence_fast_path_ok(self, x_seq: torch.Tensor) -> bool:
@@ -49,7 +55,17 @@ class SequenceSteps:
         v = self._prepare_v(x_seq[0])
         if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
             v = v.detach().clone()
-        out, v = integrate_and_fire_sequence(v, x_seq, float(self.v_threshold), input_scale)
+        threshold = float(self.v_threshold)
+        if self.burst == 1 and not self.signed:
+            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale)
+        else:
+            out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+            count = self._prepare_count(v) if self.signed else None
+            for t in range(x_seq.shape[0]):
+                v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
+                fire_burst_signed_(v, out[t], threshold, self.burst, count)
+            if count is not None:
+                self.count = count
         self.v = v
         return out
 

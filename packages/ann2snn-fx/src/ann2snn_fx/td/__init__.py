@@ -16,7 +16,8 @@ In both, the output ``Y`` of a converted model satisfies ``Y.cumsum(0)[t] == ann
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,8 @@ def replace_by_td_operators(
     strict: bool = False,
     static_inputs: Collection[str] = (),
     tracer_class: type[fx.Tracer] = fx.Tracer,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Iterable[Any] | None = None,
 ) -> fx.GraphModule:
     """Trace ``ann`` with torch.fx and rewrite it into TD operators that run on ``[T, ...]`` sequences.
 
@@ -51,6 +54,8 @@ def replace_by_td_operators(
 
     Replaced (parameters, ``requires_grad`` and training mode copied):
 
+    * ``nn.TransformerEncoder``/``nn.TransformerDecoder`` and their layers (either ``batch_first``; dropout
+      inactive in eval mode is ignored) are first re-expressed as torch's reference path, then converted;
     * modules of exact type ``nn.Linear``, ``nn.LayerNorm``, ``nn.GELU``, ``nn.MultiheadAttention``
       (the seed's set), ``nn.Softmax`` (dim shifted past the time axis), ``nn.SiLU``, ``nn.RMSNorm``,
       ``nn.Conv2d``, ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.ReLU``;
@@ -80,6 +85,11 @@ def replace_by_td_operators(
         static_inputs: Names of placeholders that are not time sequences (e.g. a mask); everything
             computed only from them, parameters and literals counts as constant.
         tracer_class: The ``fx.Tracer`` subclass to trace with (custom leaf modules).
+        concrete_args: Inputs to specialise on while tracing (as ``torch.fx.Tracer.trace``). Default: none,
+            except for a bare ``nn.TransformerEncoder``/``Decoder`` (or layer), whose optional inputs (masks,
+            ``is_causal``) are fixed to their defaults unless named in ``static_inputs``.
+        leaf_modules: Module classes or module paths kept untraced (they run as a whole, not as TD
+            operators, and are reported if they touch time-varying data).
 
     Returns:
         The converted ``fx.GraphModule``. Its inputs and outputs are time sequences ``[T, ...]`` and
@@ -90,6 +100,8 @@ def replace_by_td_operators(
         ValueError: An ``nn.MultiheadAttention`` or SDPA configuration the TD operators cannot express
             (the seed's messages, e.g. ``"TD MHA conversion requires need_weights=False."``).
         TDEquivalenceError: ``strict=True`` and the graph keeps non-equivalent nodes.
+        ann2snn_fx.ModelTraceError: torch.fx cannot trace the model (the message says what to do; a
+            ``ValueError`` and ``torch.fx.proxy.TraceError``).
 
     Shape:
         - Input: every non-static input gains a leading time axis, ``[T, *ann_input_shape]``.
@@ -108,5 +120,11 @@ def replace_by_td_operators(
         True
     """
     return replace_by_td_operators_fx(
-        ann, device, strict=strict, static_inputs=static_inputs, tracer_class=tracer_class
+        ann,
+        device,
+        strict=strict,
+        static_inputs=static_inputs,
+        tracer_class=tracer_class,
+        concrete_args=concrete_args,
+        leaf_modules=leaf_modules,
     )

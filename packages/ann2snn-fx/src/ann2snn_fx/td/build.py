@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ann2snn_ops import (
     TDFunction,
     TDLayerNorm,
     TDLinear,
+    TDModule,
     TDMultiheadAttention,
     TDRMSNorm,
     TDSiLU,
@@ -22,6 +24,7 @@ from ann2snn_ops import (
 
 __all__ = [
     "MHA_DEFAULTS",
+    "TDStepwise",
     "build_td_module",
     "check_mha_call",
     "read_arg",
@@ -95,7 +98,18 @@ def build_td_module(module: nn.Module) -> nn.Module | None:
     if kind is nn.Softmax and getattr(module, "dim", None) is None:
         return None
     td: nn.Module
-    if kind in _FROM_MODULE:
+    if kind is nn.MultiheadAttention and module.dropout != 0.0:
+        if module.training:
+            raise ValueError(
+                f"TD MHA conversion: this nn.MultiheadAttention (dropout={module.dropout}) is in training mode, "
+                "where dropout draws a different mask at every time step; call model.eval() first (in eval "
+                "mode dropout is inactive and is ignored)."
+            )
+        module = copy.copy(module)  # shares the parameters; dropout is inactive in eval mode
+        vars(module)["dropout"] = 0.0
+    if kind in _STEPWISE:
+        td = TDStepwise(module)
+    elif kind in _FROM_MODULE:
         td = _FROM_MODULE[kind].from_module(module)
     elif kind in _ELEMENTWISE_MODULES:
         td = TDFunction(_ELEMENTWISE_MODULES[kind], name=f"TD{kind.__name__}")
@@ -110,3 +124,37 @@ _ELEMENTWISE_MODULES: dict[type[nn.Module], Any] = {
     nn.Sigmoid: torch.sigmoid,
     nn.ReLU: torch.relu,
 }
+
+
+class TDStepwise(TDModule):
+    """A linear module without a constant term (average pooling, upsampling) run on every step alone.
+
+    ``[T, B, ...]`` is folded to ``[T*B, ...]`` for the module and unfolded after, so the module sees the
+    shapes the ANN gave it; a linear map of the differences is the difference of the linear map.
+
+    Examples:
+        >>> op = TDStepwise(nn.AdaptiveAvgPool1d(1))
+        >>> x = torch.randn(3, 2, 4, 6)
+        >>> torch.allclose(op(x).sum(0), nn.AdaptiveAvgPool1d(1)(x.sum(0)), atol=1e-6)
+        True
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.streaming:
+            return self.module(x)
+        return self.module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+_STEPWISE: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.Upsample,
+)

@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
 from ann2snn_fx.td.fold_mode import _FoldMode
+from ann2snn_fx.td.layers import make_traceable, sequence_first_layers
 from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
 
 __all__ = ["TDTimeFolded"]
@@ -28,6 +29,10 @@ class _FoldedMultiheadAttention(nn.Module):
     def __init__(self, td: nn.Module) -> None:
         super().__init__()
         self.td = td
+        # what code around an nn.MultiheadAttention reads of it (torch's own layers read batch_first)
+        self.batch_first = True
+        self.embed_dim = getattr(td, "embed_dim", None)
+        self.num_heads = getattr(td, "num_heads", None)
 
     def forward(
         self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
@@ -112,7 +117,15 @@ class TDTimeFolded(nn.Module):
         if device is None:
             first = next(ann.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
-        self.model = copy.deepcopy(ann).to(device)
+        self.model = make_traceable(copy.deepcopy(ann)).to(device)
+        seq_first = sequence_first_layers(self.model)
+        if seq_first:
+            raise ValueError(
+                "TDTimeFolded folds time into the leading (batch) dim of the inputs, but the transformer "
+                f"layer(s) {seq_first} are sequence-first (batch_first=False) and take the sequence there; "
+                "convert this model with replace_by_td_operators (which handles both layouts), or build the "
+                "layers with batch_first=True."
+            )
         self.time_inputs = None if time_inputs is None else set(time_inputs)
         self.strict = strict
         self.report = TDConversionReport()

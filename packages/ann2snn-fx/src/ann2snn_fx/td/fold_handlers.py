@@ -70,17 +70,30 @@ def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
     return out
 
 
-def _no_dim0(*positions: tuple[int, str, Any]) -> _Handler:
-    """Linear ops whose dim arguments must not touch the time-folded batch dim 0."""
+def _no_dim0(*positions: tuple[int, str, Any], new_dim: bool = False) -> _Handler:
+    """Linear ops whose dim arguments must not touch the time-folded batch dim 0 (``new_dim``: the dim
+    indexes the output, one dim longer, as ``unsqueeze``'s does)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         x = args[0]
+        rank = x.dim() + (1 if new_dim else 0)
         for index, name, default in positions:
             value = read_arg(args, kwargs, index, name, default)
             values = value if isinstance(value, (tuple, list)) else [value]
             for dim in values:
-                if dim is None or (isinstance(dim, int) and dim % max(x.dim(), 1) == 0):
+                if dim is None or (isinstance(dim, int) and dim % max(rank, 1) == 0):
                     raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
+        return func(*args, **kwargs)
+
+    return handler
+
+
+def _pool_last(dims: int) -> _Handler:
+    """Adaptive average pooling over the last ``dims`` dims: linear, time-transparent unless it pools dim 0."""
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args[0].dim() <= dims:
+            raise _Unsupported("pooling over the time-folded batch dim")
         return func(*args, **kwargs)
 
     return handler
@@ -330,13 +343,52 @@ def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[s
 
 
 def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``addmm(bias, x, w)`` (e.g. GPT-2's Conv1D): the product on every step, the bias at t = 0."""
-    bias, x, weight = args[:3]
-    if mode.is_time(bias) or mode.is_time(weight) or not mode.is_time(x) or args[3:] or kwargs:
-        raise _Unsupported("addmm other than bias + time-varying input @ constant weight")
-    mode.done(func, "bias added at t = 0 only")
-    return mode.add_at_t0_(torch.mm(x, weight), bias)
+    """``addmm``/``baddbmm(input, a, b, beta=, alpha=)`` = ``beta * input + alpha * (a @ b)`` (GPT-2's Conv1D,
+    Bloom's alibi scores): the product as a TD matmul (or linear, with a constant side), a constant
+    ``beta * input`` at t = 0 only."""
+    names = (
+        ("input", "batch1", "batch2")
+        if func in (torch.baddbmm, Tensor.baddbmm)
+        else ("input", "mat1", "mat2")
+    )
+    inp, a, b = (read_arg(args, kwargs, i, name, None) for i, name in enumerate(names))
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if args[3:] or any(isinstance(v, Tensor) for v in (beta, alpha)):
+        raise _Unsupported(f"{_name(func)} with tensor or positional beta/alpha")
+    if mode.is_time(a) and mode.is_time(b):
+        product = mode.td(TDMatMul(), a, b)
+    elif mode.is_time(a) or mode.is_time(b):
+        constant = b if mode.is_time(a) else a
+        if (
+            func in (torch.baddbmm, Tensor.baddbmm)
+            and constant.shape[0] != (a if constant is b else b).shape[0]
+        ):
+            raise _Unsupported("baddbmm with a batched constant factor")
+        product = torch.matmul(a, b)
+    else:
+        raise _Unsupported(f"{_name(func)} with a time-varying input but constant factors")
+    if alpha != 1:
+        product = product.mul_(alpha)
+    mode.done(func, "beta * input at t = 0 only, alpha * (a @ b) every step")
+    if beta == 0:
+        return product
+    term = inp if beta == 1 else inp * beta
+    if mode.is_time(inp):
+        return product.add_(term)
+    return mode.add_at_t0_(product, term)
 
 
-def _elementwise(fn: Callable[[Tensor], Tensor]) -> _Handler:
-    return _unary(lambda args, kwargs: TDFunction(fn))
+def _elementwise(fn: Callable[[Tensor], Tensor], inplace: bool = False) -> _Handler:
+    """A TDFunction of ``fn``; in place (``relu_``, ``F.relu(x, inplace=True)``) the result is written back
+    into the input, whose later readers (``F.relu(y, inplace=True); return f(y)``) rely on the mutation."""
+    base = _unary(lambda args, kwargs: TDFunction(fn))
+
+    def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = base(mode, func, args, kwargs)
+        if inplace or kwargs.get("inplace") is True or (len(args) > 1 and args[1] is True):
+            with torch._C.DisableTorchFunction():
+                args[0].copy_(out)
+            return args[0]
+        return out
+
+    return handler

@@ -30,6 +30,7 @@ from ann2snn_fx.td.fold_handlers import (
     _passthrough,
     _permute,
     _pointwise,
+    _pool_last,
     _reshape,
     _sdpa,
     _softmax,
@@ -83,8 +84,8 @@ _HANDLERS.update(
         torch.flatten: _passthrough,
         Tensor.unflatten: _no_dim0((1, "dim", None)),
         Tensor.squeeze: _no_dim0((1, "dim", None)),
-        Tensor.unsqueeze: _no_dim0((1, "dim", None)),
-        torch.unsqueeze: _no_dim0((1, "dim", None)),
+        Tensor.unsqueeze: _no_dim0((1, "dim", None), new_dim=True),
+        torch.unsqueeze: _no_dim0((1, "dim", None), new_dim=True),
         Tensor.sum: _no_dim0((1, "dim", None)),
         torch.sum: _no_dim0((1, "dim", None)),
         Tensor.mean: _no_dim0((1, "dim", None)),
@@ -97,6 +98,12 @@ _HANDLERS.update(
         Tensor.narrow: _no_dim0((1, "dim", None)),
         Tensor.select: _no_dim0((1, "dim", None)),
         Tensor.permute: _permute,
+        Tensor.roll: _no_dim0((2, "dims", None)),
+        torch.roll: _no_dim0((2, "dims", None)),
+        F.adaptive_avg_pool1d: _pool_last(1),
+        torch.adaptive_avg_pool1d: _pool_last(1),
+        F.adaptive_avg_pool2d: _pool_last(2),
+        F.adaptive_avg_pool3d: _pool_last(3),
         torch.permute: _permute,
         torch.cat: _cat,
         torch.concat: _cat,
@@ -144,6 +151,9 @@ _HANDLERS.update(
         Tensor.div_: _inplace("div"),
         Tensor.__itruediv__: _inplace("div"),
         torch.addmm: _addmm,
+        Tensor.addmm: _addmm,
+        torch.baddbmm: _addmm,
+        Tensor.baddbmm: _addmm,
         torch.masked_fill: _masked_fill,
     }
 )
@@ -159,6 +169,8 @@ for _f, _fn in (
     (F.relu, torch.relu),
 ):
     _HANDLERS[_f] = _elementwise(_fn)
+for _f in (Tensor.relu_, torch.relu_, F.relu_):
+    _HANDLERS[_f] = _elementwise(torch.relu, inplace=True)
 _META: set[Any] = {
     Tensor.size,
     Tensor.dim,

@@ -26,6 +26,10 @@ _ELEMENTWISE: dict[object, Callable[[torch.Tensor], torch.Tensor]] = {
     torch.relu: torch.relu,
     F.relu: torch.relu,
     "relu": torch.relu,
+    # in place: readers of the input were rewired to the result (fx_pass.rewire_inplace)
+    torch.relu_: torch.relu,
+    F.relu_: torch.relu,
+    "relu_": torch.relu,
 }
 # Pointwise in their first argument: with literal extra arguments, TDFunction makes them exact.
 _POINTWISE = {

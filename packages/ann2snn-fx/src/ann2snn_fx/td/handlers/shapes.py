@@ -43,6 +43,8 @@ _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "
 # op -> (index, keyword, default) of each dim argument
 _DIMS: dict[Any, tuple[tuple[int, str, Any], ...]] = {
     torch.transpose: ((1, "dim0", None), (2, "dim1", None)),
+    torch.roll: ((2, "dims", None),),
+    "roll": ((1, "dims", None),),
     "transpose": ((0, "dim0", None), (1, "dim1", None)),
     torch.swapaxes: ((1, "axis0", None), (2, "axis1", None)),
     "swapaxes": ((0, "axis0", None), (1, "axis1", None)),
@@ -191,7 +193,12 @@ def sizes(state: PassState, node: fx.Node) -> None:
         and state.kinds.get(given[0]) in (Kind.SHAPE, Kind.SHAPE_PREFIX)
     )
     if not (prefix and node.target in ("view", "reshape", torch.reshape)):
-        state.issue(node, "reshape/permute/expand with explicit sizes sees the extra leading time axis")
+        state.issue(
+            node,
+            "reshape/permute/expand with explicit sizes sees the extra leading time axis (the converted graph "
+            "fails or mixes steps at run time): convert this model with TDTimeFolded, which keeps the ANN's "
+            "shapes, or write the sizes as x.shape[:-k] + (...) / negative dims",
+        )
 
 
 HANDLERS = table(

@@ -1,0 +1,395 @@
+"""Training-free calibration of a converted SNN against its ANN (Li et al., ICML 2021; SPEC 14.2).
+
+Layer by layer in topological order, each spiking block's mean output over ``time_steps`` is compared with
+the ANN's activation on calibration data, and the mean error is corrected by the bias feeding the block
+("bias") and/or the neurons' initial potential ("potential"); later layers see the corrected earlier ones.
+All calibration batches advance through the graph together (one multi-step SNN pass, plus re-running the few
+nodes of each corrected block), so the cost is about one ANN pass plus one ``time_steps``-step SNN pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import numbers
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ann2snn_calib import VoltageScaler
+from ann2snn_fx.relu import stages
+from ann2snn_fx.snn.multistep import _MultiStepInterpreter
+from ann2snn_fx.snn.neurons import IFNode
+from ann2snn_fx.tracing import trace_model
+
+__all__ = ["CalibratedLayer", "calibrate_snn"]
+
+_METHODS = ("bias", "potential", "both")
+# Modules and functions that shift every channel by a bias added before them (so a bias upstream corrects).
+_SHIFT_MODULES = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Identity,
+    nn.Dropout,
+)
+_BIAS_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class CalibratedLayer:
+    """What :func:`calibrate_snn` did to one spiking block.
+
+    Attributes:
+        block: Module path of the block.
+        activation: The ANN activation node it reproduces.
+        bias_of: Module whose bias was corrected (``None``: no bias correction for this block).
+        error_before: Mean absolute per-element error of the block's rate before its correction.
+        error_after: The same after it.
+    """
+
+    block: str
+    activation: str
+    bias_of: str | None
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class _Block:
+    prefix: str
+    scaler0: fx.Node
+    neuron: fx.Node
+    scaler1: fx.Node
+    activation: str
+    bias_node: fx.Node | None = None
+
+
+def _find_blocks(gm: fx.GraphModule) -> list[_Block]:
+    modules = dict(gm.named_modules())
+    blocks = []
+    for node in gm.graph.nodes:
+        if (
+            node.op != "call_module"
+            or not isinstance(modules.get(node.target), IFNode)
+            or len(node.args) != 1
+        ):
+            continue
+        first, users = node.args[0], list(node.users)
+        if not (isinstance(first, fx.Node) and first.op == "call_module" and len(users) == 1):
+            continue
+        last = users[0]
+        if isinstance(modules.get(first.target), VoltageScaler) and isinstance(
+            modules.get(last.target),
+            VoltageScaler,  # type: ignore[arg-type]
+        ):
+            blocks.append(_Block(str(node.target).rpartition(".")[0], first, node, last, ""))
+    return blocks
+
+
+def _bias_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The Conv/Linear node whose bias shifts ``node`` channel-wise, walking back through pools and adds."""
+    modules = dict(gm.named_modules())
+    while isinstance(node, fx.Node):
+        module = modules.get(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
+        if isinstance(module, _BIAS_MODULES):
+            return node
+        if isinstance(module, _SHIFT_MODULES) or (
+            node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd")
+        ):
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.GraphModule) -> None:
+    report = getattr(snn, "conversion_report", None)
+    names = {n.name for n in ann_gm.graph.nodes}
+    by_block = {c.block: c.node for c in getattr(report, "converted", ())}
+    if blocks and all(by_block.get(b.prefix) in names for b in blocks):
+        for b in blocks:
+            b.activation = by_block[b.prefix]
+        return
+    from ann2snn_fx.relu.qcfs import QCFSRule
+    from ann2snn_fx.relu.rules import all_rules
+
+    modules = dict(ann_gm.named_modules())
+    rules = [*all_rules(), QCFSRule()]
+    found = [
+        n.name
+        for n in ann_gm.graph.nodes
+        if n.op != "placeholder" and any(r.match(n, modules) for r in rules)
+    ]
+    if len(found) != len(blocks):
+        raise ValueError(
+            f"calibrate_snn cannot pair the SNN's {len(blocks)} spiking block(s) with the ANN's {len(found)} "
+            "activation(s): pass the ANN the SNN was converted from (its conversion_report names the activations)."
+        )
+    for b, name in zip(blocks, found):
+        b.activation = name
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the ANN and sums each wanted activation over the batch dimension."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: set[str], sums: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.wanted = wanted
+        self.sums = sums
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.wanted:
+            total = result.detach().double().sum(0)
+            previous = self.sums.get(n.name)
+            if previous is not None and previous.shape != total.shape:
+                raise ValueError(
+                    f"calibrate_snn needs calibration batches of one sample shape; activation {n.name!r} had "
+                    f"{tuple(previous.shape)} and then {tuple(total.shape)} per sample."
+                )
+            self.sums[n.name] = total if previous is None else previous + total
+        return result
+
+
+def _group() -> Any:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _check(method: Any, time_steps: Any, num_batches: Any, progress: Any) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, but got {method!r}.")
+    if isinstance(time_steps, bool) or not isinstance(time_steps, numbers.Integral) or time_steps < 1:
+        raise ValueError(f"time_steps must be a positive int, but got {time_steps!r}.")
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral) or num_batches < 1
+    ):
+        raise ValueError(f"num_batches must be a positive int or None, but got {num_batches!r}.")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, but got {progress!r}.")
+
+
+def calibrate_snn(
+    snn: fx.GraphModule,
+    ann: nn.Module,
+    dataloader: Iterable[Any],
+    time_steps: int,
+    method: str = "both",
+    *,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Correct a converted SNN layer by layer so that its ``time_steps``-step rates match the ANN.
+
+    For each spiking block in topological order (earlier blocks already corrected), with ``r`` its output
+    summed over ``time_steps`` steps divided by ``time_steps`` and ``a`` the ANN's activation:
+
+    - ``"bias"``: the Conv/Linear feeding the block (through average pools and residual adds) gets
+      ``b_c -= mean_{N, spatial}(r_c - a_c)``; blocks with no such layer are left to the potential correction.
+    - ``"potential"``: the neurons start at ``v_init += time_steps · mean_N(a - r) / s`` per element (``s``
+      the block's threshold), in threshold units.
+    - ``"both"``: bias first, then the potential on the error that remains.
+
+    Works with every neuron option (``burst``, ``signed``, per-channel thresholds). Under an initialised
+    ``torch.distributed`` process group the error statistics are all-reduced (every rank must call it
+    with its shard of the data). The layers report is in ``result.meta["ann2snn_fx.calibrate_snn"]``.
+
+    Args:
+        snn: A converted SNN (left untouched).
+        ann: The ANN it was converted from (left untouched).
+        dataloader: Calibration batches, as for the :class:`~ann2snn_fx.Converter` (all of one sample shape).
+        time_steps: The ``T`` the SNN will be run for.
+        method: ``"bias"``, ``"potential"`` or ``"both"``.
+        num_batches: Use only the first batches (``None``: all; they are held in memory together).
+        progress: Show a progress bar (also hidden by ``TQDM_DISABLE=1``).
+
+    Returns:
+        A new, corrected SNN (a copy of ``snn``).
+
+    Raises:
+        ValueError: for a bad option, an empty dataloader, or an ANN whose activations do not pair with the
+            SNN's blocks.
+
+    Examples:
+        >>> from ann2snn_fx import Converter
+        >>> _ = torch.manual_seed(0)
+        >>> ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        >>> loader = [torch.randn(64, 4) for _ in range(2)]
+        >>> snn = Converter(loader, progress=False).convert_to_spiking_neurons(ann)
+        >>> fixed = calibrate_snn(snn, ann, loader, time_steps=2, progress=False)
+        >>> [round(layer.error_after, 3) <= round(layer.error_before, 3)
+        ...  for layer in fixed.meta["ann2snn_fx.calibrate_snn"]]
+        [True]
+    """
+    if not isinstance(snn, fx.GraphModule):
+        raise TypeError(f"snn must be a converted SNN (an fx.GraphModule), but got {type(snn).__name__}.")
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"ann must be an nn.Module, but got {type(ann).__name__}.")
+    _check(method, time_steps, num_batches, progress)
+    steps = int(time_steps)
+    new = copy.deepcopy(snn).eval()
+    if hasattr(snn, "conversion_report"):
+        new.__dict__["conversion_report"] = snn.conversion_report
+    blocks = _find_blocks(new)
+    ann_gm = stages.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
+    _match_activations(snn, blocks, ann_gm)
+    first = next(itertools.chain(new.parameters(), new.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    ann_gm = ann_gm.to(device)
+    source = dataloader if num_batches is None else itertools.islice(dataloader, int(num_batches))
+    inputs = [stages.to_model(stages.batch_input(d), device, None) for d in source]
+    if not inputs:
+        raise ValueError("The calibration dataloader yielded no batch; calibrate_snn needs data.")
+    disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    bar = tqdm(total=len(blocks) + 1, desc="calibrating SNN", disable=disabled, leave=False)
+    group = _group()
+    count = _reduce(
+        torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group
+    )
+    ann_sums: dict[str, Any] = {}
+    with torch.no_grad():
+        for x in inputs:
+            _Recorder(ann_gm, {b.activation for b in blocks}, ann_sums).run(x)
+        ann_means = {k: _reduce(v, group) / count for k, v in ann_sums.items()}
+        bar.update(1)
+        layers = _LockStep(new, inputs, steps, blocks, method, group, count).run(ann_means, bar)
+    bar.close()
+    new.meta["ann2snn_fx.calibrate_snn"] = layers
+    return new
+
+
+class _LockStep:
+    """All calibration batches advance node by node; each block is corrected when its output is ready."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        inputs: list[torch.Tensor],
+        steps: int,
+        blocks: list[_Block],
+        method: str,
+        group: Any,
+        count: torch.Tensor,
+    ) -> None:
+        self.gm, self.steps, self.blocks, self.method, self.group, self.count = (
+            gm,
+            steps,
+            blocks,
+            method,
+            group,
+            count,
+        )
+        self.order = [n for n in gm.graph.nodes if n.op != "output"]
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.runs = []
+        for x in inputs:
+            interpreter = _MultiStepInterpreter(gm, steps, {})
+            interpreter.args_iter = iter([x])
+            self.runs.append(interpreter)
+        self.last_use = {
+            n: max((self.index.get(u, len(self.order)) for u in n.users), default=-1) for n in self.order
+        }
+        for b in blocks:
+            b.bias_node = _bias_source(gm, b.scaler0.args[0]) if method != "potential" else None
+
+    def _start(self, b: _Block) -> int:
+        return self.index[b.bias_node] if b.bias_node is not None else self.index[b.neuron]
+
+    def _run(self, nodes: list[fx.Node]) -> None:
+        for it in self.runs:
+            for node in nodes:
+                it.static_cache.pop(node, None)
+                it.expanded.pop(node, None)
+                if node.op == "call_module" and callable(
+                    getattr(self.gm.get_submodule(str(node.target)), "reset", None)
+                ):
+                    self.gm.get_submodule(str(node.target)).reset()  # type: ignore[operator]
+                it.env[node] = it.run_node(node)
+
+    def _rate_mean(self, b: _Block) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for it in self.runs:
+            out = it.env[b.scaler1]
+            rate = out.reshape(self.steps, out.shape[0] // self.steps, *out.shape[1:]).double().mean(0).sum(0)
+            total = rate if total is None else total + rate
+        assert total is not None
+        return _reduce(total, self.group) / self.count
+
+    def run(self, ann_means: dict[str, torch.Tensor], bar: Any) -> list[CalibratedLayer]:
+        ends = {b.scaler1: b for b in self.blocks}
+        starts = sorted((self.index[b.scaler1], self._start(b)) for b in self.blocks)
+        layers = []
+        for i, node in enumerate(self.order):
+            self._run([node])
+            block = ends.get(node)
+            if block is not None:
+                layers.append(self._correct(block, ann_means[block.activation], i))
+                bar.update(1)
+            keep_from = min((p for s, p in starts if s > i), default=len(self.order))
+            for n in self.order[: i + 1]:
+                if self.last_use[n] <= i and self.last_use[n] < keep_from:
+                    for it in self.runs:
+                        it.env.pop(n, None)
+            if block is not None and block is self.blocks[-1]:
+                break
+        return layers
+
+    def _correct(self, b: _Block, target: torch.Tensor, i: int) -> CalibratedLayer:
+        error = self._rate_mean(b) - target
+        before = float(error.abs().mean())
+        bias_of = None
+        if b.bias_node is not None:
+            module: Any = self.gm.get_submodule(str(b.bias_node.target))
+            shift = error.mean(dim=tuple(range(1, error.dim()))) if error.dim() > 1 else error
+            weight = module.weight
+            if shift.numel() == weight.shape[0]:
+                if module.bias is None:
+                    module.bias = nn.Parameter(
+                        torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+                    )
+                with torch.no_grad():
+                    module.bias -= shift.to(module.bias.dtype)
+                bias_of = str(b.bias_node.target)
+                for it in self.runs:  # the layer's output moves by the same shift: no need to recompute it
+                    value = it.env[b.bias_node]
+                    value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
+                    it.expanded.pop(b.bias_node, None)
+                self._run(self.order[self._start(b) + 1 : i + 1])
+                error = self._rate_mean(b) - target
+        if self.method in ("potential", "both") or bias_of is None:
+            neuron = self.gm.get_submodule(str(b.neuron.target))
+            assert isinstance(neuron, IFNode)
+            scaler: Any = self.gm.get_submodule(str(b.scaler1.target))
+            scale = scaler.scale.double()
+            if scale.dim() == 1 and error.dim() >= 1:
+                scale = scale.view(-1, *([1] * (error.dim() - 1)))
+            theta = (
+                float(neuron.v_threshold)
+                if not isinstance(neuron.v_threshold, torch.Tensor)
+                else neuron.v_threshold
+            )
+            delta = -self.steps * error / scale * theta
+            old = neuron.v_init if neuron.v_init is not None else 0.0
+            neuron.set_v_init(
+                (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
+            )
+            self._run(self.order[self.index[b.neuron] : i + 1])
+            error = self._rate_mean(b) - target
+        return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))

@@ -1,0 +1,411 @@
+"""A latency tuner: search the ReLU -> IF options for the best accuracy at each number of time steps."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import numbers
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ann2snn_fx.relu import stages
+from ann2snn_fx.relu.calibrate import calibrate_snn
+from ann2snn_fx.relu.converter import Converter
+from ann2snn_fx.relu.factories import NeuronFactory
+from ann2snn_fx.relu.thresholds import ThresholdOptimizer
+from ann2snn_fx.snn.neurons import IFNode, reset_net
+from ann2snn_fx.snn.readout import estimate_readout_delay
+
+__all__ = ["LatencyRecord", "LatencyResult", "pareto_front", "tune_latency"]
+
+
+@dataclass(frozen=True)
+class LatencyRecord:
+    """One configuration evaluated at ``time_steps`` steps on the validation data.
+
+    Attributes:
+        time_steps: ``T``.
+        accuracy: Top-1 accuracy in percent.
+        spikes_per_sample: Spike events per validation sample over the ``T`` steps (a burst of ``k`` is ``k``
+            events, a negative spike one; counted on the IFNode outputs).
+        mode, strategy, v_init, burst, signed: The conversion options (``strategy`` of
+            :class:`~ann2snn_fx.ThresholdOptimizer`; ``"min_error"`` targets ``T · burst`` levels).
+        calibration: The :func:`~ann2snn_fx.calibrate_snn` method applied for this ``T``, or ``None``.
+        skip_steps: The delayed readout (:func:`~ann2snn_fx.estimate_readout_delay`), 0 for none.
+    """
+
+    time_steps: int
+    accuracy: float
+    spikes_per_sample: float
+    mode: str | float
+    strategy: str
+    v_init: float
+    burst: int
+    signed: bool
+    calibration: str | None = None
+    skip_steps: int = 0
+
+    @property
+    def label(self) -> str:
+        """A short description of the configuration."""
+        parts = [self.strategy if self.strategy == "ltb" else f"mode={self.mode}, {self.strategy}"]
+        parts.append(f"v_init={self.v_init}")
+        if self.burst > 1:
+            parts.append(f"burst={self.burst}")
+        if self.signed:
+            parts.append("signed")
+        if self.calibration:
+            parts.append(f"calibrate_snn({self.calibration})")
+        if self.skip_steps:
+            parts.append(f"skip_steps={self.skip_steps}")
+        return ", ".join(parts)
+
+    def dominates(self, other: LatencyRecord) -> bool:
+        """At most as many steps and spikes and at least the accuracy, strictly better in one."""
+        no_worse = (
+            self.time_steps <= other.time_steps
+            and self.accuracy >= other.accuracy
+            and self.spikes_per_sample <= other.spikes_per_sample
+        )
+        better = (
+            self.time_steps < other.time_steps
+            or self.accuracy > other.accuracy
+            or self.spikes_per_sample < other.spikes_per_sample
+        )
+        return no_worse and better
+
+
+def pareto_front(records: Iterable[LatencyRecord]) -> list[LatencyRecord]:
+    """The records no other record dominates (fewer steps, fewer spikes, higher accuracy), by T then accuracy."""
+    items = list(records)
+    front = [r for r in items if not any(o.dominates(r) for o in items)]
+    unique = {(r.time_steps, r.accuracy, r.spikes_per_sample): r for r in front}
+    return sorted(unique.values(), key=lambda r: (r.time_steps, -r.accuracy, r.spikes_per_sample))
+
+
+@dataclass
+class LatencyResult:
+    """What :func:`tune_latency` found.
+
+    Attributes:
+        ann_accuracy: The ANN's validation accuracy (percent).
+        records: Every evaluated configuration.
+        front: The Pareto front of accuracy against T and spike count.
+        complete: False when the time budget stopped the search early.
+        seconds: Wall time of the search.
+    """
+
+    ann_accuracy: float
+    records: list[LatencyRecord] = field(default_factory=list)
+    front: list[LatencyRecord] = field(default_factory=list)
+    complete: bool = True
+    seconds: float = 0.0
+
+    def best(self, time_steps: int) -> LatencyRecord | None:
+        """The most accurate record at exactly ``time_steps`` (fewest spikes among ties)."""
+        at = [r for r in self.records if r.time_steps == time_steps]
+        return min(at, key=lambda r: (-r.accuracy, r.spikes_per_sample)) if at else None
+
+    def markdown(self) -> str:
+        """The front as a markdown table."""
+        lines = [
+            "| T | accuracy (%) | vs ANN | spikes / sample | configuration |",
+            "|---:|---:|---:|---:|:---|",
+        ]
+        for r in self.front:
+            lines.append(
+                f"| {r.time_steps} | {r.accuracy:.2f} | {r.accuracy - self.ann_accuracy:+.2f} | "
+                f"{r.spikes_per_sample:.0f} | {r.label} |"
+            )
+        return "\n".join(lines)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """The records as plain dictionaries (for JSON)."""
+        return [asdict(r) for r in self.records]
+
+    def plot(self, path: str) -> str:
+        """Write accuracy against T (every record, the best per T, the ANN) to ``path``; needs matplotlib
+        (``pip install ann2snn-fx[plot]``). Returns ``path``."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("LatencyResult.plot needs matplotlib: pip install 'ann2snn-fx[plot]'.") from exc
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter(
+            [r.time_steps for r in self.records],
+            [r.accuracy for r in self.records],
+            s=8,
+            alpha=0.3,
+            label="configurations",
+        )
+        steps = sorted({r.time_steps for r in self.records})
+        best = [self.best(t) for t in steps]
+        ax.plot(steps, [b.accuracy for b in best if b is not None], "o-", label="best per T")
+        ax.axhline(self.ann_accuracy, color="k", linestyle="--", label="ANN")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("time steps T")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def _batches(loader: Iterable[Any], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("val_loader must yield (input, label) pairs.")
+        out.append((torch.as_tensor(batch[0]).to(device), torch.as_tensor(batch[1]).to(device)))
+    if not out:
+        raise ValueError("val_loader yielded no batch.")
+    return out
+
+
+def _evaluate(
+    snn: nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]], steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-step correct counts ``[T, N]`` of running means, and spike events per step ``[T]`` (totals)."""
+    events: list[float] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out: events.append(float(out.abs().sum())))
+        for m in snn.modules()
+        if isinstance(m, IFNode)
+    ]
+    outputs, labels, spikes = [], [], torch.zeros(steps, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for x, y in val:
+                reset_net(snn)
+                seq = []
+                for t in range(steps):
+                    events.clear()
+                    seq.append(snn(x))
+                    spikes[t] += sum(events)
+                outputs.append(torch.stack(seq))
+                labels.append(y)
+    finally:
+        for h in handles:
+            h.remove()
+        reset_net(snn)
+    return torch.cat(outputs, 1), torch.cat(labels), spikes
+
+
+def _accuracy(raw: torch.Tensor, labels: torch.Tensor, t: int, skip: int = 0) -> float:
+    mean = raw[skip:t].mean(0)
+    return float((mean.argmax(-1) == labels).double().mean() * 100.0)
+
+
+def _check_grid(name: str, values: Any, kinds: tuple[type, ...]) -> tuple[Any, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{name} must be a non-empty sequence, but got {values!r}.")
+    return tuple(values)
+
+
+def tune_latency(
+    ann: nn.Module,
+    calib_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    time_steps: Sequence[int] = (1, 2, 4, 8),
+    *,
+    modes: Sequence[str | float] = ("max", "99.9%"),
+    strategies: Sequence[str] = ("fixed", "min_error", "ltb"),
+    v_inits: Sequence[float] = (0.0, 0.5),
+    bursts: Sequence[int] = (1, 2, 4),
+    signed: Sequence[bool] = (False, True),
+    calibrations: Sequence[str | None] = (None, "both"),
+    readout_delay: bool = True,
+    time_budget: float | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> LatencyResult:
+    """Evaluate conversion configurations on validation data and return the accuracy/latency Pareto front.
+
+    The search crosses the calibration ``modes``, threshold ``strategies`` (``"ltb"`` once, it has no mode),
+    neuron initial potentials ``v_inits``, ``bursts``, ``signed`` spikes, post-conversion ``calibrations``
+    (:func:`~ann2snn_fx.calibrate_snn`, run for each ``T``) and, when ``readout_delay``, the delayed readout
+    :func:`~ann2snn_fx.estimate_readout_delay` finds for each ``T``. Work is shared: one calibration pass per
+    mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, and one
+    simulation of ``max(time_steps)`` steps per SNN gives every ``T``. Most promising configurations run
+    first (half-threshold starts, bursts), so a ``time_budget`` (seconds) that stops the search still
+    leaves the useful part.
+
+    Args:
+        ann: A classifier (left untouched).
+        calib_loader: Calibration batches (as for the :class:`~ann2snn_fx.Converter`).
+        val_loader: ``(input, label)`` batches on which accuracy is measured.
+        time_steps: The ``T`` values to evaluate.
+        modes, strategies, v_inits, bursts, signed, calibrations: The options to cross.
+        readout_delay: Also evaluate the estimated delayed readout for each ``T``.
+        time_budget: Stop starting new configurations after this many seconds (``None``: no limit).
+        num_batches: Calibration batches to use (``None``: all).
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`LatencyResult` (``records``, ``front``, ``markdown()``, ``plot(path)``).
+
+    Examples:
+        >>> _ = torch.manual_seed(0)
+        >>> ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+        >>> x = torch.randn(64, 4)
+        >>> data = [(x, ann(x).argmax(1))]
+        >>> result = tune_latency(ann, data, data, (1, 2), modes=("max",), strategies=("fixed",),
+        ...                       v_inits=(0.5,), bursts=(1, 2), signed=(False,), progress=False)
+        >>> all(not any(o.dominates(r) for o in result.records) for r in result.front)
+        True
+    """
+    if not isinstance(ann, nn.Module):
+        raise TypeError(f"ann must be an nn.Module, but got {type(ann).__name__}.")
+    steps_grid = _check_grid("time_steps", time_steps, (int,))
+    for t in steps_grid:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 1:
+            raise ValueError(f"time_steps must hold positive ints, but got {t!r}.")
+    grids = [
+        _check_grid(n, v, ())
+        for n, v in (
+            ("modes", modes),
+            ("strategies", strategies),
+            ("v_inits", v_inits),
+            ("bursts", bursts),
+            ("signed", signed),
+            ("calibrations", calibrations),
+        )
+    ]
+    for s in grids[1]:
+        if s not in ("fixed", "min_error", "ltb", "per_channel"):
+            raise ValueError(
+                f"strategies must be among 'fixed', 'min_error', 'per_channel', 'ltb', but got {s!r}."
+            )
+    if time_budget is not None and (
+        isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real) or time_budget <= 0
+    ):
+        raise ValueError(
+            f"time_budget must be a positive number of seconds or None, but got {time_budget!r}."
+        )
+    start = time.perf_counter()
+    first = next(itertools.chain(ann.parameters(), ann.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    val = _batches(val_loader, device)
+    calib = list(calib_loader)
+    with torch.no_grad():
+        ann_acc = float(torch.cat([(ann(x).argmax(-1) == y) for x, y in val]).double().mean() * 100)
+    result = LatencyResult(ann_accuracy=ann_acc)
+    t_max = max(steps_grid)
+    plan = _plan(grids[0], grids[1], grids[2], grids[3], grids[4], steps_grid)
+    disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    bases: dict[Any, tuple[Converter, fx.GraphModule]] = {}
+    bar = tqdm(plan, desc="tuning latency", disable=disabled, leave=False)
+    for mode, strategy, v_init, burst, sign, target in bar:
+        if time_budget is not None and time.perf_counter() - start > time_budget:
+            result.complete = False
+            break
+        key = ("ltb",) if strategy == "ltb" else (mode, strategy == "per_channel")
+        if key not in bases:
+            bases[key] = _calibrated(ann, calib, mode, strategy, num_batches)
+        converter, base = bases[key]
+        optimizer = (
+            ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
+            if strategy == "min_error"
+            else ThresholdOptimizer(strategy)
+        )
+        snn = copy.deepcopy(base)
+        stages.replace(
+            snn,
+            converter.rules,
+            NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
+            optimizer,
+        )
+        stages.remove_leftover_hooks(snn)
+        snn.eval()
+        wanted = steps_grid if target is None else (target,)
+        raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
+        per = len(labels)
+        common = {
+            "mode": mode if strategy != "ltb" else "-",
+            "strategy": strategy,
+            "v_init": float(v_init),
+            "burst": int(burst),
+            "signed": bool(sign),
+        }
+        for t in wanted:
+            count = float(spikes[:t].sum()) / per
+            result.records.append(LatencyRecord(t, _accuracy(raw, labels, t), count, **common))
+            if readout_delay:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    delay = estimate_readout_delay(snn, calib, t)
+                if delay:
+                    result.records.append(
+                        LatencyRecord(t, _accuracy(raw, labels, t, delay), count, skip_steps=delay, **common)
+                    )
+            for method in grids[5]:
+                if method is None:
+                    continue
+                fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
+                raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
+                result.records.append(
+                    LatencyRecord(
+                        t,
+                        _accuracy(raw_c, labels_c, t),
+                        float(spikes_c.sum()) / per,
+                        calibration=method,
+                        **common,
+                    )
+                )
+    bar.close()
+    result.front = pareto_front(result.records)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _plan(
+    modes: tuple,
+    strategies: tuple,
+    v_inits: tuple,
+    bursts: tuple,
+    signed: tuple,
+    steps: tuple,
+) -> list[tuple[Any, ...]]:
+    """The SNNs to build: ``(mode, strategy, v_init, burst, signed, T or None)``, most promising first."""
+    plan = []
+    for strategy in strategies:
+        for mode in modes[:1] if strategy == "ltb" else modes:
+            for v_init, burst, sign in itertools.product(v_inits, bursts, signed):
+                targets = steps if strategy == "min_error" else (None,)
+                plan += [(mode, strategy, v_init, burst, sign, t) for t in targets]
+    return sorted(plan, key=lambda p: (abs(p[2] - 0.5), -p[3], p[4]))
+
+
+def _calibrated(
+    ann: nn.Module, calib: list[Any], mode: Any, strategy: str, num_batches: int | None
+) -> tuple[Converter, fx.GraphModule]:
+    """A converter and the ANN graph with its calibrated hooks (to build SNN variants from)."""
+    optimizer = (
+        ThresholdOptimizer("min_error", time_steps=1)
+        if strategy in ("fixed", "min_error")
+        else ThresholdOptimizer(strategy)
+    )
+    converter = Converter(
+        calib, mode=mode, threshold_optimizer=optimizer, progress=False, num_batches=num_batches
+    )
+    first = next(itertools.chain(ann.parameters(), ann.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else None
+    gm = stages.fuse(stages.trace(ann, device), True)
+    gm = stages.observe(
+        gm, mode, converter.momentum, converter.rules, hook_factory=converter._hook_factory()
+    ).to(device)
+    stages.calibrate(gm, calib, device, dtype, num_batches=num_batches)
+    return converter, gm

@@ -1,0 +1,434 @@
+"""Low-latency conversion (issue 15): LTB, QCFS, calibrate_snn, delayed readout and the latency tuner."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import pathlib
+import socket
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ann2snn_fx import (
+    QCFS,
+    Converter,
+    IFNode,
+    LTBHook,
+    NeuronFactory,
+    ThresholdOptimizer,
+    calibrate_snn,
+    estimate_readout_delay,
+    pareto_front,
+    prepare_qcfs,
+    run_snn,
+    trace_model,
+    tune_latency,
+)
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+
+# ---------------------------------------------------------------- LTB
+def _ltb_reference(batches: list[torch.Tensor]) -> torch.Tensor:
+    theta = torch.zeros(batches[0].shape[1])
+    for x in batches:
+        for c in range(x.shape[1]):
+            xc = x[:, c].clamp_min(0).flatten()
+            theta[c] = max(float(theta[c] + 2 * (xc - theta[c]).clamp_min(0).mean()), 1e-6)
+    return theta
+
+
+def test_ltb_hand_value_and_clipped_output() -> None:
+    hook = LTBHook()
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 1.0, 2.0]])
+    out = hook(x)
+    assert hook.scale.tolist() == [5.0, 3.0, 5.0]
+    assert torch.equal(out, x)  # no value above the new thresholds
+    out = hook(torch.tensor([[9.0, -1.0, 1.0]]))
+    assert hook.scale.tolist() == [13.0, 3.0, 5.0]
+    assert out.tolist() == [[9.0, 0.0, 1.0]]
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        hook(torch.ones(3))
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5), (6, 3, 4, 4), (6, 3, 2, 3, 3)], ids=["1d", "2d", "3d"])
+def test_ltb_matches_a_loop_on_1d_2d_3d_activations(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(shape) * 2 for _ in range(3)]
+    hook = LTBHook()
+    for x in batches:
+        out = hook(x)
+    torch.testing.assert_close(hook.scale, _ltb_reference(batches))
+    torch.testing.assert_close(
+        out, torch.minimum(batches[-1].clamp_min(0), hook.scale.view(1, 3, *[1] * (len(shape) - 2)))
+    )
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_ltb_strategy_converts_with_average_pooling(dims: int) -> None:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims]
+    torch.manual_seed(dims)
+    ann = nn.Sequential(
+        conv(2, 4, 3, padding=1),
+        nn.ReLU(),
+        pool(2),
+        conv(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
+    x = torch.randn(16, 2, *[4] * dims)
+    ann(x)
+    ann.eval()
+    snn = Converter(
+        [x],
+        progress=False,
+        neuron_factory=NeuronFactory(v_init=0.5),
+        threshold_optimizer=ThresholdOptimizer("ltb"),
+    ).convert_to_spiking_neurons(ann)
+    scale = snn.get_submodule("spiking_0.scaler1").scale
+    assert scale.shape == (4,)
+    with torch.no_grad():
+        first = ann[0](x)
+    torch.testing.assert_close(scale, _ltb_reference([first]))
+    out = run_snn(snn, x, 64, multi_step=True)[-1]
+    with torch.no_grad():
+        ref = ann(x)
+    assert float((out - ref).abs().mean()) < 0.15 * float(ref.abs().mean()) + 0.02
+
+
+# ---------------------------------------------------------------- QCFS
+@pytest.mark.parametrize("levels", [1, 2, 4, 8])
+def test_qcfs_theorem_one_layer_constant_current(levels: int) -> None:
+    torch.manual_seed(levels)
+    ann = nn.Sequential(nn.Linear(6, 32), nn.ReLU())
+    q = prepare_qcfs(ann, levels=levels, threshold=1.7).eval()
+    snn = Converter(progress=False).convert_to_spiking_neurons(q)  # no dataloader: every activation is a QCFS
+    node = snn.get_submodule("spiking_0.if_node")
+    assert isinstance(node, IFNode)
+    assert node.v_init == 0.5
+    x = torch.randn(64, 6) * 2
+    with torch.no_grad():
+        expected = q(x)
+    for multi_step in (False, True):
+        out = run_snn(snn, x, levels, multi_step=multi_step)[-1]
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qcfs_with_burst_neurons_is_exact_at_one_step_through_layers() -> None:
+    torch.manual_seed(7)
+    ann = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+    q = prepare_qcfs(ann, levels=4, dataloader=[torch.randn(16, 2, 6, 6)]).eval()
+    snn = Converter(neuron_factory=NeuronFactory(burst=4), progress=False).convert_to_spiking_neurons(q)
+    x = torch.randn(10, 2, 6, 6)
+    with torch.no_grad():
+        expected = q(x)
+    torch.testing.assert_close(run_snn(snn, x, 1)[-1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qcfs_forward_backward_and_validation() -> None:
+    act = QCFS(levels=4, threshold=2.0)
+    x = torch.tensor([-1.0, 0.2, 0.3, 1.0, 5.0], requires_grad=True)
+    y = act(x)
+    assert y.tolist() == [0.0, 0.0, 0.5, 1.0, 2.0]
+    y.sum().backward()
+    assert x.grad is not None
+    assert x.grad.tolist() == [
+        0.0,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
+    assert act.threshold.grad is not None
+    assert act.threshold.grad.item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="levels must be a positive int"):
+        QCFS(levels=0)
+    with pytest.raises(ValueError, match="threshold must be a finite positive"):
+        QCFS(threshold=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"no nn\.ReLU module"):
+        prepare_qcfs(nn.Linear(2, 2))
+
+
+def test_prepare_qcfs_copies_and_starts_from_the_data() -> None:
+    ann = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2), nn.ReLU())
+    before = copy.deepcopy(ann.state_dict())
+    data = [torch.randn(32, 3)]
+    q = prepare_qcfs(ann, levels=4, dataloader=data)
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
+    assert type(ann[1]) is nn.ReLU
+    with torch.no_grad():
+        peak = float(ann[:2](data[0]).max())
+    assert q[1].threshold.item() == pytest.approx(peak)
+
+
+def test_no_dataloader_needs_qcfs_everywhere() -> None:
+    mixed = prepare_qcfs(nn.Sequential(nn.Linear(3, 5), nn.ReLU()), levels=2)
+    mixed.append(nn.ReLU())
+    with pytest.raises(ValueError, match=r"dataloader is None.*other than QCFS"):
+        Converter(progress=False).convert_to_spiking_neurons(mixed.eval())
+
+
+# ---------------------------------------------------------------- calibrate_snn
+def test_bias_and_potential_corrections_match_hand_formulas() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
+    data = [torch.randn(32, 4), torch.randn(32, 4)]
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
+    x = torch.cat(data)
+    with torch.no_grad():
+        act = ann(x)
+    rate = run_snn(snn, x, 2)[-1]
+    state = copy.deepcopy(snn.state_dict())
+    fixed = calibrate_snn(snn, ann, data, 2, method="bias", progress=False)
+    torch.testing.assert_close(fixed.get_submodule("0").bias, ann[0].bias - (rate - act).mean(0))
+    assert all(torch.equal(state[k], v) for k, v in snn.state_dict().items())  # the input SNN is untouched
+    moved = calibrate_snn(snn, ann, data, 2, method="potential", progress=False)
+    s = snn.get_submodule("spiking_0.scaler1").scale
+    torch.testing.assert_close(
+        moved.get_submodule("spiking_0.if_node").v_init, 0.5 + 2 * (act - rate).mean(0) / s
+    )
+    layer = moved.meta["ann2snn_fx.calibrate_snn"][0]
+    assert layer.block == "spiking_0"
+    assert layer.error_after < layer.error_before
+    with pytest.raises(ValueError, match="method must be one of"):
+        calibrate_snn(snn, ann, data, 2, method="weights")
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    digits = sklearn_datasets.load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return x[:1437], y[:1437], x[1437:], y[1437:]
+
+
+@pytest.fixture(scope="module")
+def digits_cnn() -> dict[str, Any]:
+    xtr, ytr, xte, yte = _digits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, 10),
+        )
+        opt = torch.optim.AdamW(model.parameters(), 1e-2, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=6 * 45)
+        for _ in range(6):
+            model.train()
+            order = torch.randperm(len(xtr))
+            for i in range(0, len(xtr), 32):
+                idx = order[i : i + 32]
+                loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    loader = [(xtr[i : i + 256], ytr[i : i + 256]) for i in range(0, len(xtr), 256)]
+    return {"model": model, "loader": loader, "x": xte, "y": yte}
+
+
+def _percent(out: torch.Tensor, y: torch.Tensor) -> float:
+    return float((out.argmax(-1) == y).double().mean() * 100)
+
+
+def test_calibration_improves_digits_accuracy_at_two_steps(digits_cnn: dict[str, Any]) -> None:
+    ann, loader, x, y = digits_cnn["model"], digits_cnn["loader"], digits_cnn["x"], digits_cnn["y"]
+    with torch.no_grad():
+        ann_acc = _percent(ann(x), y)
+    assert ann_acc >= 95.0
+    before = copy.deepcopy(ann.state_dict())
+    snn = Converter(
+        loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
+    base = _percent(run_snn(snn, x, 2, multi_step=True)[-1], y)
+    for method in ("bias", "potential", "both"):
+        fixed = calibrate_snn(snn, ann, loader, 2, method=method, progress=False)
+        acc = _percent(run_snn(fixed, x, 2, multi_step=True)[-1], y)
+        assert acc > base + 10.0, (method, base, acc)
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
+    burst = Converter(
+        loader, progress=False, neuron_factory=NeuronFactory(v_init=0.5, burst=2, signed=True)
+    ).convert_to_spiking_neurons(ann)
+    fixed = calibrate_snn(burst, ann, loader, 2, progress=False)
+    layers = fixed.meta["ann2snn_fx.calibrate_snn"]
+    assert len(layers) == 3
+    assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank(rank: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval()
+        data = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        snn = Converter(
+            data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+        ).convert_to_spiking_neurons(ann)
+        fixed = calibrate_snn(snn, ann, data[rank::2], 2, progress=False)
+        torch.save({k: v for k, v in fixed.state_dict().items()}, f"{path}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
+    reason="needs the fork start method (a spawned child cannot import this test module by its pytest name)",
+)
+def test_two_gloo_ranks_calibrate_like_one_process(tmp_path: pathlib.Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    codes = [proc.exitcode for proc in procs]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    assert codes == [0, 0], f"worker exit codes {codes} (a rank hung or crashed)"
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).eval()
+    data = [torch.randn(32, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
+    alone = calibrate_snn(snn, ann, data, 2, progress=False).state_dict()
+    for rank in (0, 1):
+        shard = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in alone.items():
+            torch.testing.assert_close(shard[key], value, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- readout delay
+def test_readout_delay_hand_values_and_short_t() -> None:
+    snn = trace_model(nn.Sequential(IFNode(v_threshold=4.0, v_reset=None)))
+    assert estimate_readout_delay(snn, [torch.ones(2, 3)], 16) == 4
+    half = trace_model(nn.Sequential(IFNode(v_threshold=4.0, v_reset=None, v_init=2.0)))
+    assert estimate_readout_delay(half, [torch.ones(2, 3)], 16) == 2
+    assert estimate_readout_delay(snn, [torch.full((2, 3), 8.0)], 16) == 1
+    with pytest.warns(UserWarning, match="time_steps=4 is too short"):
+        assert estimate_readout_delay(snn, [torch.ones(2, 3)], 4) == 0
+    with pytest.raises(ValueError, match="time_steps must be a positive int"):
+        estimate_readout_delay(snn, [torch.ones(2, 3)], 0)
+
+
+def test_skip_steps_leaves_out_the_first_steps() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    data = [torch.randn(16, 3)]
+    snn = Converter(data, progress=False).convert_to_spiking_neurons(ann)
+    raw = run_snn(snn, data[0], 8, running_mean=False)
+    delayed = run_snn(snn, data[0], 8, skip_steps=3)
+    torch.testing.assert_close(delayed[-1], raw[3:].mean(0))
+    torch.testing.assert_close(delayed[5], raw[3:6].mean(0))
+    torch.testing.assert_close(delayed[1], raw[:2].mean(0))
+    with pytest.raises(ValueError, match=r"skip_steps must be an int in \[0, time_steps=8\)"):
+        run_snn(snn, data[0], 8, skip_steps=8)
+
+
+# ---------------------------------------------------------------- tuner
+def test_tuner_front_is_non_dominated_and_holds_the_best_per_t(
+    digits_cnn: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    ann, loader = digits_cnn["model"], digits_cnn["loader"]
+    val = [(digits_cnn["x"], digits_cnn["y"])]
+    result = tune_latency(
+        ann,
+        loader[:2],
+        val,
+        (1, 2),
+        modes=("max",),
+        strategies=("fixed", "ltb"),
+        v_inits=(0.5,),
+        bursts=(1, 2),
+        signed=(False, True),
+        calibrations=(None, "both"),
+        progress=False,
+    )
+    assert result.complete
+    assert len(result.records) >= 16
+    front = result.front
+    assert front == pareto_front(result.records)
+    assert all(not any(o.dominates(r) for o in result.records) for r in front)
+    for t in (1, 2):
+        best = result.best(t)
+        assert best is not None
+        assert any(r.time_steps <= t and r.accuracy >= best.accuracy for r in front)
+    assert result.markdown().count("\n") == len(front) + 1
+    pytest.importorskip("matplotlib")
+    assert pathlib.Path(result.plot(str(tmp_path / "front.png"))).stat().st_size > 0
+    assert max(r.accuracy for r in result.records if r.time_steps == 1) >= result.ann_accuracy - 3.0
+    stopped = tune_latency(
+        ann,
+        loader[:1],
+        val,
+        (1,),
+        modes=("max",),
+        strategies=("fixed",),
+        v_inits=(0.5,),
+        bursts=(1, 2, 4),
+        signed=(False,),
+        calibrations=(None,),
+        time_budget=1e-9,
+        progress=False,
+    )
+    assert not stopped.complete
+    assert stopped.records == []
+
+
+def test_tuner_spike_count_matches_profile_snn() -> None:
+    from ann2snn_fx import profile_snn
+    from ann2snn_fx.relu.tuner import _evaluate
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(32, 4)
+    factory = NeuronFactory(v_init=0.5, burst=3, signed=True)
+    snn = Converter([x], progress=False, neuron_factory=factory).convert_to_spiking_neurons(ann)
+    _, _, spikes = _evaluate(snn, [(x, torch.zeros(32, dtype=torch.long))], 4)
+    assert float(spikes.sum()) / 32 == pytest.approx(profile_snn(snn, x, 4).events)

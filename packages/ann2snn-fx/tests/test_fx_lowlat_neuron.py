@@ -1,0 +1,218 @@
+"""Low-latency neurons (issue 15): burst and signed IFNode options, against hand-computed sequences."""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ann2snn_fx.relu.calibrate
+import ann2snn_fx.relu.ltb
+import ann2snn_fx.relu.qcfs
+import ann2snn_fx.relu.tuner
+import ann2snn_fx.snn.readout
+from ann2snn_fx import (
+    Converter,
+    IFNode,
+    MultiStepSNN,
+    NeuronFactory,
+    ThresholdOptimizer,
+    reset_net,
+    run_snn,
+)
+
+
+def _steps(node: IFNode, xs: list[float]) -> list[float]:
+    return [node(torch.tensor([x])).item() for x in xs]
+
+
+def test_burst_hand_sequence() -> None:
+    node = IFNode(v_reset=None, burst=3)
+    # v: 2.5 -> k=2 (v .5); 1.2 -> v=1.7 k=1 (.7); 5 -> 5.7 k=3 (2.7, capped); 0 -> 2.7 k=2 (.7); -1 -> -.3 k=0
+    assert _steps(node, [2.5, 1.2, 5.0, 0.0, -1.0]) == [2.0, 1.0, 3.0, 2.0, 0.0]
+    assert node.v.item() == pytest.approx(-0.3)
+
+
+def test_burst_threshold_two() -> None:
+    node = IFNode(v_threshold=2.0, v_reset=None, burst=4)
+    assert _steps(node, [5.0, 0.9, 9.0]) == [2.0, 0.0, 4.0]  # v 1 -> 1.9 -> 10.9 - 8 = 2.9
+    assert node.v.item() == pytest.approx(2.9)
+
+
+def test_signed_hand_sequence_never_below_zero() -> None:
+    node = IFNode(v_reset=None, signed=True)
+    # 1.2: +1 (v .2, c 1); -1: v -.8 -> -1 (v .2, c 0); -1: v -.8, c 0 -> 0; 2: v 1.2 -> +1 (v .2, c 1)
+    assert _steps(node, [1.2, -1.0, -1.0, 2.0]) == [1.0, -1.0, 0.0, 1.0]
+    assert node.count.item() == 1.0
+
+
+def test_signed_burst_random_sequences_keep_relu_range() -> None:
+    torch.manual_seed(0)
+    node = IFNode(v_reset=None, burst=3, signed=True)
+    x = torch.randn(40, 64) * 1.5
+    total = torch.zeros(64)
+    for t in range(40):
+        out = node(x[t])
+        total += out
+        assert bool((total >= 0).all())
+        assert bool(((out >= -1) & (out <= 3)).all())
+        torch.testing.assert_close(node.count, total)
+
+
+def test_signed_brute_force_loop() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(12, 30)
+    node = IFNode(v_reset=None, v_init=0.5, burst=2, signed=True, step_mode="m")
+    out = node(x)
+    v = torch.full((30,), 0.5)
+    c = torch.zeros(30)
+    for t in range(12):
+        ref = []
+        for i in range(30):
+            vi = float(v[i]) + float(x[t, i])
+            k = min(max(int(vi // 1.0), 0), 2)
+            vi -= k
+            if vi < 0 and float(c[i]) > 0:
+                k -= 1
+                vi += 1.0
+            c[i] += k
+            v[i] = vi
+            ref.append(k)
+        assert out[t].tolist() == [float(k) for k in ref]
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)])
+@pytest.mark.parametrize("v_reset", [None, 0.0])
+def test_default_options_are_bit_identical(threshold: object, v_reset: float | None) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 5)
+    a = IFNode(v_threshold=threshold, v_reset=v_reset, v_init=0.25)  # type: ignore[arg-type]
+    b = IFNode(v_threshold=threshold, v_reset=v_reset, v_init=0.25, burst=1, signed=False)  # type: ignore[arg-type]
+    assert torch.equal(torch.stack([a(x[t]) for t in range(16)]), torch.stack([b(x[t]) for t in range(16)]))
+    a.reset()
+    b.reset()
+    a.step_mode = b.step_mode = "m"
+    assert torch.equal(a(x), b(x))
+    a.train()
+    b.train()
+    a.reset()
+    b.reset()
+    assert torch.equal(a(x), b(x))
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="burst must be a positive int"):
+        IFNode(v_reset=None, burst=0)
+    with pytest.raises(ValueError, match="burst must be a positive int"):
+        IFNode(v_reset=None, burst=True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="signed must be a bool"):
+        IFNode(v_reset=None, signed=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="need the soft reset"):
+        IFNode(v_reset=0.0, burst=2)
+
+
+def test_tensor_v_init_and_state_dict_round_trip() -> None:
+    node = IFNode(v_reset=None, v_init=torch.tensor([0.0, 0.9]))
+    assert node(torch.tensor([[0.5, 0.5]])).tolist() == [[0.0, 1.0]]
+    fresh = IFNode(v_reset=None)
+    fresh.load_state_dict(node.state_dict())
+    torch.testing.assert_close(fresh.v_init, node.v_init)  # type: ignore[arg-type]
+    assert fresh(torch.tensor([[0.5, 0.5]])).tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="finite"):
+        node.set_v_init(torch.tensor([float("nan")]))
+
+
+def test_gradient_flows_through_the_membrane() -> None:
+    node = IFNode(v_reset=None, burst=2, signed=True)
+    x = torch.tensor([1.7, -0.3], requires_grad=True)
+    out = node(x)
+    node.v.sum().backward()  # type: ignore[union-attr]
+    assert out.tolist() == [1.0, 0.0]
+    assert x.grad is not None
+    assert x.grad.tolist() == [1.0, 1.0]
+
+
+def test_factory_builds_the_options() -> None:
+    factory = NeuronFactory(IFNode, v_init=0.5, burst=4, signed=True)
+    neuron = factory.create(scale=2.0)
+    assert isinstance(neuron, IFNode)
+    assert (neuron.burst, neuron.signed, neuron.v_init, neuron.spike_unit) == (4, True, 0.5, 1.0)
+    assert "burst=4" in repr(factory)
+    assert "burst=4" in neuron.extra_repr()
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = nn.functional.avg_pool2d(x, 2)
+        return self.fc(torch.relu(self.c2(x) + x).flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "per_channel"])
+def test_converted_options_step_loop_equals_multi_step_and_survive_saving(strategy: str) -> None:
+    from ann2snn_fx import all_rules
+
+    torch.manual_seed(3)
+    ann = _Net().eval()
+    data = [torch.randn(8, 2, 8, 8) for _ in range(2)]
+    snn = Converter(
+        data,
+        progress=False,
+        rules=all_rules(),
+        neuron_factory=NeuronFactory(v_init=0.5, burst=3, signed=True),
+        threshold_optimizer=ThresholdOptimizer(strategy),
+    ).convert_to_spiking_neurons(ann)
+    x = torch.randn(5, 2, 8, 8)
+    loop = run_snn(snn, x, 6)
+    multi = run_snn(snn, x, 6, multi_step=True)
+    torch.testing.assert_close(loop, multi, atol=1e-5, rtol=1e-5)
+    reset_net(snn)
+    with torch.no_grad():
+        chunked = MultiStepSNN(snn, chunk_elements=64)(
+            x, 6
+        )  # chunks of steps carry the state (and the count)
+    torch.testing.assert_close(chunked.cumsum(0)[-1] / 6, loop[-1], atol=1e-5, rtol=1e-5)
+    buffer = io.BytesIO()
+    torch.save(snn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(run_snn(loaded, x, 6), loop)
+    skeleton = Converter(
+        progress=False,
+        rules=all_rules(),
+        neuron_factory=NeuronFactory(v_init=0.5, burst=3, signed=True),
+        threshold_optimizer=ThresholdOptimizer(strategy),
+    ).convert_to_spiking_neurons(ann, calibrate=False)
+    skeleton.load_state_dict(snn.state_dict())
+    torch.testing.assert_close(run_snn(skeleton, x, 6), loop)
+    assert any(isinstance(m, IFNode) and m.burst == 3 and m.signed for m in copy.deepcopy(snn).modules())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        ann2snn_fx.relu.calibrate,
+        ann2snn_fx.relu.ltb,
+        ann2snn_fx.relu.qcfs,
+        ann2snn_fx.relu.tuner,
+        ann2snn_fx.snn.readout,
+    ],
+    ids=lambda m: m.__name__.rsplit(".", 1)[-1],
+)
+def test_docstring_examples(module: object) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]
+    assert result.attempted > 0
+    assert result.failed == 0
