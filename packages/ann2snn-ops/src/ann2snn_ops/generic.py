@@ -10,6 +10,12 @@ from ann2snn_ops._base import TDModule
 
 __all__ = ["TDFunction"]
 
+# exact pointwise functions with an out= form: fused, one cached block of steps at a time (td_rows);
+# transcendental ones stay on the whole tensor (their vector kernels round a block's tail differently)
+_POINTWISE_OUT: dict[Callable[..., torch.Tensor], Callable[[torch.Tensor, torch.Tensor], object]] = {
+    torch.relu: lambda x, out: torch.clamp_min(x, 0, out=out),
+}
+
 
 class TDFunction(TDModule):
     """Temporal-difference wrapper of a function: ``Y.cumsum(0)[t] == fn(X.cumsum(0)[t])``.
@@ -52,7 +58,10 @@ class TDFunction(TDModule):
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply ``fn`` the TD way to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
-        return self._unary_forward(x_seq, self.fn)
+        fn_out = _POINTWISE_OUT.get(self.fn)
+        if fn_out is None:
+            return self._unary_forward(x_seq, self.fn)
+        return self._unary_forward(x_seq, self.fn, row=(), row_out=fn_out)
 
     def extra_repr(self) -> str:
         fn_name = getattr(self.fn, "__name__", None) or repr(self.fn)

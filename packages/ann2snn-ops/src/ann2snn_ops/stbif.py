@@ -168,7 +168,8 @@ class STBIFNeuron(TDModule):
 
     Full sequences ``[T, ...]`` by default (one call loops over ``T`` on the whole batch); after
     ``set_streaming(True)`` one step per call, with the state kept until ``reset()``. The state lives on
-    the input's device, ``q`` in the input's dtype (float32 for half inputs), ``c`` as int32. Inference only.
+    the input's device, ``q`` in the input's dtype (float32 for half inputs), ``c`` in the smallest integer
+    dtype that holds ``n_max - n_min`` (int8 up to 127). Inference only.
 
     Args:
         scale: The step ``s``: positive real, or a float tensor broadcastable to one time step.
@@ -183,8 +184,8 @@ class STBIFNeuron(TDModule):
         activity: After a full-sequence call, a ``[T]`` bool tensor: whether any element received a non-zero
             input or spiked at each step (the settle time is one past its last True). In streaming mode,
             a one-element tensor for the last step.
-        record_activity: Whether to record :attr:`activity` (default True; costs about one pass over the
-            input and the output).
+        record_activity: Whether to record :attr:`activity` (default True; costs two small reductions a
+            step).
 
     Examples:
         >>> import torch
@@ -234,24 +235,22 @@ class STBIFNeuron(TDModule):
         return f"n_min={self.n_min}, n_max={self.n_max}"
 
     def _count_dtype(self) -> torch.dtype:
-        return torch.int16 if max(self.n_max, -self.n_min) < 2**15 - 1 else torch.int32
+        span = self.n_max - self.n_min  # counts and their differences to targets lie in [-span, span]
+        return torch.int8 if span <= 127 else torch.int16 if span <= 2**15 - 1 else torch.int32
 
     def _targets(self, u: torch.Tensor) -> torch.Tensor:
         """``clamp(floor(u), n_min, n_max)`` as integers: the count that ``q = u - c`` in ``[0, 1)`` asks for."""
         return torch.floor(u).clamp_(self.n_min, self.n_max).to(self._count_dtype())
-
-    def _targets_(self, u: torch.Tensor) -> torch.Tensor:
-        """:meth:`_targets` overwriting ``u``."""
-        return u.floor_().clamp_(self.n_min, self.n_max).to(self._count_dtype())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Full sequence ``[T, ...]`` in, spikes ``[T, ...]`` out (one step per call in streaming mode).
 
         The potential is kept as ``q = u - c`` with ``u = 1/2 + sum(x / s)`` accumulated step by step: then
-        ``q >= 1`` and ``q < 0`` read ``floor(u) > c`` and ``floor(u) < c`` exactly, the count follows
-        ``c += sign(clamp(floor(u), n_min, n_max) - c)`` in integers, and full-sequence and streaming
-        modes do the same arithmetic (bit for bit).
+        ``q >= 1`` and ``q < 0`` read ``floor(u) > c`` and ``floor(u) < c`` exactly, and the spike is
+        ``sign(d)`` of the integer ``d = clamp(floor(u), n_min, n_max) - c``. A full sequence does each step's
+        ops on one step slice with preallocated buffers (the slice stays in cache); streaming does the same
+        arithmetic (bit for bit).
         """
         name = type(self).__name__
         if self.streaming:
@@ -262,26 +261,9 @@ class STBIFNeuron(TDModule):
             raise TypeError(f"{name} expects a floating-point input, but got dtype {x.dtype}.")
         acc = accumulation_dtype(x.dtype)
         s = self.scale.to(device=x.device, dtype=acc)
-        xs = x.to(acc) / s
         if self.streaming:
-            return self._stream(x, xs, s)
-        u = xs  # a fresh tensor: accumulated in place, u[t] = 1/2 + x[0]/s + ... + x[t]/s
-        u[0].add_(0.5)
-        for t in range(1, x.shape[0]):
-            u[t].add_(u[t - 1])
-        target = self._targets_(u)
-        del u, xs
-        counts = torch.empty((x.shape[0] + 1, *target.shape[1:]), dtype=target.dtype, device=x.device)
-        counts[0].zero_()
-        step = torch.empty_like(target[0])
-        for t in range(x.shape[0]):
-            torch.sub(target[t], counts[t], out=step)
-            torch.sign(step, out=step)
-            torch.add(counts[t], step, out=counts[t + 1])
-        spikes = torch.sub(counts[1:], counts[:-1], out=target)
-        if self.record_activity:
-            self.activity = x.flatten(1).any(1) | spikes.flatten(1).any(1)
-        return spikes.to(acc).mul_(s).to(x.dtype)
+            return self._stream(x, x.to(acc) / s, s)
+        return _sequence(self, x.to(acc), s).to(x.dtype)
 
     def _stream(self, x: torch.Tensor, xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         shape = torch.broadcast_shapes(xs.shape, s.shape)
@@ -307,3 +289,26 @@ class STBIFNeuron(TDModule):
         """The integer spike count ``c`` of the streaming state (None before the first step)."""
         state = self._state.get("c")
         return None if state is None else state.to(torch.int64)
+
+
+def _sequence(neuron: STBIFNeuron, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """STBIFNeuron's full-sequence loop, one step slice at a time (each slice's ops run while it is in cache)."""
+    out = torch.empty(torch.broadcast_shapes(x.shape, (1, *s.shape)), dtype=x.dtype, device=x.device)
+    u, buf = torch.empty_like(out[0]), torch.empty_like(out[0])  # u = q + c
+    c = torch.zeros(out.shape[1:], dtype=neuron._count_dtype(), device=x.device)
+    gap, spike = torch.empty_like(c), torch.empty_like(c)
+    active = []
+    for t in range(x.shape[0]):
+        if t == 0:
+            torch.div(x[0], s, out=u).add_(0.5)  # u[t] = 1/2 + x[0]/s + ... + x[t]/s, the stream's order
+        else:
+            u.add_(torch.div(x[t], s, out=buf))
+        floor = torch.floor(u, out=buf) if neuron.n_min < 0 else u  # unsigned: clamped >= 0, the cast floors
+        gap.copy_(torch.clamp(floor, neuron.n_min, neuron.n_max, out=buf)).sub_(c)  # target - c, integers
+        c.add_(torch.clamp(gap, -1, 1, out=spike))  # the spike: sign of the gap
+        out[t].copy_(spike).mul_(s)
+        if neuron.record_activity:
+            active.append(x[t].any() | spike.any())
+    if neuron.record_activity:
+        neuron.activity = torch.stack(active)
+    return out
