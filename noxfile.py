@@ -2,7 +2,8 @@
 
 Every check a person or CI runs is a session here:
 
-    nox -s lint tests integration minimums docs build   # what CI runs (.ci/run, and the GitHub workflow)
+    nox -s lint tests integration minimums docs build   # the test command; CI (.ci/run, the GitHub workflow)
+    nox -s interop                                      # NIR export in sinabs and snnTorch; CI runs it too
     nox -s "tests(ops)"                                 # one package's own tests
     nox -s demo                                         # the main job
     nox -s bench                                        # benchmarks, written to docs/benchmarks.md
