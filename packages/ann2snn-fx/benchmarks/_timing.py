@@ -30,9 +30,12 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def emit(text: str, markdown: str | None) -> None:
-    """Print the section and write it to ``markdown`` when given."""
+def emit(text: str, markdown: str | None, started: float | None = None) -> None:
+    """Print the section (and the time since ``started``, a ``time.perf_counter()``) and write it to
+    ``markdown`` when given."""
     print(text)
+    if started is not None:
+        print(f"(total {time.perf_counter() - started:.1f} s)")
     if markdown:
         with open(markdown, "w", encoding="utf-8") as handle:
             handle.write(text)

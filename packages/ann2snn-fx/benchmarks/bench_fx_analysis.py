@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn as nn
-from _timing import median_times
+from _timing import emit, median_times
 from torch.utils.data import DataLoader, TensorDataset
 
 from ann2snn_fx import Converter, calibrate_qann, diagnose, prepare_qann, profile_snn, qann_to_snn, run_snn
@@ -139,12 +139,7 @@ def main() -> None:
         + ".",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    print(f"(total {time.perf_counter() - start:.1f} s)")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(text)
+    emit("\n".join(lines), args.markdown, start)
 
 
 if __name__ == "__main__":

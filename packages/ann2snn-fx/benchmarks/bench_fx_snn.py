@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from _timing import median_times
+from _timing import emit, median_times
 
 from ann2snn_fx import Converter, NeuronFactory, ThresholdOptimizer, run_snn, trace_model
 
@@ -325,12 +325,7 @@ def main() -> None:
         *bench_accuracy(args.quick),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    print(f"(total {time.perf_counter() - start:.1f} s)")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(text)
+    emit("\n".join(lines), args.markdown, start)
 
 
 if __name__ == "__main__":
