@@ -144,3 +144,42 @@ def test_sync_false_keeps_local_statistics(tmp_path: pathlib.Path) -> None:
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert [torch.load(tmp_path / f"local{r}.pt").item() for r in range(2)] == [1.0, 2.0]
+
+
+def test_check_finite_raises_on_every_rank_and_reduction_group(tmp_path: pathlib.Path) -> None:
+    """The public helpers subclasses build on: NaN on one rank makes every rank raise at once."""
+    from ann2snn_calib import NonFiniteError
+
+    ctx = multiprocessing.get_context("fork")
+    init_file = str(tmp_path / "init")
+
+    def work(rank: int) -> None:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        try:
+            hook = VoltageHook()
+            groups = [
+                hook.reduction_group() is dist.group.WORLD,
+                VoltageHook(sync=False).reduction_group() is None,
+            ]
+            hook.check_finite(torch.ones(3))  # finite everywhere: no error on either rank
+            x = torch.tensor([1.0, float("nan") if rank == 0 else 2.0])
+            try:
+                hook.check_finite(x)
+                raised = "none"
+            except NonFiniteError as err:
+                raised = "other rank" if "another rank" in str(err) else "here"
+            torch.save({"groups": groups, "raised": raised}, tmp_path / f"r{rank}.pt")
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+    procs = [ctx.Process(target=work, args=(r,)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    assert [g["groups"] for g in got] == [[True, True], [True, True]]
+    assert [g["raised"] for g in got] == ["here", "other rank"]

@@ -191,7 +191,14 @@ class VoltageHook(nn.Module):
             parts.append(f"channel_dim={self.channel_dim}")
         return ", ".join(parts)
 
-    def _group(self) -> Any:
+    def reduction_group(self) -> Any:
+        """The process group this hook's statistics are reduced over, or None (no sync, or one rank).
+
+        Examples:
+            >>> from ann2snn_calib import VoltageHook
+            >>> VoltageHook().reduction_group() is None  # no process group initialised
+            True
+        """
         if not self.sync:
             return None
         if self.process_group is not None:
@@ -199,6 +206,20 @@ class VoltageHook(nn.Module):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return dist.group.WORLD
         return None
+
+    def check_finite(self, x: Tensor) -> None:
+        """Raise :class:`NonFiniteError` unless every element of ``x`` is finite on every rank of
+        :meth:`reduction_group` (all ranks raise together). For subclasses with their own statistic.
+
+        Examples:
+            >>> import torch
+            >>> from ann2snn_calib import VoltageHook
+            >>> VoltageHook().check_finite(torch.tensor([1.0, float("inf")]))  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ann2snn_calib.NonFiniteError: VoltageHook(mode='Max') received NaN/inf activations: ...
+        """
+        check_all_finite(self, x, self.reduction_group())
 
     def forward(self, x: Tensor) -> Tensor:
         """Record the statistic of ``x`` and return ``x`` itself."""
@@ -334,7 +355,7 @@ def _dataset_percentile_stat(hook: VoltageHook, x: Tensor, dtype: torch.dtype, g
 
 def _observe(hook: VoltageHook, x: Tensor) -> None:
     """Fold the statistic of ``x`` into the hook's state (EMA, running max or dataset percentile)."""
-    group = hook._group()
+    group = hook.reduction_group()
     if x.numel() == 0 and group is None:
         raise ValueError(
             f"VoltageHook received an empty tensor of shape {tuple(x.shape)}; it needs at least one element."

@@ -53,57 +53,14 @@ __all__ = [
     "trace_model",
 ]
 
-# Accounting and the conversion doctor (issue 14).
-from ann2snn_fx.analysis import (
-    FP32_45NM,
-    INT8_45NM,
-    Diagnosis,
-    EnergyEstimate,
-    EnergyModel,
-    LayerDiagnosis,
-    LayerRecord,
-    SNNProfile,
-    TDDiagnosis,
-    TDNodeDeviation,
-    diagnose,
-    diagnose_td,
-    plot_profile,
-    plot_sweep,
-    profile_snn,
-    profile_sweep,
-)
+# Accounting and the conversion doctor (issue 14) and SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16): each
+# subsystem's __all__ is the list of what the top level re-exports.
+from ann2snn_fx import analysis as _analysis
+from ann2snn_fx import spikezip as _spikezip
+from ann2snn_fx.analysis import *  # noqa: F403
+from ann2snn_fx.spikezip import *  # noqa: F403
 
-__all__ += [
-    "FP32_45NM",
-    "INT8_45NM",
-    "Diagnosis",
-    "EnergyEstimate",
-    "EnergyModel",
-    "LayerDiagnosis",
-    "LayerRecord",
-    "SNNProfile",
-    "TDDiagnosis",
-    "TDNodeDeviation",
-    "diagnose",
-    "diagnose_td",
-    "plot_profile",
-    "plot_sweep",
-    "profile_snn",
-    "profile_sweep",
-]
-
-# SpikeZIP-TF: QANN -> ST-BIF SNN (issue 16).
-from ann2snn_fx.spikezip import (  # noqa: E402 - one block per subsystem
-    QANN,
-    QANNReport,
-    QuantSite,
-    SpikeZIPSNN,
-    calibrate_qann,
-    prepare_qann,
-    qann_to_snn,
-)
-
-__all__ += ["QANN", "QANNReport", "QuantSite", "SpikeZIPSNN", "calibrate_qann", "prepare_qann", "qann_to_snn"]
+__all__ += [*_analysis.__all__, *_spikezip.__all__]
 
 # Real models (issue 18): spiking max pooling, tracing on an example input.
 from ann2snn_fx.snn.pooling import SpikingMaxPool  # noqa: E402

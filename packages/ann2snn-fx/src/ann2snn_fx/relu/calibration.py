@@ -52,7 +52,7 @@ def hook_count(hook: nn.Module) -> int:
 def _group_of(hooks: list[VoltageHook]) -> Any:
     """The process group the hooks reduce over (None when they do not)."""
     for hook in hooks:
-        group = hook._group()
+        group = hook.reduction_group()
         if group is not None:
             return group
     return None

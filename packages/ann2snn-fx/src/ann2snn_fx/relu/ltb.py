@@ -9,7 +9,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ann2snn_calib import VoltageHook
-from ann2snn_calib._finite import check_all_finite  # the same NaN/inf rule (SPEC 13.4) as every hook
 
 __all__ = ["LTBHook"]
 
@@ -79,8 +78,8 @@ class LTBHook(VoltageHook):
         cd = channel_dim % x.dim()
         shape = [1] * x.dim()
         shape[cd] = x.shape[cd]
-        group = self._group()
-        check_all_finite(self, x.detach(), group)  # raises NonFiniteError on every rank at once
+        group = self.reduction_group()
+        self.check_finite(x.detach())  # the NaN/inf rule of every hook (SPEC 13.4): all ranks raise at once
         positive = x.detach().clamp_min(0)
         with torch.no_grad():
             theta = self.scale
