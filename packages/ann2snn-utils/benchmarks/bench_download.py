@@ -269,16 +269,17 @@ def main() -> int:
         f"(in {scratch_dir() or 'the temporary folder'}): "
         f"median over {rounds} rounds ({slow_rounds} for the reference approach) with the methods in rotating "
         "order; the ratio is the median of per-round time ratios to the plain `requests` loop (target: at most "
-        "1.10x). With `sha256=` the digest is computed while streaming (the bytes already on disk of a resumed "
-        "part are read back once). "
+        "1.10x). With `sha256=` the digest is computed while streaming, on a background thread fed the blocks "
+        "as they are written (the bytes already on disk of a resumed part are read back once, on that thread). "
         f"Python {sys.version.split()[0]}, requests {requests.__version__}, {os.cpu_count()} CPUs.",
         "",
         *table(times, size, base),
         "",
         f"SHA-256 of the payload alone, in memory (hashlib, one thread): {hash_alone * 1e3:.0f} ms "
         f"({size / MIB / hash_alone:.0f} MiB/s), {hash_alone / statistics.median(times[base]):.2f}x the plain "
-        "loop's median time. On loopback the client is CPU-bound, so hashing on the receiving thread adds "
-        f"about the hash's own time: `sha256=` took {sha_ratio:.2f}x the plain loop, and "
+        "loop's median time: one SHA-256 cannot be split over cores, so where the hash is slower than the "
+        "transfer, its own time is the floor of `sha256=` even when it fully overlaps the transfer. "
+        f"`sha256=` took {sha_ratio:.2f}x the plain loop, and "
         f"{ratio(times, 'download_url(progress=False, sha256=...)', 'plain requests loop + hashlib.sha256 per chunk'):.2f}x "
         "the same loop hashing its chunks. Over a link slower than the hash (below), it costs almost nothing.",
         "",

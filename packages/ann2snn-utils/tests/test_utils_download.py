@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1159,9 +1160,9 @@ def test_resumed_prefix_is_hashed_once_across_retries(
     prefixes: list[int] = []
     original = _partfile.PartFile._hash_prefix
 
-    def counting(self: Any, fh: Any, offset: int) -> None:
+    def counting(self: Any, fh: Any, offset: int, *args: Any) -> None:
         prefixes.append(offset)
-        original(self, fh, offset)
+        original(self, fh, offset, *args)
 
     monkeypatch.setattr(_partfile.PartFile, "_hash_prefix", counting)
     assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
@@ -1251,3 +1252,175 @@ def test_tqdm_disable_is_honoured_unless_progress_is_given(
     out, err = capfd.readouterr()
     assert out == ""
     assert ("1.50M/1.50M" in err) is drawn
+
+
+# -- the hashing thread ------------------------------------------------------------------------------------------
+
+
+def _hashing_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ann2snn-utils sha256")]
+
+
+@pytest.fixture
+def hash_threads(monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """Every hashing thread download_url started (so a test can check one ran, and that it was joined)."""
+    from ann2snn_utils import _partfile
+
+    started: list[threading.Thread] = []
+    original = _partfile._HashThread.__init__
+
+    def init(self: Any, *args: Any) -> None:
+        original(self, *args)
+        started.append(self.thread)
+
+    monkeypatch.setattr(_partfile._HashThread, "__init__", init)
+    return started
+
+
+def test_failed_transfer_leaves_no_hashing_thread(
+    server: Server, tmp_path: Path, sleeps: list[float], hash_threads: list[threading.Thread]
+) -> None:
+    data = payload(SIZE, seed=42)
+    url = server.add("/file.bin", data, drop_after=700_000, drops=100)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+
+    with pytest.raises(TransferError):
+        download_url(url, dst, sha256=sha(data), retries=1, progress=False, chunk_size=KIB64)
+
+    assert len(hash_threads) == 2  # one per attempt, each joined before the attempt ended
+    assert not any(t.is_alive() for t in hash_threads)
+    assert _hashing_threads() == []
+    kept = part.read_bytes()
+    assert 0 < len(kept) < SIZE
+    assert kept == data[: len(kept)]
+    assert_nothing_at(dst)
+
+    # The kept part resumes, its prefix hashed on the thread, and the digest is verified.
+    server.resources["/file.bin"].drops = 0
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+    assert_file(dst, data)
+    assert server.gets()[-1].headers["Range"] == f"bytes={len(kept)}-"
+    assert _hashing_threads() == []
+
+
+class _FailingHasher:
+    """A SHA-256 whose update raises once it has been given ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.inner, self.limit, self.seen = hashlib.sha256(), limit, 0
+
+    def update(self, data: bytes) -> None:
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise MemoryError(f"hashing failed after {self.seen} bytes")
+        self.inner.update(data)
+
+    def hexdigest(self) -> str:
+        return self.inner.hexdigest()
+
+
+def test_error_in_the_hashing_thread_is_raised(
+    server: Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hash_threads: list[threading.Thread],
+) -> None:
+    from ann2snn_utils import _partfile
+
+    data = payload(SIZE, seed=43)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+    main = threading.get_ident()
+    where: list[int] = []
+
+    def failing() -> _FailingHasher:
+        hasher = _FailingHasher(500_000)
+        original = hasher.update
+
+        def update(block: bytes) -> None:
+            where.append(threading.get_ident())
+            original(block)
+
+        hasher.update = update  # type: ignore[method-assign]
+        return hasher
+
+    monkeypatch.setattr(_partfile, "hashlib", types.SimpleNamespace(sha256=failing))
+    with pytest.raises(MemoryError, match=r"hashing failed after \d+ bytes"):
+        download_url(url, dst, sha256=sha(data), progress=False, chunk_size=KIB64)
+
+    assert where
+    assert main not in where
+    assert len(hash_threads) == 1
+    assert not hash_threads[0].is_alive()
+    assert _hashing_threads() == []
+    assert_nothing_at(dst)
+
+
+def test_error_reading_the_prefix_back_is_raised(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hash_threads: list[threading.Thread]
+) -> None:
+    from ann2snn_utils import _partfile
+
+    data = payload(SIZE, seed=44)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+    part.write_bytes(data[:600_000])
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(_partfile.os, "pread", pread)
+    with pytest.raises(OSError, match=r"Input/output error \(injected\)"):
+        download_url(url, dst, sha256=sha(data), progress=False, chunk_size=KIB64)
+
+    assert len(hash_threads) == 1
+    assert not hash_threads[0].is_alive()
+    assert _hashing_threads() == []
+    assert_nothing_at(dst)
+    kept = part.read_bytes()  # the prefix is intact, and whatever arrived after it was kept
+    assert len(kept) >= 600_000
+    assert kept == data[: len(kept)]
+
+
+def test_resume_without_pread_hashes_the_prefix_on_the_calling_thread(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ann2snn_utils import _partfile
+
+    monkeypatch.delattr(_partfile.os, "pread")  # as on Windows
+    data = payload(SIZE, seed=45)
+    url = server.add("/file.bin", data)
+    dst = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(data[:400_000])
+
+    assert download_url(url, dst, sha256=sha(data), progress=False) == SIZE
+    assert_file(dst, data)
+    assert [h.headers["Range"] for h in server.gets()] == ["bytes=400000-"]
+
+    (tmp_path / "other.bin.part").write_bytes(b"X" * 400_000)  # a corrupt prefix is caught the same way
+    with pytest.raises(ChecksumMismatchError):
+        download_url(url, tmp_path / "other.bin", sha256=sha(data), progress=False)
+
+
+def test_part_replaced_between_attempts_is_hashed_again(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = payload(SIZE, seed=46)
+    url = server.add("/file.bin", data, drop_after=500_000, drops=1)
+    dst = tmp_path / "file.bin"
+    part = tmp_path / "file.bin.part"
+
+    def swap(delay: float) -> None:
+        # During the backoff, a writer that ignores the lock replaces the part by another file of its size.
+        size = part.stat().st_size
+        other = tmp_path / "other"
+        other.write_bytes(b"X" * size)
+        other.replace(part)
+
+    monkeypatch.setattr(download_module, "_sleep", swap)
+    with pytest.raises(ChecksumMismatchError, match=r"differs from the expected"):
+        download_url(url, dst, sha256=sha(data), progress=False, chunk_size=KIB64)
+    assert_nothing_at(dst)
+    assert not part.exists()

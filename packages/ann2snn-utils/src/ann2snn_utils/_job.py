@@ -149,8 +149,11 @@ class Download:
         if total == offset:
             logger.info("%s is already complete (%d bytes)", self.part.path, offset)
             self.total = total
-            self.part.open(offset)  # hashes what is on disk, so the installed file is the one verified
-            self.part.close()
+            self.part.open(offset)
+            try:
+                self.part.hash_written()  # what is on disk, through this handle: the installed file is verified
+            finally:
+                self.part.close()
             return Step.DONE
         remote = "an unknown size" if total is None else f"{total} bytes"
         return self._restart(f"the partial file has {offset} bytes but the remote file has {remote}")

@@ -1,12 +1,21 @@
 """The partial file ``<dst>.part``: never followed through a link, written and hashed in one pass, kept on
-failure (flushed and fsync'ed), and installed by an atomic `os.replace` of the very file that was hashed."""
+failure (flushed and fsync'ed), and installed by an atomic `os.replace` of the very file that was hashed.
+
+With ``sha256=`` the hashing runs on a background thread (hashlib releases the interpreter lock while it hashes
+blocks of 2 KiB or more), fed through a bounded queue with each block as it is written, so the digest overlaps
+the network read and the file write instead of adding to them. On a resume, that thread first reads back the
+bytes already on disk (``os.pread`` on the handle that then writes the new ones). The thread lives inside one
+`PartFile.receive` call: it is joined before ``receive`` returns or raises, and an error on it is raised there.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import queue
 import stat
+import threading
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -17,6 +26,13 @@ logger = logging.getLogger("ann2snn_utils.download")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, where the lstat check below does the work
 _BINARY = getattr(os, "O_BINARY", 0)
 _HASH_READ_SIZE = 1 << 20
+# Received bytes waiting for the hashing thread: few, so the allocator reuses the freed blocks (a deeper queue
+# measured slower: fresh pages for every block) and memory stays bounded whatever the chunk size.
+_HASH_QUEUE_BYTES = 2 << 20
+
+
+class _Aborted(Exception):
+    """The receiving thread failed: the hashing thread stops reading the prefix back."""
 
 
 class _Bar(Protocol):
@@ -61,22 +77,48 @@ class PartFile:
         if not stat.S_ISREG(st.st_mode):
             fh.close()
             raise OSError(f"the partial file {os.fspath(self.path)!r} is not a regular file")
-        self.fh, self.identity = fh, (st.st_dev, st.st_ino)
-        if self.hashing and (self.hasher is None or self.hashed != offset):
-            self._hash_prefix(fh, offset)
+        identity = (st.st_dev, st.st_ino)
+        if self.hasher is None or identity != self.identity or self.hashed > offset:
+            # Another file than the one hashed so far (or a shorter one): its digest starts from byte 0.
+            self.hasher, self.hashed = (hashlib.sha256() if self.hashing else None), 0
+        self.fh, self.identity = fh, identity
         fh.seek(offset)
         fh.truncate()
         self.position = offset
+        if self.hashing and not hasattr(os, "pread"):
+            self.hash_written()  # Windows: no positional reads for the hashing thread, so read it back here
 
-    def _hash_prefix(self, fh: BinaryIO, offset: int) -> None:
-        """Hash the bytes already on disk, once per call (read through the handle that is written)."""
-        hasher = hashlib.sha256()
-        fh.seek(0)
-        left = offset
-        while left and (block := fh.read(min(left, _HASH_READ_SIZE))):
-            hasher.update(block)
-            left -= len(block)
-        self.hasher, self.hashed = hasher, offset - left
+    def hash_written(self) -> None:
+        """Bring the digest up to the bytes written so far, reading them back now (``open`` first)."""
+        assert self.fh is not None, "open() first"
+        if self.hashing and self.hashed < self.position:
+            self._hash_prefix(self.fh, self.position)
+            self.fh.seek(self.position)
+
+    def _hash_prefix(self, fh: BinaryIO, offset: int, stop: threading.Event | None = None) -> None:
+        """Hash bytes ``hashed`` to ``offset`` of the file as it is on disk, read through ``fh``'s descriptor.
+
+        Runs on the hashing thread during ``receive`` (a positional read, so the writes after ``offset`` and
+        the file position are untouched), else on the caller's. ``stop`` set: raise `_Aborted` between blocks.
+        """
+        assert self.hasher is not None
+        fd = fh.fileno()
+        while self.hashed < offset:
+            if stop is not None and stop.is_set():
+                raise _Aborted
+            want = min(offset - self.hashed, _HASH_READ_SIZE)
+            if hasattr(os, "pread"):
+                block = os.pread(fd, want, self.hashed)
+            else:
+                fh.seek(self.hashed)
+                block = fh.read(want)
+            if not block:
+                raise RuntimeError(
+                    f"{self.path} changed under the download (it ends at byte {self.hashed}, not {offset}); "
+                    f"another process wrote it without holding {self.path.with_suffix('.lock').name}"
+                )
+            self.hasher.update(block)
+            self.hashed += len(block)
 
     def receive(self, resp: requests.Response, end: int | None, bar: _Bar, chunk_size: int) -> None:
         """Append the body of ``resp`` until it ends (or passes ``end``), keeping every byte that arrived.
@@ -87,20 +129,27 @@ class PartFile:
         """
         raw = resp.raw
         read = getattr(raw, "read1", None) or raw.read
-        fh, hasher = self.fh, self.hasher if self.hashing else None
+        fh = self.fh
         assert fh is not None, "open() first"
+        hashing = _HashThread(self, fh, chunk_size) if self.hashing else None
         try:
             while piece := read(chunk_size, decode_content=True):
                 fh.write(piece)
-                if hasher is not None:
-                    hasher.update(piece)
+                if hashing is not None:
+                    hashing.put(piece)
                 self.position += len(piece)
                 bar.update(len(piece))
                 if end is not None and self.position > end:
                     break
+        except BaseException:
+            if hashing is not None:
+                hashing.abort()
+            self.close()
+            raise
+        try:
+            if hashing is not None:
+                hashing.finish()
         finally:
-            if hasher is not None:
-                self.hashed = self.position
             self.close()
 
     def close(self) -> None:
@@ -137,6 +186,68 @@ class PartFile:
             )
         os.replace(self.path, dst)
         _fsync_dir(dst.parent)
+
+
+class _HashThread:
+    """The hashing thread of one `PartFile.receive`: the prefix on disk first, then each block as it is written.
+
+    Only this thread touches the part's hasher and ``hashed`` count until `finish`/`abort` has joined it; the
+    two always agree (``hashed`` counts exactly the bytes hashed), so a later attempt continues from there.
+    The thread keeps taking blocks off the queue until the end marker (None), even after an error, so `put`
+    never blocks on a thread that has stopped.
+    """
+
+    def __init__(self, part: PartFile, fh: BinaryIO, chunk_size: int) -> None:
+        self.part, self.fh = part, fh
+        self.prefix_end = part.position
+        self.blocks: queue.Queue[bytes | None] = queue.Queue(
+            max(2, min(_HASH_QUEUE_BYTES // chunk_size, 4096))
+        )
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"ann2snn-utils sha256 of {part.path.name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self) -> None:
+        part = self.part
+        try:
+            if part.hashed < self.prefix_end:
+                part._hash_prefix(self.fh, self.prefix_end, self.stop)
+            assert part.hasher is not None
+            update = part.hasher.update
+            while (block := self.blocks.get()) is not None:
+                update(block)
+                part.hashed += len(block)
+        except _Aborted:
+            pass
+        except BaseException as exc:  # raised on the receiving thread by put/finish
+            self.error = exc
+            part.hasher, part.hashed = None, 0
+        else:
+            return
+        while self.blocks.get() is not None:  # let put() go on until the receiving thread notices
+            pass
+
+    def put(self, block: bytes) -> None:
+        """Queue one written block (waits while the queue is full); raise the thread's error, if any."""
+        if self.error is not None:
+            raise self.error
+        self.blocks.put(block)
+
+    def finish(self) -> None:
+        """Wait until every queued block is hashed; raise the thread's error, if any."""
+        self.blocks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """After a failure of the transfer: stop reading the prefix back, hash what is queued, and join."""
+        self.stop.set()
+        self.blocks.put(None)
+        self.thread.join()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -81,7 +81,11 @@ def download_url(
       announces one (without it the body is read to its end), and the SHA-256 against ``sha256`` when given.
       The digest is that of the file that is installed: the bytes already on disk are read back once through
       the handle that then writes the new ones, each received block is hashed as it is written into that
-      file, no other call can write it meanwhile (the lock), and the rename checks it is still the same file.
+      file, no other call can write it meanwhile (the lock), and the rename checks it is still the same file
+      (a part replaced by another file between attempts is hashed again from byte 0). The hashing runs on a
+      background thread fed the blocks as they are written (hashlib releases the interpreter lock), so it
+      overlaps the transfer where a spare CPU core is free; the thread is joined before each attempt ends,
+      and an error on it is raised by the call.
       A mismatch raises an [`IntegrityError`][ann2snn_utils.IntegrityError] and deletes the bad part, so the
       next call starts from scratch.
     - **Requests.** One `requests.Session` per call; every request carries the same ``User-Agent``
