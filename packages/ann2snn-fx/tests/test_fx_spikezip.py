@@ -255,3 +255,33 @@ def test_hugging_face_bert_trains_as_a_qann() -> None:
     assert all(q.scale.grad is not None for q in qann.quantizers.values())
     with pytest.raises(ValueError, match="need_weights=False"):
         prepare_qann(nn.MultiheadAttention(4, 2), example_inputs=(torch.randn(3, 1, 4),) * 3)
+
+
+@pytest.mark.parametrize("name", ["gated", "bert_sdpa"])
+def test_batch_slices_give_the_whole_batch_outputs(name: str) -> None:
+    """batch_chunk runs the batch in slices (masks sliced with it): the same outputs and settle time."""
+    model, wrap, shape, key = _model(name)
+    torch.manual_seed(1)
+    x = torch.randn(3, *shape)
+    inputs = wrap(x)
+    if isinstance(inputs, dict) and "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones(3, 7, dtype=torch.long)
+        inputs["attention_mask"][1, -3:] = 0  # per sample: slicing must keep each mask with its sample
+        inputs["attention_mask"][2, -1:] = 0
+    qann = calibrate_qann(prepare_qann(model, 8, example_inputs=inputs), [inputs], input_fn=lambda b: b)
+    kwargs = _kwargs(inputs)
+    with torch.no_grad():
+        ref = _output(_call(qann, inputs))
+        whole = qann_to_snn(qann, time_inputs=None if key is None else {key}, batch_chunk=None)
+        sliced = qann_to_snn(qann, time_inputs=None if key is None else {key}, batch_chunk=2)
+        calls: list[int] = []
+        sliced.model.register_forward_pre_hook(lambda _m, a, kw: calls.append(len(calls)), with_kwargs=True)
+        out_whole, steps_whole = whole.run_until_quiet(**kwargs, max_steps=2048)
+        out_sliced, steps_sliced = sliced.run_until_quiet(**kwargs, max_steps=2048)
+    torch.testing.assert_close(_output(out_sliced), _output(out_whole), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_output(out_sliced), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert steps_sliced == steps_whole == sliced.settle_steps
+    assert calls  # the slices (2 + 1 samples) ran one by one: two calls of the model per try
+    assert len(calls) % 2 == 0
+    with pytest.raises(ValueError, match="batch_chunk must be 'auto', None or a positive integer"):
+        qann_to_snn(qann, batch_chunk=0)
