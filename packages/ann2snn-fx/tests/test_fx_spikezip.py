@@ -285,3 +285,37 @@ def test_batch_slices_give_the_whole_batch_outputs(name: str) -> None:
     assert len(calls) % 2 == 0
     with pytest.raises(ValueError, match="batch_chunk must be 'auto', None or a positive integer"):
         qann_to_snn(qann, batch_chunk=0)
+
+
+class SequenceFirst(nn.Module):
+    """``nn.MultiheadAttention(batch_first=False)``: inputs ``[L, B, E]``, a key padding mask ``[B, L]``."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        y = self.ln(x)
+        x = x + self.attn(y, y, y, key_padding_mask=pad, need_weights=False)[0]
+        return self.fc(torch.relu(x))
+
+
+@pytest.mark.parametrize(("length", "batch"), [(5, 3), (4, 4)])
+@pytest.mark.parametrize("levels", [8, 16])
+def test_sequence_first_multihead_attention_is_exact(length: int, batch: int, levels: int) -> None:
+    torch.manual_seed(0)
+    model = SequenceFirst().eval()
+    x = torch.randn(length, batch, 16)
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    pad[1, -2:] = True  # sample 1 ignores its last two positions
+    qann = calibrate_qann(prepare_qann(model, levels, example_inputs=(x, pad)), [(x, pad)], input_fn=tuple)
+    snn = qann_to_snn(qann, time_inputs={0})
+    with torch.no_grad():
+        ref = qann(x, pad)
+        out, steps = snn.run_until_quiet(x, pad, max_steps=512)
+        unmasked = qann(x, torch.zeros_like(pad))
+    assert not torch.allclose(ref, unmasked)  # the mask matters
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert snn.report.equivalent, str(snn.report)
+    assert 1 <= steps < 512

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_fx.spikezip._mode import QuantMode, install_name_hooks
+from ann2snn_fx.spikezip._mode import CURRENT_QUANT_MODE, QuantMode, install_name_hooks
+from ann2snn_fx.td.fold import _CURRENT_MODE as _FOLD_MODE  # the running fold mode (package-internal)
 from ann2snn_ops import Quantizer
 
 __all__ = ["QANN", "QANNReport", "QuantSite", "calibrate_qann", "prepare_qann"]
@@ -46,6 +47,26 @@ class QANNReport:
         return "\n".join(lines)
 
 
+def _swap_batch_and_sequence(x: torch.Tensor) -> torch.Tensor:
+    """``x.transpose(0, 1)``; inside the SNN's fold, ``[T*L, B, ...]`` <-> ``[T*B, L, ...]`` (time kept leading).
+
+    A sequence-first input reaches the SNN as ``[T*L, B, E]`` (time folded into the sequence dim): a plain
+    transpose would move the time-folded dim off dim 0. The view is rebuilt so that time stays leading, and
+    tagged for both the fold and the quantisation modes like ``x``.
+    """
+    fold = _FOLD_MODE.get()
+    if fold is None or fold.batch_dim(x) != 0:
+        return x.transpose(0, 1)
+    quant = CURRENT_QUANT_MODE.get()
+    tag = quant.tag(x) if quant is not None else None
+    with torch._C.DisableTorchFunction():
+        out = fold.unfold(x).transpose(1, 2).flatten(0, 1)
+    fold.mark(out, 0)
+    if quant is not None and tag is not None:
+        quant.mark(out, tag)
+    return out
+
+
 class _DecomposedMHA(nn.Module):
     """``nn.MultiheadAttention`` (self or cross, packed or separate projections) as linear + SDPA calls."""
 
@@ -70,7 +91,7 @@ class _DecomposedMHA(nn.Module):
         if opts.get("need_weights", True) is not False:
             raise ValueError("prepare_qann: nn.MultiheadAttention must be called with need_weights=False.")
         if not m.batch_first:  # the time-folded batch must stay on dim 0 in the SNN: work batch-first
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+            query, key, value = (_swap_batch_and_sequence(t) for t in (query, key, value))
         if m.packed:
             w_q, w_k, w_v = m.in_proj_weight.chunk(3)  # type: ignore[operator]
         else:
@@ -91,6 +112,8 @@ class _DecomposedMHA(nn.Module):
         padding = opts.get("key_padding_mask")
         if mask is not None and mask.dtype == torch.bool:
             mask = ~mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
+        if padding is not None and padding.shape[0] != b and _FOLD_MODE.get() is not None:
+            padding = padding.repeat(b // padding.shape[0], 1)  # sequence-first in the SNN: one per step
         if padding is not None:
             pad = padding.reshape(b, 1, 1, -1)
             pad = ~pad if pad.dtype == torch.bool else pad
@@ -104,7 +127,7 @@ class _DecomposedMHA(nn.Module):
             q, k, v, attn_mask=mask, is_causal=bool(opts.get("is_causal", False))
         )
         out = F.linear(out.transpose(1, 2).reshape(b, n, e), m.out_proj.weight, m.out_proj.bias)
-        return (out if m.batch_first else out.transpose(0, 1)), None
+        return (out if m.batch_first else _swap_batch_and_sequence(out)), None
 
 
 class QANN(nn.Module):
@@ -150,8 +173,12 @@ class QANN(nn.Module):
         mode = QuantMode(self._site)
         for value in (*args, *kwargs.values()):
             mode.mark(value, "input")
-        with mode:
-            out = self.model(*args, **kwargs)
+        token = CURRENT_QUANT_MODE.set(mode)
+        try:
+            with mode:
+                out = self.model(*args, **kwargs)
+        finally:
+            CURRENT_QUANT_MODE.reset(token)
         if self._phase == "discover":
             self.report.left = dict(mode.left)
         return out
@@ -178,7 +205,8 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
     ``nn.Conv*`` and GPT-2 ``Conv1D``), both operands of ``matmul``/``bmm``/``@`` and of elementwise products
     of two activations, and in scaled dot-product attention query, key, value and the attention probabilities
     (which SDPA would hide, so it is computed in its parts). ``nn.MultiheadAttention`` modules are rewritten
-    into linear + attention calls. Operands produced by softmax, ReLU, sigmoid or exp (through views) get an
+    into linear + attention calls (``batch_first`` either way: in the SNN a sequence-first model's inputs are
+    ``[T, L, B, E]`` and its key padding mask ``[B, S]``). Operands produced by softmax, ReLU, sigmoid or exp (through views) get an
     unsigned quantiser, the rest a signed one. The model's own inputs stay analog (in the SNN they enter
     once at t = 0): the report lists them. No tracing: the placement is found by running ``example_inputs``
     through the model under a ``TorchFunctionMode``, so any model whose forward is plain torch works

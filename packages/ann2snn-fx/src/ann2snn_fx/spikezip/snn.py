@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ann2snn_fx.spikezip.qann import QANN
+from ann2snn_fx.spikezip.qann import QANN, _DecomposedMHA
 from ann2snn_fx.td import TDTimeFolded
 from ann2snn_fx.td.fold import _CURRENT_MODE  # the running fold mode (package-internal handle)
 from ann2snn_ops import STBIFNeuron
@@ -97,7 +97,8 @@ class SpikeZIPSNN(TDTimeFolded):
         settle_steps: After a forward, the number of steps until every neuron was quiet (no input, no
             spike), or None if some neuron was still active at the last step.
         batch_chunk: Samples per slice: ``"auto"`` (default: the most whose first time input holds at most
-            2**20 elements, at least one), a positive integer, or None (the whole batch at once).
+            2**20 elements, at least one), a positive integer, or None (the whole batch at once). A model
+            with a sequence-first ``nn.MultiheadAttention`` (inputs ``[T, L, B, ...]``) always runs whole.
     """
 
     settle_steps: int | None
@@ -114,6 +115,10 @@ class SpikeZIPSNN(TDTimeFolded):
         super().__init__(_SpikingQANN(copy.deepcopy(qann)), device, time_inputs=time_inputs)
         self.settle_steps = None
         self.batch_chunk = _batch_chunk(batch_chunk)
+        # a sequence-first attention takes the sequence on the inputs' dim 1: no batch there to slice
+        self._sequence_first = any(
+            isinstance(m, _DecomposedMHA) and not m.batch_first for m in self.modules()
+        )
 
     @contextlib.contextmanager
     def whole_batch(self) -> Iterator[None]:
@@ -127,7 +132,7 @@ class SpikeZIPSNN(TDTimeFolded):
     def _chunk_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         """Samples per slice for these inputs, or None to run the whole batch at once."""
         chunk = _batch_chunk(self.batch_chunk)
-        if chunk is None:
+        if chunk is None or self._sequence_first:
             return None
         items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
         times = [v for k, v in items if self._is_time(k, v) and v.dim() >= 2]
