@@ -319,3 +319,42 @@ def test_sequence_first_multihead_attention_is_exact(length: int, batch: int, le
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert snn.report.equivalent, str(snn.report)
     assert 1 <= steps < 512
+
+
+@pytest.mark.parametrize("name", ["gated", "patch_mha", "bert_sdpa"])
+def test_placement_without_example_inputs_happens_on_the_first_forward(name: str) -> None:
+    model, wrap, shape, key = _model(name)
+    torch.manual_seed(1)
+    calib = [torch.randn(2, *shape) for _ in range(2)]
+    eager = calibrate_qann(prepare_qann(model, 8, example_inputs=wrap(calib[0])), calib, input_fn=wrap)
+    lazy = prepare_qann(model, 8)
+    assert not lazy.placed
+    assert not lazy.report.sites
+    assert len(lazy.quantizers) == 0
+    with pytest.raises(RuntimeError, match="quantisers are not placed yet"):
+        qann_to_snn(lazy)
+    calibrate_qann(lazy, calib, input_fn=wrap)  # the first batch places, every batch is observed
+    assert lazy.placed
+    assert lazy.report.sites == eager.report.sites
+    assert lazy.report.left == eager.report.left
+    for site in eager.quantizers:
+        assert torch.equal(lazy.quantizers[site].step.detach(), eager.quantizers[site].step.detach())
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        ref = _output(_call(eager, wrap(x)))
+        torch.testing.assert_close(_output(_call(lazy, wrap(x))), ref, rtol=0, atol=0)
+        snn = qann_to_snn(lazy, time_inputs=None if key is None else {key})
+        out, _ = snn.run_until_quiet(**_kwargs(wrap(x)), max_steps=2048)
+    torch.testing.assert_close(_output(out), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_placement_on_the_first_training_batch_initialises_by_lsq() -> None:
+    model, _, shape, _ = _model("gated")
+    x = torch.randn(4, *shape)
+    eager = prepare_qann(model, 8, example_inputs=x).train()
+    lazy = prepare_qann(model, 8).train()
+    out_eager, out_lazy = eager(x), lazy(x)  # both: the first training batch sets every step by LSQ's rule
+    torch.testing.assert_close(out_lazy, out_eager, rtol=0, atol=0)
+    out_lazy.square().mean().backward()
+    assert all(q.scale.grad is not None for q in lazy.quantizers.values())
+    assert [s.key for s in lazy.report.sites] == [s.key for s in eager.report.sites]

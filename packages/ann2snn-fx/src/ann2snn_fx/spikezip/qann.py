@@ -150,11 +150,17 @@ class QANN(nn.Module):
         self.report = QANNReport()
         self._phase = "run"  # "discover" | "run" | "observe"
         self._observed: dict[str, list[torch.Tensor]] = {}
+        self._pending = False  # placement still to be found (prepare_qann without example_inputs)
+
+    @property
+    def placed(self) -> bool:
+        """Whether the quantisers are placed (False until the first forward when made without example inputs)."""
+        return not self._pending
 
     def _site(
         self, key: str, module: str, op: str, operand: str, signed: bool, x: torch.Tensor
     ) -> torch.Tensor:
-        if self._phase == "discover" and key not in self.quantizers:
+        if (self._phase == "discover" or self._pending) and key not in self.quantizers:
             self.quantizers[key] = Quantizer(self.levels, signed=signed).to(x.device)
             self.report.sites.append(QuantSite(key, module, op, operand, signed))
         if key not in self.quantizers:
@@ -179,8 +185,9 @@ class QANN(nn.Module):
                 out = self.model(*args, **kwargs)
         finally:
             CURRENT_QUANT_MODE.reset(token)
-        if self._phase == "discover":
+        if self._phase == "discover" or self._pending:
             self.report.left = dict(mode.left)
+            self._pending = False
         return out
 
 
@@ -198,7 +205,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> QANN:
+def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any = None) -> QANN:
     """A quantised copy of ``model``: every operand of a product with a weight or another activation is quantised.
 
     The rule (SPEC 14.1): the input of each ``F.linear``/conv/``addmm`` (so of every ``nn.Linear``,
@@ -210,7 +217,10 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
     unsigned quantiser, the rest a signed one. The model's own inputs stay analog (in the SNN they enter
     once at t = 0): the report lists them. No tracing: the placement is found by running ``example_inputs``
     through the model under a ``TorchFunctionMode``, so any model whose forward is plain torch works
-    (Hugging Face BERT, ViT, GPT-2 ...); later forwards must take the same path.
+    (Hugging Face BERT, ViT, GPT-2 ...); later forwards must take the same path. Without
+    ``example_inputs`` the placement is found on the QANN's first forward (the first batch of
+    :func:`calibrate_qann`, or of training: then create the optimiser after that first forward, since the
+    quantisers' steps are new parameters); until then ``qann.placed`` is False and ``qann.report`` empty.
 
     The quantisers start uninitialised: call :func:`calibrate_qann` (post-training) or train (the first
     batch sets each step by LSQ's rule).
@@ -219,7 +229,7 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
         model: The float model (deep-copied; the caller's model is never changed). Use eval mode for PTQ.
         levels: Quantisation levels of every quantiser (>= 2).
         example_inputs: One batch as the model takes it: a tensor, a tuple of positional args or a dict of
-            keyword args.
+            keyword args; None (default) to place the quantisers on the first forward.
 
     Returns:
         The :class:`QANN`; ``qann.report`` lists every quantiser placed and every operand left unquantised.
@@ -256,6 +266,9 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
             setattr(parent, attr, _DecomposedMHA(module))
     install_name_hooks(copied)
     qann = QANN(copied, levels)
+    if example_inputs is None:
+        qann._pending = True
+        return qann
     qann._phase = "discover"
     try:
         with torch.no_grad():

@@ -265,7 +265,7 @@ def qann_to_snn(
 
     Raises:
         TypeError: ``qann`` is not a :class:`QANN`.
-        RuntimeError: A quantiser was never calibrated or trained.
+        RuntimeError: A quantiser was never calibrated or trained, or the QANN never ran (no placement).
 
     Examples:
         >>> import torch
@@ -281,6 +281,11 @@ def qann_to_snn(
     """
     if not isinstance(qann, QANN):
         raise TypeError(f"qann_to_snn expects a QANN from prepare_qann, but got {type(qann).__name__}.")
+    if not qann.placed:
+        raise RuntimeError(
+            "qann_to_snn: the QANN's quantisers are not placed yet (prepare_qann without example_inputs "
+            "places them on the first forward); run calibrate_qann or train the QANN first."
+        )
     for key, quantizer in qann.quantizers.items():
         if not bool(quantizer.initialized):
             raise RuntimeError(
