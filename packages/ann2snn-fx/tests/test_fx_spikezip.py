@@ -255,3 +255,106 @@ def test_hugging_face_bert_trains_as_a_qann() -> None:
     assert all(q.scale.grad is not None for q in qann.quantizers.values())
     with pytest.raises(ValueError, match="need_weights=False"):
         prepare_qann(nn.MultiheadAttention(4, 2), example_inputs=(torch.randn(3, 1, 4),) * 3)
+
+
+@pytest.mark.parametrize("name", ["gated", "bert_sdpa"])
+def test_batch_slices_give_the_whole_batch_outputs(name: str) -> None:
+    """batch_chunk runs the batch in slices (masks sliced with it): the same outputs and settle time."""
+    model, wrap, shape, key = _model(name)
+    torch.manual_seed(1)
+    x = torch.randn(3, *shape)
+    inputs = wrap(x)
+    if isinstance(inputs, dict) and "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones(3, 7, dtype=torch.long)
+        inputs["attention_mask"][1, -3:] = 0  # per sample: slicing must keep each mask with its sample
+        inputs["attention_mask"][2, -1:] = 0
+    qann = calibrate_qann(prepare_qann(model, 8, example_inputs=inputs), [inputs], input_fn=lambda b: b)
+    kwargs = _kwargs(inputs)
+    with torch.no_grad():
+        ref = _output(_call(qann, inputs))
+        whole = qann_to_snn(qann, time_inputs=None if key is None else {key}, batch_chunk=None)
+        sliced = qann_to_snn(qann, time_inputs=None if key is None else {key}, batch_chunk=2)
+        calls: list[int] = []
+        sliced.model.register_forward_pre_hook(lambda _m, a, kw: calls.append(len(calls)), with_kwargs=True)
+        out_whole, steps_whole = whole.run_until_quiet(**kwargs, max_steps=2048)
+        out_sliced, steps_sliced = sliced.run_until_quiet(**kwargs, max_steps=2048)
+    torch.testing.assert_close(_output(out_sliced), _output(out_whole), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_output(out_sliced), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert steps_sliced == steps_whole == sliced.settle_steps
+    assert calls  # the slices (2 + 1 samples) ran one by one: two calls of the model per try
+    assert len(calls) % 2 == 0
+    with pytest.raises(ValueError, match="batch_chunk must be 'auto', None or a positive integer"):
+        qann_to_snn(qann, batch_chunk=0)
+
+
+class SequenceFirst(nn.Module):
+    """``nn.MultiheadAttention(batch_first=False)``: inputs ``[L, B, E]``, a key padding mask ``[B, L]``."""
+
+    def __init__(self, width: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(width), nn.MultiheadAttention(width, heads)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        y = self.ln(x)
+        x = x + self.attn(y, y, y, key_padding_mask=pad, need_weights=False)[0]
+        return self.fc(torch.relu(x))
+
+
+@pytest.mark.parametrize(("length", "batch"), [(5, 3), (4, 4)])
+@pytest.mark.parametrize("levels", [8, 16])
+def test_sequence_first_multihead_attention_is_exact(length: int, batch: int, levels: int) -> None:
+    torch.manual_seed(0)
+    model = SequenceFirst().eval()
+    x = torch.randn(length, batch, 16)
+    pad = torch.zeros(batch, length, dtype=torch.bool)
+    pad[1, -2:] = True  # sample 1 ignores its last two positions
+    qann = calibrate_qann(prepare_qann(model, levels, example_inputs=(x, pad)), [(x, pad)], input_fn=tuple)
+    snn = qann_to_snn(qann, time_inputs={0})
+    with torch.no_grad():
+        ref = qann(x, pad)
+        out, steps = snn.run_until_quiet(x, pad, max_steps=512)
+        unmasked = qann(x, torch.zeros_like(pad))
+    assert not torch.allclose(ref, unmasked)  # the mask matters
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert snn.report.equivalent, str(snn.report)
+    assert 1 <= steps < 512
+
+
+@pytest.mark.parametrize("name", ["gated", "patch_mha", "bert_sdpa"])
+def test_placement_without_example_inputs_happens_on_the_first_forward(name: str) -> None:
+    model, wrap, shape, key = _model(name)
+    torch.manual_seed(1)
+    calib = [torch.randn(2, *shape) for _ in range(2)]
+    eager = calibrate_qann(prepare_qann(model, 8, example_inputs=wrap(calib[0])), calib, input_fn=wrap)
+    lazy = prepare_qann(model, 8)
+    assert not lazy.placed
+    assert not lazy.report.sites
+    assert len(lazy.quantizers) == 0
+    with pytest.raises(RuntimeError, match="quantisers are not placed yet"):
+        qann_to_snn(lazy)
+    calibrate_qann(lazy, calib, input_fn=wrap)  # the first batch places, every batch is observed
+    assert lazy.placed
+    assert lazy.report.sites == eager.report.sites
+    assert lazy.report.left == eager.report.left
+    for site in eager.quantizers:
+        assert torch.equal(lazy.quantizers[site].step.detach(), eager.quantizers[site].step.detach())
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        ref = _output(_call(eager, wrap(x)))
+        torch.testing.assert_close(_output(_call(lazy, wrap(x))), ref, rtol=0, atol=0)
+        snn = qann_to_snn(lazy, time_inputs=None if key is None else {key})
+        out, _ = snn.run_until_quiet(**_kwargs(wrap(x)), max_steps=2048)
+    torch.testing.assert_close(_output(out), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_placement_on_the_first_training_batch_initialises_by_lsq() -> None:
+    model, _, shape, _ = _model("gated")
+    x = torch.randn(4, *shape)
+    eager = prepare_qann(model, 8, example_inputs=x).train()
+    lazy = prepare_qann(model, 8).train()
+    out_eager, out_lazy = eager(x), lazy(x)  # both: the first training batch sets every step by LSQ's rule
+    torch.testing.assert_close(out_lazy, out_eager, rtol=0, atol=0)
+    out_lazy.square().mean().backward()
+    assert all(q.scale.grad is not None for q in lazy.quantizers.values())
+    assert [s.key for s in lazy.report.sites] == [s.key for s in eager.report.sites]

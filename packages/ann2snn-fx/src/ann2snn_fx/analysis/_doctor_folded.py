@@ -9,6 +9,7 @@ against the QANN's on the summed input.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -60,7 +61,8 @@ def folded_deviations(ann: nn.Module, td_model: TDTimeFolded, inputs: torch.Tens
         for name, module in td_modules.items():
             handles.append(module.register_forward_hook(keep("td", name)))
             handles.append(ann_modules[name].register_forward_hook(keep("ann", name)))
-        with torch.no_grad():
+        whole = td_model.whole_batch() if isinstance(td_model, SpikeZIPSNN) else contextlib.nullcontext()
+        with torch.no_grad(), whole:  # the hooks keep each module's first call: the whole batch at once
             td_model(inputs)
             ann(inputs.sum(0)) if spiking else ann(inputs.cumsum(0).flatten(0, 1))
     finally:

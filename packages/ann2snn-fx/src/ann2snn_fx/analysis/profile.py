@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -285,7 +286,8 @@ def _profile_folded(
     if isinstance(snn, SpikeZIPSNN):
         neurons = {id(m): key for key, m in wrapped.neurons.items()}
     acc = FoldedAccounting(modules, neurons, t, batch)
-    with torch.no_grad(), acc:
+    whole = snn.whole_batch() if isinstance(snn, SpikeZIPSNN) else contextlib.nullcontext()
+    with torch.no_grad(), acc, whole:  # one forward of the whole batch, as the accounting expects
         out = _call(snn, inputs)
     profile = SNNProfile(t, batch, "sequence", energy_models=models)
     if labels is not None:

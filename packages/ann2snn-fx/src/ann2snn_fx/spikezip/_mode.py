@@ -30,6 +30,9 @@ SiteFn = Callable[[str, str, str, str, bool, Tensor], Tensor]
 """``site(key, module, op, operand, signed, x) -> x_quantised``."""
 
 _MODULE_STACK: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("qann_modules", default=())
+CURRENT_QUANT_MODE: contextvars.ContextVar[QuantMode | None] = contextvars.ContextVar(
+    "qann_mode", default=None
+)
 
 
 def _push(name: str, module: nn.Module, args: Any) -> None:

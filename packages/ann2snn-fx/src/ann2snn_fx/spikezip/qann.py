@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ann2snn_fx.spikezip._mode import QuantMode, install_name_hooks
+from ann2snn_fx.spikezip._mode import CURRENT_QUANT_MODE, QuantMode, install_name_hooks
+from ann2snn_fx.td.fold import _CURRENT_MODE as _FOLD_MODE  # the running fold mode (package-internal)
 from ann2snn_ops import Quantizer
 
 __all__ = ["QANN", "QANNReport", "QuantSite", "calibrate_qann", "prepare_qann"]
@@ -46,6 +47,26 @@ class QANNReport:
         return "\n".join(lines)
 
 
+def _swap_batch_and_sequence(x: torch.Tensor) -> torch.Tensor:
+    """``x.transpose(0, 1)``; inside the SNN's fold, ``[T*L, B, ...]`` <-> ``[T*B, L, ...]`` (time kept leading).
+
+    A sequence-first input reaches the SNN as ``[T*L, B, E]`` (time folded into the sequence dim): a plain
+    transpose would move the time-folded dim off dim 0. The view is rebuilt so that time stays leading, and
+    tagged for both the fold and the quantisation modes like ``x``.
+    """
+    fold = _FOLD_MODE.get()
+    if fold is None or fold.batch_dim(x) != 0:
+        return x.transpose(0, 1)
+    quant = CURRENT_QUANT_MODE.get()
+    tag = quant.tag(x) if quant is not None else None
+    with torch._C.DisableTorchFunction():
+        out = fold.unfold(x).transpose(1, 2).flatten(0, 1)
+    fold.mark(out, 0)
+    if quant is not None and tag is not None:
+        quant.mark(out, tag)
+    return out
+
+
 class _DecomposedMHA(nn.Module):
     """``nn.MultiheadAttention`` (self or cross, packed or separate projections) as linear + SDPA calls."""
 
@@ -70,7 +91,7 @@ class _DecomposedMHA(nn.Module):
         if opts.get("need_weights", True) is not False:
             raise ValueError("prepare_qann: nn.MultiheadAttention must be called with need_weights=False.")
         if not m.batch_first:  # the time-folded batch must stay on dim 0 in the SNN: work batch-first
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+            query, key, value = (_swap_batch_and_sequence(t) for t in (query, key, value))
         if m.packed:
             w_q, w_k, w_v = m.in_proj_weight.chunk(3)  # type: ignore[operator]
         else:
@@ -91,6 +112,8 @@ class _DecomposedMHA(nn.Module):
         padding = opts.get("key_padding_mask")
         if mask is not None and mask.dtype == torch.bool:
             mask = ~mask  # nn.MultiheadAttention: True = masked; SDPA: True = attend
+        if padding is not None and padding.shape[0] != b and _FOLD_MODE.get() is not None:
+            padding = padding.repeat(b // padding.shape[0], 1)  # sequence-first in the SNN: one per step
         if padding is not None:
             pad = padding.reshape(b, 1, 1, -1)
             pad = ~pad if pad.dtype == torch.bool else pad
@@ -104,7 +127,7 @@ class _DecomposedMHA(nn.Module):
             q, k, v, attn_mask=mask, is_causal=bool(opts.get("is_causal", False))
         )
         out = F.linear(out.transpose(1, 2).reshape(b, n, e), m.out_proj.weight, m.out_proj.bias)
-        return (out if m.batch_first else out.transpose(0, 1)), None
+        return (out if m.batch_first else _swap_batch_and_sequence(out)), None
 
 
 class QANN(nn.Module):
@@ -127,11 +150,17 @@ class QANN(nn.Module):
         self.report = QANNReport()
         self._phase = "run"  # "discover" | "run" | "observe"
         self._observed: dict[str, list[torch.Tensor]] = {}
+        self._pending = False  # placement still to be found (prepare_qann without example_inputs)
+
+    @property
+    def placed(self) -> bool:
+        """Whether the quantisers are placed (False until the first forward when made without example inputs)."""
+        return not self._pending
 
     def _site(
         self, key: str, module: str, op: str, operand: str, signed: bool, x: torch.Tensor
     ) -> torch.Tensor:
-        if self._phase == "discover" and key not in self.quantizers:
+        if (self._phase == "discover" or self._pending) and key not in self.quantizers:
             self.quantizers[key] = Quantizer(self.levels, signed=signed).to(x.device)
             self.report.sites.append(QuantSite(key, module, op, operand, signed))
         if key not in self.quantizers:
@@ -150,10 +179,15 @@ class QANN(nn.Module):
         mode = QuantMode(self._site)
         for value in (*args, *kwargs.values()):
             mode.mark(value, "input")
-        with mode:
-            out = self.model(*args, **kwargs)
-        if self._phase == "discover":
+        token = CURRENT_QUANT_MODE.set(mode)
+        try:
+            with mode:
+                out = self.model(*args, **kwargs)
+        finally:
+            CURRENT_QUANT_MODE.reset(token)
+        if self._phase == "discover" or self._pending:
             self.report.left = dict(mode.left)
+            self._pending = False
         return out
 
 
@@ -171,18 +205,22 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> QANN:
+def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any = None) -> QANN:
     """A quantised copy of ``model``: every operand of a product with a weight or another activation is quantised.
 
     The rule (SPEC 14.1): the input of each ``F.linear``/conv/``addmm`` (so of every ``nn.Linear``,
     ``nn.Conv*`` and GPT-2 ``Conv1D``), both operands of ``matmul``/``bmm``/``@`` and of elementwise products
     of two activations, and in scaled dot-product attention query, key, value and the attention probabilities
     (which SDPA would hide, so it is computed in its parts). ``nn.MultiheadAttention`` modules are rewritten
-    into linear + attention calls. Operands produced by softmax, ReLU, sigmoid or exp (through views) get an
+    into linear + attention calls (``batch_first`` either way: in the SNN a sequence-first model's inputs are
+    ``[T, L, B, E]`` and its key padding mask ``[B, S]``). Operands produced by softmax, ReLU, sigmoid or exp (through views) get an
     unsigned quantiser, the rest a signed one. The model's own inputs stay analog (in the SNN they enter
     once at t = 0): the report lists them. No tracing: the placement is found by running ``example_inputs``
     through the model under a ``TorchFunctionMode``, so any model whose forward is plain torch works
-    (Hugging Face BERT, ViT, GPT-2 ...); later forwards must take the same path.
+    (Hugging Face BERT, ViT, GPT-2 ...); later forwards must take the same path. Without
+    ``example_inputs`` the placement is found on the QANN's first forward (the first batch of
+    :func:`calibrate_qann`, or of training: then create the optimiser after that first forward, since the
+    quantisers' steps are new parameters); until then ``qann.placed`` is False and ``qann.report`` empty.
 
     The quantisers start uninitialised: call :func:`calibrate_qann` (post-training) or train (the first
     batch sets each step by LSQ's rule).
@@ -191,7 +229,7 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
         model: The float model (deep-copied; the caller's model is never changed). Use eval mode for PTQ.
         levels: Quantisation levels of every quantiser (>= 2).
         example_inputs: One batch as the model takes it: a tensor, a tuple of positional args or a dict of
-            keyword args.
+            keyword args; None (default) to place the quantisers on the first forward.
 
     Returns:
         The :class:`QANN`; ``qann.report`` lists every quantiser placed and every operand left unquantised.
@@ -228,6 +266,9 @@ def prepare_qann(model: nn.Module, levels: int = 16, *, example_inputs: Any) -> 
             setattr(parent, attr, _DecomposedMHA(module))
     install_name_hooks(copied)
     qann = QANN(copied, levels)
+    if example_inputs is None:
+        qann._pending = True
+        return qann
     qann._phase = "discover"
     try:
         with torch.no_grad():

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ann2snn_fx.spikezip.qann import QANN
+from ann2snn_fx.spikezip.qann import QANN, _DecomposedMHA
 from ann2snn_fx.td import TDTimeFolded
 from ann2snn_fx.td.fold import _CURRENT_MODE  # the running fold mode (package-internal handle)
 from ann2snn_ops import STBIFNeuron
@@ -54,6 +56,20 @@ class _SpikingQANN(nn.Module):
         return self.qann(*args, **kwargs)
 
 
+_CHUNK_ELEMENTS = 2**20
+"""``batch_chunk="auto"``: the largest batch slice whose first time input holds at most this many elements."""
+
+
+def _batch_chunk(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"SpikeZIPSNN: batch_chunk must be 'auto', None or a positive integer, but got {value!r}."
+        )
+    return int(value)
+
+
 def _steps(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(
@@ -71,25 +87,106 @@ class SpikeZIPSNN(TDTimeFolded):
     sequence summing to it), outputs ``[T, B, ...]`` whose cumulative sum equals the QANN's output once
     every neuron is quiet. Weight layers run once on the time-folded ``[T*B, ...]`` batch.
 
+    Samples never interact, so a forward runs the batch in slices of :attr:`batch_chunk` samples, one after
+    the other (each slice's ``[T*b, ...]`` activations stay in cache; same arithmetic per sample, so the
+    same outputs): time inputs are sliced on their batch dim 1, static tensor inputs whose leading dim is
+    the batch on dim 0 (those ``TDTimeFolded`` repeats per sample), and the ``[T, b, ...]`` outputs are
+    concatenated on dim 1.
+
     Attributes:
         settle_steps: After a forward, the number of steps until every neuron was quiet (no input, no
             spike), or None if some neuron was still active at the last step.
+        batch_chunk: Samples per slice: ``"auto"`` (default: the most whose first time input holds at most
+            2**20 elements, at least one), a positive integer, or None (the whole batch at once). A model
+            with a sequence-first ``nn.MultiheadAttention`` (inputs ``[T, L, B, ...]``) always runs whole.
     """
 
     settle_steps: int | None
 
-    def __init__(self, qann: QANN, *, time_inputs: Collection[int | str] | None = None) -> None:
+    def __init__(
+        self,
+        qann: QANN,
+        *,
+        time_inputs: Collection[int | str] | None = None,
+        batch_chunk: int | str | None = "auto",
+    ) -> None:
         first = next(qann.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         super().__init__(_SpikingQANN(copy.deepcopy(qann)), device, time_inputs=time_inputs)
         self.settle_steps = None
+        self.batch_chunk = _batch_chunk(batch_chunk)
+        # a sequence-first attention takes the sequence on the inputs' dim 1: no batch there to slice
+        self._sequence_first = any(
+            isinstance(m, _DecomposedMHA) and not m.batch_first for m in self.modules()
+        )
+
+    @contextlib.contextmanager
+    def whole_batch(self) -> Iterator[None]:
+        """Within the block, a forward runs the whole batch at once (for hooks that see one call per forward)."""
+        saved, self.batch_chunk = self.batch_chunk, None
+        try:
+            yield
+        finally:
+            self.batch_chunk = saved
+
+    def _chunk_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """Samples per slice for these inputs, or None to run the whole batch at once."""
+        chunk = _batch_chunk(self.batch_chunk)
+        if chunk is None or self._sequence_first:
+            return None
+        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        times = [v for k, v in items if self._is_time(k, v) and v.dim() >= 2]
+        if not times:
+            return None  # TDTimeFolded raises its own error
+        batch = times[0].shape[1]
+        if chunk == "auto":
+            per_sample = max(math.prod(times[0].shape) // max(batch, 1), 1)
+            chunk = max(_CHUNK_ELEMENTS // per_sample, 1)
+        return None if chunk >= batch else int(chunk)
 
     def neurons(self) -> list[STBIFNeuron]:
         """The ST-BIF neurons, one per quantiser site."""
         return [m for m in self.modules() if isinstance(m, STBIFNeuron)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run ``T`` steps at once (the TD convention); sets :attr:`settle_steps`."""
+        """Run ``T`` steps at once (the TD convention), in batch slices; sets :attr:`settle_steps`."""
+        chunk = self._chunk_size(args, kwargs)
+        if chunk is None:
+            return self._forward_whole(*args, **kwargs)
+        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        times = {k for k, v in items if self._is_time(k, v)}
+        steps, batch = next(v for k, v in items if k in times).shape[:2]
+
+        def part(key: int | str, value: Any, start: int) -> Any:
+            if key in times:
+                return value[:, start : start + chunk]
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                return value[start : start + chunk]
+            return value
+
+        outs, settles = [], []
+        for start in range(0, batch, chunk):
+            outs.append(
+                self._forward_whole(
+                    *[part(i, v, start) for i, v in enumerate(args)],
+                    **{k: part(k, v, start) for k, v in kwargs.items()},
+                )
+            )
+            settles.append(self.settle_steps)
+        leaves, spec = pytree.tree_flatten(outs[0])
+        sliced = [
+            isinstance(leaf, torch.Tensor)
+            and leaf.dim() >= 2
+            and tuple(leaf.shape[:2]) == (steps, min(chunk, batch))
+            for leaf in leaves
+        ]
+        if not all(sliced):  # an output without the [T, B] layout: no safe way to join the slices
+            return self._forward_whole(*args, **kwargs)
+        joined = [torch.cat([pytree.tree_leaves(out)[i] for out in outs], dim=1) for i in range(len(leaves))]
+        self.settle_steps = None if any(s is None for s in settles) else max(settles)  # type: ignore[type-var]
+        return pytree.tree_unflatten(joined, spec)
+
+    def _forward_whole(self, *args: Any, **kwargs: Any) -> Any:
         for neuron in self.neurons():
             neuron.activity = None
         out = super().forward(*args, **kwargs)
@@ -142,7 +239,12 @@ class SpikeZIPSNN(TDTimeFolded):
             steps = min(2 * steps, cap)
 
 
-def qann_to_snn(qann: QANN, *, time_inputs: Collection[int | str] | None = None) -> SpikeZIPSNN:
+def qann_to_snn(
+    qann: QANN,
+    *,
+    time_inputs: Collection[int | str] | None = None,
+    batch_chunk: int | str | None = "auto",
+) -> SpikeZIPSNN:
     """Convert a calibrated or trained :class:`QANN` into its spike-driven SNN.
 
     Quantisers become :class:`~ann2snn_ops.STBIFNeuron` (same step and bounds), so every weight layer and
@@ -154,6 +256,8 @@ def qann_to_snn(qann: QANN, *, time_inputs: Collection[int | str] | None = None)
         qann: From :func:`~ann2snn_fx.prepare_qann`, with every quantiser's step set.
         time_inputs: Which forward arguments are time sequences (as for ``TDTimeFolded``); default every
             floating-point tensor argument.
+        batch_chunk: Samples per batch slice of a forward (:attr:`SpikeZIPSNN.batch_chunk`): ``"auto"``
+            (slices of about 2**20 input elements, activations in cache), a positive integer, or None.
 
     Returns:
         The :class:`SpikeZIPSNN`. ``snn(x_seq)`` runs a fixed ``T``; ``snn.run_until_quiet(x)`` runs until
@@ -161,7 +265,7 @@ def qann_to_snn(qann: QANN, *, time_inputs: Collection[int | str] | None = None)
 
     Raises:
         TypeError: ``qann`` is not a :class:`QANN`.
-        RuntimeError: A quantiser was never calibrated or trained.
+        RuntimeError: A quantiser was never calibrated or trained, or the QANN never ran (no placement).
 
     Examples:
         >>> import torch
@@ -177,9 +281,14 @@ def qann_to_snn(qann: QANN, *, time_inputs: Collection[int | str] | None = None)
     """
     if not isinstance(qann, QANN):
         raise TypeError(f"qann_to_snn expects a QANN from prepare_qann, but got {type(qann).__name__}.")
+    if not qann.placed:
+        raise RuntimeError(
+            "qann_to_snn: the QANN's quantisers are not placed yet (prepare_qann without example_inputs "
+            "places them on the first forward); run calibrate_qann or train the QANN first."
+        )
     for key, quantizer in qann.quantizers.items():
         if not bool(quantizer.initialized):
             raise RuntimeError(
                 f"qann_to_snn: the quantiser at {key} has no step yet; run calibrate_qann or train the QANN first."
             )
-    return SpikeZIPSNN(qann, time_inputs=time_inputs)
+    return SpikeZIPSNN(qann, time_inputs=time_inputs, batch_chunk=batch_chunk)
