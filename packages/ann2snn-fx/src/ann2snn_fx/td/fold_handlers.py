@@ -6,6 +6,7 @@ equivalence holds, or raises :class:`_Unsupported` (the op then runs unchanged a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,22 @@ Tensor = torch.Tensor
 _Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def _name(func: Any) -> str:
+    """A readable name of a torch function (``Tensor.view``, ``F.gelu``), cached per function."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _name_of(func)
+    with contextlib.suppress(TypeError):
+        _NAMES[func] = name
+    return name
+
+
+def _name_of(func: Any) -> str:
     if isinstance(func, type):
         return func.__name__
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
