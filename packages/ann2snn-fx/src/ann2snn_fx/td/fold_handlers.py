@@ -22,6 +22,7 @@ from ann2snn_ops import (
     TDMatMul,
     TDMul,
     TDScaledDotProductAttention,
+    TDSiLU,
     TDSoftmax,
 )
 
@@ -67,6 +68,34 @@ def _permutation(args: tuple[Any, ...]) -> list[int]:
     dims = args[1:]
     flat = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else list(dims)
     return [d % args[0].dim() for d in flat]
+
+
+_SHARED: dict[Any, nn.Module] = {}
+
+
+def _shared(key: Any, make: Callable[[], nn.Module]) -> nn.Module:
+    """One TD operator instance per configuration, shared by every call (they keep no state outside
+    streaming mode, which the fold mode never uses): building an ``nn.Module`` per op call costs more than
+    the op on small tensors."""
+    module = _SHARED.get(key)
+    if module is None:
+        module = _SHARED[key] = make()
+    return module
+
+
+def _td_nograd(mode: _FoldMode, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``diff(fn(cumsum(x)))`` on the unfolded steps without autograd: one pass each, the differences
+    written into the running sum's buffer (dead once ``fn`` ran)."""
+    cum = mode.unfold(x).cumsum(0)
+    y = fn(cum)
+    if y.shape != cum.shape or y.dtype != cum.dtype or y.data_ptr() == cum.data_ptr():
+        out = torch.empty_like(y)
+    else:
+        out = cum
+    out[0].copy_(y[0])
+    if y.shape[0] > 1:
+        torch.sub(y[1:], y[:-1], out=out[1:])
+    return out.flatten(0, 1)
 
 
 class _Unsupported(Exception):
@@ -185,7 +214,7 @@ def _inplace(kind: str) -> _Handler:
             if kind == "div":
                 raise _Unsupported("division by a time-varying tensor is a nonlinearity")
             mode.done(func, "-> TDMul")
-            return x.copy_(mode.td(TDMul(), *torch.broadcast_tensors(x, other)))
+            return x.copy_(mode.td(_shared(TDMul, TDMul), *torch.broadcast_tensors(x, other)))
         return func(*args, **kwargs)
 
     return handler
@@ -195,8 +224,9 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     a, b = args[0], read_arg(args, kwargs, 1, "other", None)
     if mode.is_time(a) and mode.is_time(b):
         mode.done(func, "-> TDMul")
-        a, b = torch.broadcast_tensors(a, b)
-        return mode.td(TDMul(), a, b)
+        if a.shape != b.shape:
+            a, b = torch.broadcast_tensors(a, b)
+        return mode.td(_shared(TDMul, TDMul), a, b)
     return func(*args, **kwargs)
 
 
@@ -213,7 +243,7 @@ def _matmul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str,
         if a.dim() != b.dim():
             raise _Unsupported("matmul of two time sequences of different ranks")
         mode.done(func, "-> TDMatMul")
-        return mode.td(TDMatMul(), a, b)
+        return mode.td(_shared(TDMatMul, TDMatMul), a, b)
     if (not mode.is_time(a) and a.dim() >= 3) or (not mode.is_time(b) and b.dim() >= 3):
         # a batched constant factor must not be mistaken for per-sample data of the folded batch
         raise _Unsupported("matmul with a batched constant factor")
@@ -238,11 +268,21 @@ def _softmax(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
     if dtype is not None:
         x = x.to(dtype)
     mode.done(func, "-> TDSoftmax")
-    return mode.td(TDSoftmax(dim=shift_dim(dim)), x)
+    dim = shift_dim(dim)
+    return mode.td(_shared((TDSoftmax, dim), lambda: TDSoftmax(dim=dim)), x)
 
 
 def _gelu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
-    return TDGELU(approximate=read_arg(args, kwargs, 1, "approximate", "none"))
+    approximate = read_arg(args, kwargs, 1, "approximate", "none")
+    return _shared((TDGELU, approximate), lambda: TDGELU(approximate=approximate))
+
+
+def _silu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
+    return _shared(TDSiLU, TDSiLU)
+
+
+def _needs_grad(*tensors: Any) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _norm(kind: str) -> _Handler:
@@ -259,6 +299,13 @@ def _norm(kind: str) -> _Handler:
         eps = read_arg(args, kwargs, 4 if kind == "layer" else 3, "eps", 1e-5 if kind == "layer" else None)
         if mode.is_time(weight) or mode.is_time(bias):
             raise _Unsupported("a time-varying weight or bias")
+        x = args[0]
+        if not _needs_grad(x, weight, bias) and x.dtype in (torch.float32, torch.float64):
+            # no autograd: the whole norm, affine part included, on the cumulative steps in one pass
+            mode.done(func, "-> TDLayerNorm" if kind == "layer" else "-> TDRMSNorm")
+            if kind == "layer":
+                return _td_nograd(mode, lambda z: F.layer_norm(z, shape, weight, bias, eps), x)
+            return _td_nograd(mode, lambda z: F.rms_norm(z, shape, weight, eps), x)
         if kind == "layer":
             td = TDFunction(lambda z: F.layer_norm(z, shape, None, None, eps), name="TDLayerNorm")
         else:
@@ -318,7 +365,11 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         # SDPA ignores neither; keep the plain call's semantics by folding causality into the mask
         raise _Unsupported("is_causal=True together with attn_mask")
     mode.done(func, "-> TDScaledDotProductAttention")
-    module = TDScaledDotProductAttention(is_causal=bool(is_causal), scale=scale)
+    causal = bool(is_causal)
+    module = _shared(
+        (TDScaledDotProductAttention, causal, scale),
+        lambda: TDScaledDotProductAttention(is_causal=causal, scale=scale),
+    )
     return module(mode.unfold(q), mode.unfold(k), mode.unfold(v), mask).flatten(0, 1)
 
 
@@ -372,7 +423,7 @@ def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     if args[3:] or any(isinstance(v, Tensor) for v in (beta, alpha)):
         raise _Unsupported(f"{_name(func)} with tensor or positional beta/alpha")
     if mode.is_time(a) and mode.is_time(b):
-        product = mode.td(TDMatMul(), a, b)
+        product = mode.td(_shared(TDMatMul, TDMatMul), a, b)
     elif mode.is_time(a) or mode.is_time(b):
         constant = b if mode.is_time(a) else a
         if (
@@ -397,7 +448,8 @@ def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
 def _elementwise(fn: Callable[[Tensor], Tensor], inplace: bool = False) -> _Handler:
     """A TDFunction of ``fn``; in place (``relu_``, ``F.relu(x, inplace=True)``) the result is written back
     into the input, whose later readers (``F.relu(y, inplace=True); return f(y)``) rely on the mutation."""
-    base = _unary(lambda args, kwargs: TDFunction(fn))
+    td = TDFunction(fn)
+    base = _unary(lambda args, kwargs: td)
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = base(mode, func, args, kwargs)

@@ -33,11 +33,9 @@ from ann2snn_fx.td.fold_handlers import (
     _pool_last,
     _reshape,
     _sdpa,
+    _silu,
     _softmax,
     _unary,
-)
-from ann2snn_ops import (
-    TDSiLU,
 )
 
 _DIM1 = ((1, "dim", None),)
@@ -136,7 +134,7 @@ _HANDLERS.update(
         torch.softmax: _softmax,
         Tensor.softmax: _softmax,
         F.gelu: _unary(_gelu),
-        F.silu: _unary(lambda args, kwargs: TDSiLU()),
+        F.silu: _unary(_silu),
         F.layer_norm: _norm("layer"),
         F.rms_norm: _norm("rms"),
         F.scaled_dot_product_attention: _sdpa,
