@@ -83,10 +83,31 @@ def _shared(key: Any, make: Callable[[], nn.Module]) -> nn.Module:
     return module
 
 
+def _plain_ok(*tensors: Any) -> bool:
+    """Whether :func:`_td_nograd` may run: autograd does not record and the data is float32/float64
+    (half inputs keep the TD operators' float32 running sums)."""
+    return not _needs_grad(*tensors) and tensors[0].dtype in (torch.float32, torch.float64)
+
+
+def _needs_grad(*tensors: Any) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _running_sum(steps: Tensor) -> Tensor:
+    """``steps.cumsum(0)``, one ``add`` per step in the working dtype (torch's CPU cumsum along a leading
+    dim is several times slower; the sum agrees with it to the rounding of the dtype)."""
+    out = torch.empty_like(steps)
+    inputs, outputs = steps.unbind(0), out.unbind(0)
+    outputs[0].copy_(inputs[0])
+    for t in range(1, len(inputs)):
+        torch.add(outputs[t - 1], inputs[t], out=outputs[t])
+    return out
+
+
 def _td_nograd(mode: _FoldMode, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``diff(fn(cumsum(x)))`` on the unfolded steps without autograd: one pass each, the differences
     written into the running sum's buffer (dead once ``fn`` ran)."""
-    cum = mode.unfold(x).cumsum(0)
+    cum = _running_sum(mode.unfold(x))
     y = fn(cum)
     if y.shape != cum.shape or y.dtype != cum.dtype or y.data_ptr() == cum.data_ptr():
         out = torch.empty_like(y)
@@ -250,11 +271,21 @@ def _matmul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str,
     return func(*args, **kwargs)
 
 
-def _unary(make: Callable[[tuple[Any, ...], dict[str, Any]], nn.Module]) -> _Handler:
+def _unary(
+    make: Callable[[tuple[Any, ...], dict[str, Any]], nn.Module],
+    plain: Callable[[tuple[Any, ...], dict[str, Any]], Callable[[Tensor], Tensor]] | None = None,
+) -> _Handler:
+    """A TD operator of one time-varying tensor; ``plain(args, kwargs)``, when given, is the op on one
+    cumulative tensor, run by :func:`_td_nograd` when autograd does not record (the TD operator's own
+    fused path costs more dispatch on small tensors)."""
+
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = make(args, kwargs)
         mode.done(func, f"-> {type(module).__name__}")
-        return mode.td(module, args[0])
+        x = args[0]
+        if plain is not None and _plain_ok(x):
+            return _td_nograd(mode, plain(args, kwargs), x)
+        return mode.td(module, x)
 
     return handler
 
@@ -269,6 +300,8 @@ def _softmax(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
         x = x.to(dtype)
     mode.done(func, "-> TDSoftmax")
     dim = shift_dim(dim)
+    if _plain_ok(x):
+        return _td_nograd(mode, lambda z: torch.softmax(z, dim), x)
     return mode.td(_shared((TDSoftmax, dim), lambda: TDSoftmax(dim=dim)), x)
 
 
@@ -277,12 +310,13 @@ def _gelu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
     return _shared((TDGELU, approximate), lambda: TDGELU(approximate=approximate))
 
 
+def _gelu_plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    approximate = read_arg(args, kwargs, 1, "approximate", "none")
+    return lambda z: F.gelu(z, approximate=approximate)
+
+
 def _silu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
     return _shared(TDSiLU, TDSiLU)
-
-
-def _needs_grad(*tensors: Any) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _norm(kind: str) -> _Handler:
@@ -300,7 +334,7 @@ def _norm(kind: str) -> _Handler:
         if mode.is_time(weight) or mode.is_time(bias):
             raise _Unsupported("a time-varying weight or bias")
         x = args[0]
-        if not _needs_grad(x, weight, bias) and x.dtype in (torch.float32, torch.float64):
+        if _plain_ok(x, weight, bias):
             # no autograd: the whole norm, affine part included, on the cumulative steps in one pass
             mode.done(func, "-> TDLayerNorm" if kind == "layer" else "-> TDRMSNorm")
             if kind == "layer":
@@ -449,7 +483,7 @@ def _elementwise(fn: Callable[[Tensor], Tensor], inplace: bool = False) -> _Hand
     """A TDFunction of ``fn``; in place (``relu_``, ``F.relu(x, inplace=True)``) the result is written back
     into the input, whose later readers (``F.relu(y, inplace=True); return f(y)``) rely on the mutation."""
     td = TDFunction(fn)
-    base = _unary(lambda args, kwargs: td)
+    base = _unary(lambda args, kwargs: td, lambda args, kwargs: fn)
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = base(mode, func, args, kwargs)
