@@ -190,3 +190,24 @@ def test_wrapper_mode_and_deepcopy() -> None:
     twin = copy.deepcopy(snn)
     torch.testing.assert_close(twin(x), snn(x))
     torch.testing.assert_close(snn(x).sum(0), Call()(x.sum(0)), atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_batch_size_reshape() -> None:
+    # issue 18: x.view(B, N, H, D) with a literal batch size B works on the T * B folded samples
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.proj(x).view(2, 3, 2, 3).transpose(1, 2)  # [B, H, N, D] with literal B = 2
+            return F.softmax(q @ q.transpose(-1, -2), dim=-1).reshape(2, 2 * 3 * 3)
+
+    torch.manual_seed(0)
+    snn = _equivalent(Heads().double(), torch.randn(4, 2, 3, 6, dtype=torch.float64))
+    assert any("explicit leading size" in r.detail for r in snn.report.converted)
+    # a size that fits no time step: a clear error naming the op, the shapes and the remedy
+    with pytest.raises(
+        ValueError, match=r"Tensor\.view\(3, 7\) of a time-varying tensor of shape \(12, 5\).*-1"
+    ):
+        TDTimeFolded(Fn(lambda m, x: x.view(3, 7)))(torch.randn(4, 3, 5))

@@ -128,8 +128,38 @@ def _passthrough(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict
     return func(*args, **kwargs)
 
 
+def _sizes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    """The target sizes of ``view``/``reshape`` (``x.view(2, 3)``, ``x.view((2, 3))``, ``shape=``), or None
+    for the other forms (``x.view(dtype)``, ``view_as``, ``expand``)."""
+    if func not in (Tensor.view, Tensor.reshape, torch.reshape):
+        return None
+    given = kwargs.get("shape", kwargs.get("size", args[1:]))
+    if len(given) == 1 and isinstance(given[0], (tuple, list)):
+        given = given[0]
+    sizes = list(given)
+    return sizes if sizes and all(isinstance(n, int) for n in sizes) else None
+
+
 def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    out = func(*args, **kwargs)
+    try:
+        out = func(*args, **kwargs)
+    except RuntimeError as error:
+        # ``x.view(B, N, H, D)`` with a literal batch size B: the folded batch holds T * B samples
+        sizes = _sizes(func, args, kwargs)
+        x = args[0]
+        advice = (
+            f"TDTimeFolded: {_name(func)}{tuple(sizes) if sizes else ''} of a time-varying tensor of shape "
+            f"{tuple(x.shape)} (T={mode.steps} time steps folded into its leading batch dim) failed: {error} "
+            "Size the leading (batch) dim with -1 or from the tensor itself (x.size(0), x.shape[0]) "
+            "rather than with a literal batch size."
+        )
+        if sizes is None or sizes[0] <= 0:
+            raise ValueError(advice) from error
+        try:
+            out = func(x, (sizes[0] * mode.steps, *sizes[1:]))
+        except RuntimeError:
+            raise ValueError(advice) from error
+        mode.done(func, "explicit leading size scaled by the T steps folded into the batch")
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0):
             raise _Unsupported("reshape that does not keep the time-folded batch as the leading dim")
