@@ -41,26 +41,47 @@ def _equivalent(ann: nn.Module, x: torch.Tensor, atol: float = 1e-9) -> TDTimeFo
     return snn
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda m, x: 1.0 - x * m.w,
-        lambda m, x: m.w - x,
-        lambda m, x: torch.sub(x, m.w, alpha=2.0) + 3,
-        lambda m, x: x.masked_fill(x.new_tensor([True, False, True, False, False]).bool(), -2.0),
-        lambda m, x: F.layer_norm(x, (5,), m.w, None) + F.rms_norm(x, (5,), m.w),
-        lambda m, x: torch.stack([x, m.w.expand_as(x)], dim=1).sum(1),
-        lambda m, x: F.softmax(x.unsqueeze(1).expand(-1, 3, -1), dim=2).mean(1),
-        lambda m, x: x.reshape(-1, 5).view(x.shape).flatten(1),
-        lambda m, x: _inplace_ops(m, x),
-        lambda m, x: torch.exp(x) + x.pow(3) + F.softplus(x, beta=2.0) + x.clamp(-0.5, 0.5),
-        lambda m, x: torch.addmm(m.w, x, m.w.detach().view(5, 1).expand(5, 5)).type(torch.float64),
-        lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),
-    ],
-)
+_OPS = [
+    lambda m, x: 1.0 - x * m.w,
+    lambda m, x: m.w - x,
+    lambda m, x: torch.sub(x, m.w, alpha=2.0) + 3,
+    lambda m, x: x.masked_fill(x.new_tensor([True, False, True, False, False]).bool(), -2.0),
+    lambda m, x: F.layer_norm(x, (5,), m.w, None) + F.rms_norm(x, (5,), m.w),
+    lambda m, x: torch.stack([x, m.w.expand_as(x)], dim=1).sum(1),
+    lambda m, x: F.softmax(x.unsqueeze(1).expand(-1, 3, -1), dim=2).mean(1),
+    lambda m, x: x.reshape(-1, 5).view(x.shape).flatten(1),
+    lambda m, x: _inplace_ops(m, x),
+    lambda m, x: torch.exp(x) + x.pow(3) + F.softplus(x, beta=2.0) + x.clamp(-0.5, 0.5),
+    lambda m, x: torch.addmm(m.w, x, m.w.detach().view(5, 1).expand(5, 5)).type(torch.float64),
+    lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),
+]
+_UNARY = [
+    lambda m, x: F.gelu(x) + F.gelu(x, approximate="tanh"),
+    lambda m, x: F.silu(x) * 2 + torch.tanh(x) + torch.sigmoid(x) + F.relu(x),
+    lambda m, x: F.softmax(x, dim=-1) + x.unsqueeze(1).expand(-1, 2, -1).softmax(1).sum(1),
+    lambda m, x: F.layer_norm(x, (5,), m.w, m.w.flip(0), 1e-3) * F.rms_norm(x, (5,), m.w),
+]
+
+
+@pytest.mark.parametrize("fn", _OPS + _UNARY)
 def test_ops_are_time_equivalent(fn: Callable[..., torch.Tensor]) -> None:
     torch.manual_seed(0)
     _equivalent(Fn(fn).double(), torch.randn(4, 3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("fn", _OPS + _UNARY)
+def test_ops_are_time_equivalent_without_autograd(
+    fn: Callable[..., torch.Tensor], context: Callable[[], object]
+) -> None:
+    # without autograd the norms and unary ops take the plain cumsum -> op -> difference path
+    torch.manual_seed(0)
+    ann = Fn(fn).double()
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    with context():  # type: ignore[attr-defined]
+        snn = _equivalent(ann, x)
+        out = snn(x)
+    torch.testing.assert_close(out, TDTimeFolded(ann, strict=True)(x).detach(), atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -169,3 +190,24 @@ def test_wrapper_mode_and_deepcopy() -> None:
     twin = copy.deepcopy(snn)
     torch.testing.assert_close(twin(x), snn(x))
     torch.testing.assert_close(snn(x).sum(0), Call()(x.sum(0)), atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_batch_size_reshape() -> None:
+    # issue 18: x.view(B, N, H, D) with a literal batch size B works on the T * B folded samples
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.proj(x).view(2, 3, 2, 3).transpose(1, 2)  # [B, H, N, D] with literal B = 2
+            return F.softmax(q @ q.transpose(-1, -2), dim=-1).reshape(2, 2 * 3 * 3)
+
+    torch.manual_seed(0)
+    snn = _equivalent(Heads().double(), torch.randn(4, 2, 3, 6, dtype=torch.float64))
+    assert any("explicit leading size" in r.detail for r in snn.report.converted)
+    # a size that fits no time step: a clear error naming the op, the shapes and the remedy
+    with pytest.raises(
+        ValueError, match=r"Tensor\.view\(3, 7\) of a time-varying tensor of shape \(12, 5\).*-1"
+    ):
+        TDTimeFolded(Fn(lambda m, x: x.view(3, 7)))(torch.randn(4, 3, 5))

@@ -6,6 +6,7 @@ equivalence holds, or raises :class:`_Unsupported` (the op then runs unchanged a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from ann2snn_ops import (
     TDMatMul,
     TDMul,
     TDScaledDotProductAttention,
+    TDSiLU,
     TDSoftmax,
 )
 
@@ -31,7 +33,22 @@ Tensor = torch.Tensor
 _Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def _name(func: Any) -> str:
+    """A readable name of a torch function (``Tensor.view``, ``F.gelu``), cached per function."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _name_of(func)
+    with contextlib.suppress(TypeError):
+        _NAMES[func] = name
+    return name
+
+
+def _name_of(func: Any) -> str:
     if isinstance(func, type):
         return func.__name__
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
@@ -53,6 +70,55 @@ def _permutation(args: tuple[Any, ...]) -> list[int]:
     return [d % args[0].dim() for d in flat]
 
 
+_SHARED: dict[Any, nn.Module] = {}
+
+
+def _shared(key: Any, make: Callable[[], nn.Module]) -> nn.Module:
+    """One TD operator instance per configuration, shared by every call (they keep no state outside
+    streaming mode, which the fold mode never uses): building an ``nn.Module`` per op call costs more than
+    the op on small tensors."""
+    module = _SHARED.get(key)
+    if module is None:
+        module = _SHARED[key] = make()
+    return module
+
+
+def _plain_ok(*tensors: Any) -> bool:
+    """Whether :func:`_td_nograd` may run: autograd does not record and the data is float32/float64
+    (half inputs keep the TD operators' float32 running sums)."""
+    return not _needs_grad(*tensors) and tensors[0].dtype in (torch.float32, torch.float64)
+
+
+def _needs_grad(*tensors: Any) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _running_sum(steps: Tensor) -> Tensor:
+    """``steps.cumsum(0)``, one ``add`` per step in the working dtype (torch's CPU cumsum along a leading
+    dim is several times slower; the sum agrees with it to the rounding of the dtype)."""
+    out = torch.empty_like(steps)
+    inputs, outputs = steps.unbind(0), out.unbind(0)
+    outputs[0].copy_(inputs[0])
+    for t in range(1, len(inputs)):
+        torch.add(outputs[t - 1], inputs[t], out=outputs[t])
+    return out
+
+
+def _td_nograd(mode: _FoldMode, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``diff(fn(cumsum(x)))`` on the unfolded steps without autograd: one pass each, the differences
+    written into the running sum's buffer (dead once ``fn`` ran)."""
+    cum = _running_sum(mode.unfold(x))
+    y = fn(cum)
+    if y.shape != cum.shape or y.dtype != cum.dtype or y.data_ptr() == cum.data_ptr():
+        out = torch.empty_like(y)
+    else:
+        out = cum
+    out[0].copy_(y[0])
+    if y.shape[0] > 1:
+        torch.sub(y[1:], y[:-1], out=out[1:])
+    return out.flatten(0, 1)
+
+
 class _Unsupported(Exception):
     """An op the fold mode cannot make time-equivalent; it runs unchanged and is reported."""
 
@@ -62,8 +128,38 @@ def _passthrough(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict
     return func(*args, **kwargs)
 
 
+def _sizes(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any] | None:
+    """The target sizes of ``view``/``reshape`` (``x.view(2, 3)``, ``x.view((2, 3))``, ``shape=``), or None
+    for the other forms (``x.view(dtype)``, ``view_as``, ``expand``)."""
+    if func not in (Tensor.view, Tensor.reshape, torch.reshape):
+        return None
+    given = kwargs.get("shape", kwargs.get("size", args[1:]))
+    if len(given) == 1 and isinstance(given[0], (tuple, list)):
+        given = given[0]
+    sizes = list(given)
+    return sizes if sizes and all(isinstance(n, int) for n in sizes) else None
+
+
 def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    out = func(*args, **kwargs)
+    try:
+        out = func(*args, **kwargs)
+    except RuntimeError as error:
+        # ``x.view(B, N, H, D)`` with a literal batch size B: the folded batch holds T * B samples
+        sizes = _sizes(func, args, kwargs)
+        x = args[0]
+        advice = (
+            f"TDTimeFolded: {_name(func)}{tuple(sizes) if sizes else ''} of a time-varying tensor of shape "
+            f"{tuple(x.shape)} (T={mode.steps} time steps folded into its leading batch dim) failed: {error} "
+            "Size the leading (batch) dim with -1 or from the tensor itself (x.size(0), x.shape[0]) "
+            "rather than with a literal batch size."
+        )
+        if sizes is None or sizes[0] <= 0:
+            raise ValueError(advice) from error
+        try:
+            out = func(x, (sizes[0] * mode.steps, *sizes[1:]))
+        except RuntimeError:
+            raise ValueError(advice) from error
+        mode.done(func, "explicit leading size scaled by the T steps folded into the batch")
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0):
             raise _Unsupported("reshape that does not keep the time-folded batch as the leading dim")
@@ -169,7 +265,7 @@ def _inplace(kind: str) -> _Handler:
             if kind == "div":
                 raise _Unsupported("division by a time-varying tensor is a nonlinearity")
             mode.done(func, "-> TDMul")
-            return x.copy_(mode.td(TDMul(), *torch.broadcast_tensors(x, other)))
+            return x.copy_(mode.td(_shared(TDMul, TDMul), *torch.broadcast_tensors(x, other)))
         return func(*args, **kwargs)
 
     return handler
@@ -179,8 +275,9 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     a, b = args[0], read_arg(args, kwargs, 1, "other", None)
     if mode.is_time(a) and mode.is_time(b):
         mode.done(func, "-> TDMul")
-        a, b = torch.broadcast_tensors(a, b)
-        return mode.td(TDMul(), a, b)
+        if a.shape != b.shape:
+            a, b = torch.broadcast_tensors(a, b)
+        return mode.td(_shared(TDMul, TDMul), a, b)
     return func(*args, **kwargs)
 
 
@@ -197,18 +294,28 @@ def _matmul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str,
         if a.dim() != b.dim():
             raise _Unsupported("matmul of two time sequences of different ranks")
         mode.done(func, "-> TDMatMul")
-        return mode.td(TDMatMul(), a, b)
+        return mode.td(_shared(TDMatMul, TDMatMul), a, b)
     if (not mode.is_time(a) and a.dim() >= 3) or (not mode.is_time(b) and b.dim() >= 3):
         # a batched constant factor must not be mistaken for per-sample data of the folded batch
         raise _Unsupported("matmul with a batched constant factor")
     return func(*args, **kwargs)
 
 
-def _unary(make: Callable[[tuple[Any, ...], dict[str, Any]], nn.Module]) -> _Handler:
+def _unary(
+    make: Callable[[tuple[Any, ...], dict[str, Any]], nn.Module],
+    plain: Callable[[tuple[Any, ...], dict[str, Any]], Callable[[Tensor], Tensor]] | None = None,
+) -> _Handler:
+    """A TD operator of one time-varying tensor; ``plain(args, kwargs)``, when given, is the op on one
+    cumulative tensor, run by :func:`_td_nograd` when autograd does not record (the TD operator's own
+    fused path costs more dispatch on small tensors)."""
+
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         module = make(args, kwargs)
         mode.done(func, f"-> {type(module).__name__}")
-        return mode.td(module, args[0])
+        x = args[0]
+        if plain is not None and _plain_ok(x):
+            return _td_nograd(mode, plain(args, kwargs), x)
+        return mode.td(module, x)
 
     return handler
 
@@ -222,11 +329,24 @@ def _softmax(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
     if dtype is not None:
         x = x.to(dtype)
     mode.done(func, "-> TDSoftmax")
-    return mode.td(TDSoftmax(dim=shift_dim(dim)), x)
+    dim = shift_dim(dim)
+    if _plain_ok(x):
+        return _td_nograd(mode, lambda z: torch.softmax(z, dim), x)
+    return mode.td(_shared((TDSoftmax, dim), lambda: TDSoftmax(dim=dim)), x)
 
 
 def _gelu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
-    return TDGELU(approximate=read_arg(args, kwargs, 1, "approximate", "none"))
+    approximate = read_arg(args, kwargs, 1, "approximate", "none")
+    return _shared((TDGELU, approximate), lambda: TDGELU(approximate=approximate))
+
+
+def _gelu_plain(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    approximate = read_arg(args, kwargs, 1, "approximate", "none")
+    return lambda z: F.gelu(z, approximate=approximate)
+
+
+def _silu(args: tuple[Any, ...], kwargs: dict[str, Any]) -> nn.Module:
+    return _shared(TDSiLU, TDSiLU)
 
 
 def _norm(kind: str) -> _Handler:
@@ -243,6 +363,13 @@ def _norm(kind: str) -> _Handler:
         eps = read_arg(args, kwargs, 4 if kind == "layer" else 3, "eps", 1e-5 if kind == "layer" else None)
         if mode.is_time(weight) or mode.is_time(bias):
             raise _Unsupported("a time-varying weight or bias")
+        x = args[0]
+        if _plain_ok(x, weight, bias):
+            # no autograd: the whole norm, affine part included, on the cumulative steps in one pass
+            mode.done(func, "-> TDLayerNorm" if kind == "layer" else "-> TDRMSNorm")
+            if kind == "layer":
+                return _td_nograd(mode, lambda z: F.layer_norm(z, shape, weight, bias, eps), x)
+            return _td_nograd(mode, lambda z: F.rms_norm(z, shape, weight, eps), x)
         if kind == "layer":
             td = TDFunction(lambda z: F.layer_norm(z, shape, None, None, eps), name="TDLayerNorm")
         else:
@@ -302,7 +429,11 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         # SDPA ignores neither; keep the plain call's semantics by folding causality into the mask
         raise _Unsupported("is_causal=True together with attn_mask")
     mode.done(func, "-> TDScaledDotProductAttention")
-    module = TDScaledDotProductAttention(is_causal=bool(is_causal), scale=scale)
+    causal = bool(is_causal)
+    module = _shared(
+        (TDScaledDotProductAttention, causal, scale),
+        lambda: TDScaledDotProductAttention(is_causal=causal, scale=scale),
+    )
     return module(mode.unfold(q), mode.unfold(k), mode.unfold(v), mask).flatten(0, 1)
 
 
@@ -356,7 +487,7 @@ def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     if args[3:] or any(isinstance(v, Tensor) for v in (beta, alpha)):
         raise _Unsupported(f"{_name(func)} with tensor or positional beta/alpha")
     if mode.is_time(a) and mode.is_time(b):
-        product = mode.td(TDMatMul(), a, b)
+        product = mode.td(_shared(TDMatMul, TDMatMul), a, b)
     elif mode.is_time(a) or mode.is_time(b):
         constant = b if mode.is_time(a) else a
         if (
@@ -381,7 +512,8 @@ def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
 def _elementwise(fn: Callable[[Tensor], Tensor], inplace: bool = False) -> _Handler:
     """A TDFunction of ``fn``; in place (``relu_``, ``F.relu(x, inplace=True)``) the result is written back
     into the input, whose later readers (``F.relu(y, inplace=True); return f(y)``) rely on the mutation."""
-    base = _unary(lambda args, kwargs: TDFunction(fn))
+    td = TDFunction(fn)
+    base = _unary(lambda args, kwargs: td, lambda args, kwargs: fn)
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         out = base(mode, func, args, kwargs)

@@ -9,11 +9,33 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import read_arg
 from ann2snn_fx.td.fold_handlers import Tensor, _name, _permutation, _Unsupported
 from ann2snn_fx.td.fold_table import _FACTORIES, _HANDLERS, _META, _NONLINEAR, _SELF_ONLY
+
+
+def _leaves(value: Any, out: list[Tensor]) -> list[Tensor]:
+    """The tensors in ``value`` (nested tuples, lists and dicts): a direct walk, cheaper than pytree's."""
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                out.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                _leaves(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _leaves(item, out)
+    return out
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to exactly ``target`` (cheaper than ``torch.broadcast_shapes``)."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 class _FoldMode(TorchFunctionMode):
@@ -45,9 +67,11 @@ class _FoldMode(TorchFunctionMode):
         return self.batch_dim(value) is not None
 
     def mark(self, value: Any, batch_dim: int = 0) -> Any:
-        for leaf in pytree.tree_leaves(value):
-            if isinstance(leaf, Tensor) and not self.is_time(leaf):
-                self._time[id(leaf)] = (weakref.ref(leaf), batch_dim)
+        time = self._time
+        for leaf in _leaves(value, []):
+            entry = time.get(id(leaf))
+            if entry is None or entry[0]() is not leaf:
+                time[id(leaf)] = (weakref.ref(leaf), batch_dim)
         return value
 
     def issue(self, func: Any, detail: str) -> None:
@@ -79,7 +103,7 @@ class _FoldMode(TorchFunctionMode):
         """:meth:`add_at_t0` in place, for a tensor this mode just created (no other user sees it)."""
         head = self.unfold(fresh)[0]
         step = self.step_constant(constant, fresh)
-        if torch.broadcast_shapes(head.shape, getattr(step, "shape", ())) != head.shape:
+        if not _broadcasts_to(tuple(getattr(step, "shape", ())), tuple(head.shape)):
             return self.add_at_t0(fresh, constant)
         head.add_(step)
         return fresh
@@ -100,14 +124,22 @@ class _FoldMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        leaves = pytree.tree_leaves((args, kwargs))
-        if not any(self.is_time(leaf) for leaf in leaves):
+        leaves = _leaves(args, [])
+        if kwargs:
+            _leaves(kwargs, leaves)
+        time = self._time
+        dims = []
+        for leaf in leaves:
+            entry = time.get(id(leaf))
+            if entry is not None and entry[0]() is leaf:
+                dims.append(entry[1])
+        if not dims:
             return func(*args, **kwargs)
         if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
             return func(*args, **kwargs)  # uses only the shape/dtype of its time-varying argument
         if func in _FACTORIES:
             return func(*args, **kwargs)  # new tensors that take only shape/dtype/device from the input
-        if any(self.batch_dim(leaf) not in (None, 0) for leaf in leaves):
+        if any(dims):
             return self.displaced(func, args, kwargs)
         handler = _HANDLERS.get(func)
         if handler is None:

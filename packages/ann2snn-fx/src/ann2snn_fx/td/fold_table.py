@@ -19,6 +19,7 @@ from ann2snn_fx.td.fold_handlers import (
     _dropout,
     _elementwise,
     _gelu,
+    _gelu_plain,
     _getitem,
     _Handler,
     _inplace,
@@ -33,11 +34,9 @@ from ann2snn_fx.td.fold_handlers import (
     _pool_last,
     _reshape,
     _sdpa,
+    _silu,
     _softmax,
     _unary,
-)
-from ann2snn_ops import (
-    TDSiLU,
 )
 
 _DIM1 = ((1, "dim", None),)
@@ -135,8 +134,8 @@ _HANDLERS.update(
         F.softmax: _softmax,
         torch.softmax: _softmax,
         Tensor.softmax: _softmax,
-        F.gelu: _unary(_gelu),
-        F.silu: _unary(lambda args, kwargs: TDSiLU()),
+        F.gelu: _unary(_gelu, _gelu_plain),
+        F.silu: _unary(_silu, lambda args, kwargs: F.silu),
         F.layer_norm: _norm("layer"),
         F.rms_norm: _norm("rms"),
         F.scaled_dot_product_attention: _sdpa,
