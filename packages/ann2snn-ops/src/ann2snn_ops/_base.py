@@ -142,6 +142,8 @@ class TDModule(nn.Module):
         inplace_fn: Callable[[torch.Tensor], object] | None = None,
         row: tuple[int, ...] | None = None,
         row_out: RowsOut | None = None,
+        step_out: RowsOut | None = None,
+        step_min_elements: int = 0,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -166,4 +168,6 @@ class TDModule(nn.Module):
             inplace_fn=inplace_fn,
             row=row,
             row_out=row_out,
+            step_out=step_out,
+            step_min_elements=step_min_elements,
         )

@@ -63,6 +63,11 @@ def _softmax_last_out(x_cum: torch.Tensor, out: torch.Tensor) -> None:
     torch._softmax(x_cum, -1, False, out=out)
 
 
+_GELU_GROUP_ELEMENTS = 1 << 18
+"""GELU's CPU kernel has a fixed cost of several microseconds per call: the no-autograd path applies it to
+groups of steps of at least this many elements (``td_steps``'s ``min_elements``)."""
+
+
 class TDSoftmax(TDModule):
     """Temporal-difference softmax: ``Y.cumsum(0)[t] == softmax(X.cumsum(0)[t], dim)``.
 
@@ -130,9 +135,18 @@ class TDSoftmax(TDModule):
         last = isinstance(x_seq, torch.Tensor) and x_seq.dim() > 0 and self.dim in (-1, x_seq.dim() - 1)
         if last and not self.streaming and not needs_grad(x_seq):  # a last-dim softmax acts on rows
             return self._unary_forward(
-                x_seq, _softmax_last, row=(x_seq.shape[-1],), row_out=_softmax_last_out
+                x_seq,
+                _softmax_last,
+                row=(x_seq.shape[-1],),
+                row_out=_softmax_last_out,
+                step_out=_softmax_last_out,
             )
-        return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path)
+        return self._unary_forward(x_seq, self._fn, grad_path=self._grad_path, step_out=self._step_out)
+
+    def _step_out(self, x_cum_step: torch.Tensor, out: torch.Tensor) -> None:
+        # One time step (no time axis) of the [T, ...] input, whose dims were checked: shift dim by one.
+        dim = self.dim if self.dim < 0 else self.dim - 1
+        torch._softmax(x_cum_step, dim, False, out=out)
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _TDSoftmaxFn.apply(x_seq, self.dim)
@@ -189,11 +203,19 @@ class TDGELU(TDModule):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD GELU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+            x_seq,
+            self._fn,
+            elementwise_backward=self._backward,
+            inplace_fn=self._inplace,
+            step_out=self._out,
+            step_min_elements=_GELU_GROUP_ELEMENTS,
         )
 
     def _inplace(self, x_cum: torch.Tensor) -> None:
         torch.ops.aten.gelu_(x_cum, approximate=self.approximate)
+
+    def _out(self, x_cum: torch.Tensor, out: torch.Tensor) -> None:
+        torch.ops.aten.gelu.out(x_cum, approximate=self.approximate, out=out)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"
@@ -237,8 +259,16 @@ class TDSiLU(TDModule):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         """Apply TD SiLU to ``x_seq`` ``[T, ...]`` (or one step in streaming mode)."""
         return self._unary_forward(
-            x_seq, self._fn, elementwise_backward=self._backward, inplace_fn=self._inplace
+            x_seq,
+            self._fn,
+            elementwise_backward=self._backward,
+            inplace_fn=self._inplace,
+            step_out=self._out,
         )
+
+    @staticmethod
+    def _out(x_cum: torch.Tensor, out: torch.Tensor) -> None:
+        torch.ops.aten.silu.out(x_cum, out=out)
 
     @staticmethod
     def _inplace(x_cum: torch.Tensor) -> None:
