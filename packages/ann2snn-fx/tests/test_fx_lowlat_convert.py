@@ -18,6 +18,8 @@ from ann2snn_fx import (
     QCFS,
     Converter,
     IFNode,
+    LatencyRecord,
+    LatencyResult,
     LTBHook,
     NeuronFactory,
     ThresholdOptimizer,
@@ -432,3 +434,58 @@ def test_tuner_spike_count_matches_profile_snn() -> None:
     snn = Converter([x], progress=False, neuron_factory=factory).convert_to_spiking_neurons(ann)
     _, _, spikes = _evaluate(snn, [(x, torch.zeros(32, dtype=torch.long))], 4)
     assert float(spikes.sum()) / 32 == pytest.approx(profile_snn(snn, x, 4).events)
+
+
+def _record(accuracy: float, error: float, spikes: float, burst: int = 1) -> LatencyRecord:
+    return LatencyRecord(2, accuracy, spikes, "max", "fixed", 0.5, burst, False, output_error=error)
+
+
+def test_tuner_best_breaks_accuracy_ties_by_output_error() -> None:
+    far = _record(98.6, 0.40, 100.0, burst=1)
+    near = _record(98.6, 0.05, 300.0, burst=2)
+    worse = _record(98.2, 0.01, 50.0, burst=4)
+    unmeasured = LatencyRecord(2, 98.6, 10.0, "max", "fixed", 0.5, 1, False)
+    result = LatencyResult(ann_accuracy=99.0, records=[far, unmeasured, worse, near])
+    # Equal accuracy: the lower output error wins over fewer spikes; higher accuracy still comes first.
+    assert result.best(2) is near
+    result.records.append(_record(98.9, 0.9, 900.0))
+    assert result.best(2) == _record(98.9, 0.9, 900.0)
+    # Equal accuracy and error: fewest spikes; a record without an error ranks after measured ones.
+    tied = LatencyResult(99.0, [_record(98.6, 0.05, 400.0), near, unmeasured])
+    assert tied.best(2) is near
+    assert LatencyResult(99.0, [unmeasured]).best(2) is unmeasured
+
+
+def test_tuner_output_error_is_the_mse_of_the_snn_mean_against_the_ann() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    data = [(x, ann(x).argmax(1))]
+    result = tune_latency(
+        ann,
+        data,
+        data,
+        (1, 2, 4),
+        modes=("max",),
+        strategies=("fixed",),
+        v_inits=(0.5,),
+        bursts=(1,),
+        signed=(False,),
+        calibrations=(None,),
+        readout_delay=False,
+        progress=False,
+    )
+    snn = Converter(
+        data,
+        progress=False,
+        threshold_optimizer=ThresholdOptimizer("fixed"),
+        neuron_factory=NeuronFactory(v_init=0.5),
+    ).convert_to_spiking_neurons(ann)
+    out = run_snn(snn, x, 4)
+    with torch.no_grad():
+        reference = ann(x)
+    assert [r.time_steps for r in result.records] == [1, 2, 4]
+    for r in result.records:
+        expected = float((out[r.time_steps - 1] - reference).double().pow(2).mean())
+        assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert result.records[0].output_error > 0
