@@ -287,6 +287,37 @@ def test_batch_slices_give_the_whole_batch_outputs(name: str) -> None:
         qann_to_snn(qann, batch_chunk=0)
 
 
+class WithCount(nn.Module):
+    """A linear layer whose output comes with a plain int: no [T, B] layout to join batch slices on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.fc(x), 3
+
+
+def test_batch_slices_fall_back_to_the_whole_batch_for_an_output_they_cannot_join() -> None:
+    torch.manual_seed(2)
+    model = WithCount().eval()
+    x = torch.randn(4, 6)
+    qann = calibrate_qann(prepare_qann(model, 8, example_inputs=x), [x])
+    x_seq = torch.zeros(5, 4, 6)
+    x_seq[0] = x
+    with torch.no_grad():
+        ref, count = qann(x)
+        whole = qann_to_snn(qann, batch_chunk=None)
+        sliced = qann_to_snn(qann, batch_chunk=2)
+        batches: list[int] = []
+        sliced.model.register_forward_pre_hook(lambda _m, a: batches.append(a[0].shape[0]))
+        (out_whole, count_whole), (out_sliced, count_sliced) = whole(x_seq), sliced(x_seq)
+    assert count_whole == count_sliced == count == 3
+    torch.testing.assert_close(out_sliced, out_whole, rtol=0, atol=0)
+    torch.testing.assert_close(out_sliced.sum(0), ref, rtol=1e-5, atol=1e-5)
+    assert batches == [5 * 2, 5 * 4]  # the first slice shows the layout, then one whole-batch run
+
+
 class SequenceFirst(nn.Module):
     """``nn.MultiheadAttention(batch_first=False)``: inputs ``[L, B, E]``, a key padding mask ``[B, L]``."""
 

@@ -129,15 +129,11 @@ class SpikeZIPSNN(TDTimeFolded):
         finally:
             self.batch_chunk = saved
 
-    def _chunk_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-        """Samples per slice for these inputs, or None to run the whole batch at once."""
+    def _chunk_size(self, times: list[Any]) -> int | None:
+        """Samples per slice for these time inputs, or None to run the whole batch at once."""
         chunk = _batch_chunk(self.batch_chunk)
-        if chunk is None or self._sequence_first:
-            return None
-        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
-        times = [v for k, v in items if self._is_time(k, v) and v.dim() >= 2]
-        if not times:
-            return None  # TDTimeFolded raises its own error
+        if chunk is None or self._sequence_first or not times or times[0].dim() < 2:
+            return None  # (no [T, B, ...] time input: TDTimeFolded raises its own error)
         batch = times[0].shape[1]
         if chunk == "auto":
             per_sample = max(math.prod(times[0].shape) // max(batch, 1), 1)
@@ -150,12 +146,12 @@ class SpikeZIPSNN(TDTimeFolded):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run ``T`` steps at once (the TD convention), in batch slices; sets :attr:`settle_steps`."""
-        chunk = self._chunk_size(args, kwargs)
+        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+        times = {k: v for k, v in items if self._is_time(k, v)}
+        chunk = self._chunk_size(list(times.values()))
         if chunk is None:
             return self._forward_whole(*args, **kwargs)
-        items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
-        times = {k for k, v in items if self._is_time(k, v)}
-        steps, batch = next(v for k, v in items if k in times).shape[:2]
+        steps, batch = next(iter(times.values())).shape[:2]
 
         def part(key: int | str, value: Any, start: int) -> Any:
             if key in times:
@@ -164,25 +160,21 @@ class SpikeZIPSNN(TDTimeFolded):
                 return value[start : start + chunk]
             return value
 
-        outs, settles = [], []
+        flat, settles = [], []
         for start in range(0, batch, chunk):
-            outs.append(
-                self._forward_whole(
-                    *[part(i, v, start) for i, v in enumerate(args)],
-                    **{k: part(k, v, start) for k, v in kwargs.items()},
-                )
+            out = self._forward_whole(
+                *[part(i, v, start) for i, v in enumerate(args)],
+                **{k: part(k, v, start) for k, v in kwargs.items()},
             )
+            leaves, spec = pytree.tree_flatten(out)
+            if start == 0 and not all(
+                isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and tuple(leaf.shape[:2]) == (steps, chunk)
+                for leaf in leaves
+            ):  # an output without the [T, B] layout: no safe way to join slices, so run the batch whole
+                return self._forward_whole(*args, **kwargs)
+            flat.append(leaves)
             settles.append(self.settle_steps)
-        leaves, spec = pytree.tree_flatten(outs[0])
-        sliced = [
-            isinstance(leaf, torch.Tensor)
-            and leaf.dim() >= 2
-            and tuple(leaf.shape[:2]) == (steps, min(chunk, batch))
-            for leaf in leaves
-        ]
-        if not all(sliced):  # an output without the [T, B] layout: no safe way to join the slices
-            return self._forward_whole(*args, **kwargs)
-        joined = [torch.cat([pytree.tree_leaves(out)[i] for out in outs], dim=1) for i in range(len(leaves))]
+        joined = [torch.cat(parts, dim=1) for parts in zip(*flat, strict=True)]
         self.settle_steps = None if any(s is None for s in settles) else max(settles)  # type: ignore[type-var]
         return pytree.tree_unflatten(joined, spec)
 
