@@ -262,8 +262,17 @@ def test_mha_forward_checks_in_order() -> None:
     x = torch.randn(2, 1, 3, 8)
     with pytest.raises(ValueError, match=r"^TDMultiheadAttention only supports need_weights=False.$"):
         op(x, x, x, torch.ones(1, 3, dtype=torch.bool), True)
-    with pytest.raises(ValueError, match=r"^TDMultiheadAttention does not support key_padding_mask.$"):
-        op(x, x, x, torch.ones(1, 3, dtype=torch.bool), False, None, False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "TDMultiheadAttention expects key_padding_mask of shape (batch, S) = (1, 3), but got (1, 4)."
+        ),
+    ):
+        op(x, x, x, torch.ones(1, 4, dtype=torch.bool), False)
+    with pytest.raises(TypeError, match=r"bool or floating-point key_padding_mask.*mask\.bool\(\)"):
+        op(x, x, x, torch.ones(1, 3, dtype=torch.int64), False)
+    with pytest.raises(TypeError, match=r"key_padding_mask to be a tensor or None"):
+        op(x, x, x, [[True, False, False]], False)
     with pytest.raises(
         ValueError, match=r"^TDMultiheadAttention does not support average_attn_weights=False.$"
     ):
