@@ -43,11 +43,18 @@ class _FoldedMultiheadAttention(nn.Module):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
         attn_mask = read_arg((query, key, value, *args), kwargs, 5, "attn_mask", None)
         is_causal = read_arg((query, key, value, *args), kwargs, 7, "is_causal", False)
+        padding = read_arg((query, key, value, *args), kwargs, 3, "key_padding_mask", None)
+        batch = query.shape[0] // mode.steps
+        padding = _step_mask(mode, padding, "key_padding_mask", batch)
+        if isinstance(attn_mask, Tensor):
+            rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
+            attn_mask = _step_mask(mode, attn_mask, "attn_mask", rows)
         with torch._C.DisableTorchFunction():
             out, _ = self.td(
                 mode.unfold(query),
                 mode.unfold(key),
                 mode.unfold(value),
+                key_padding_mask=padding,
                 need_weights=False,
                 attn_mask=attn_mask,
                 is_causal=is_causal,
@@ -56,6 +63,25 @@ class _FoldedMultiheadAttention(nn.Module):
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
+
+
+def _step_mask(mode: _FoldMode, mask: Any, name: str, rows: int) -> Any:
+    """One step of an attention mask met on the folded batch. ``rows`` is the leading size the TD attention
+    expects (``B`` of a ``[B, S]`` padding mask, ``L`` of an ``[L, S]`` mask, ``B*H`` of a ``[B*H, L, S]``
+    mask); a mask with ``T*rows`` there was repeated over the steps (a static input with the batch as its
+    leading dim, or a mask built from one) and loses the repeat. A mask computed from the time inputs is
+    reported (its steps differ; step 0 is used)."""
+    if not isinstance(mask, Tensor) or mask.dim() == 0:
+        return mask
+    if mode.is_time(mask):
+        mode.issue(
+            nn.MultiheadAttention,
+            f"{name} computed from the time inputs (the TD attention needs a mask constant over time)",
+        )
+    if mode.steps > 1 and mask.shape[0] == mode.steps * rows:
+        with torch._C.DisableTorchFunction():
+            return mode.unfold(mask)[0]
+    return mask
 
 
 class TDTimeFolded(nn.Module):
