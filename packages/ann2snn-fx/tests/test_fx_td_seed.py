@@ -152,7 +152,7 @@ class _MHAModel(nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "call", "message"),
     [
-        ({"batch_first": False}, "default_weights", "only supports batch_first=True"),
+        ({"batch_first": False}, "default_weights", "requires need_weights=False"),  # either layout
         ({"kdim": 4}, "default_weights", r"kdim == vdim == embed_dim"),
         ({"vdim": 4}, "plain", r"kdim == vdim == embed_dim"),
         ({"add_bias_kv": True}, "default_weights", "does not support add_bias_kv"),

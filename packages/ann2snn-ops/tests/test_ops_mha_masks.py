@@ -12,9 +12,9 @@ from ann2snn_ops import TDMultiheadAttention
 B, L, S, E, H = 3, 4, 6, 8, 2
 
 
-def _mha() -> nn.MultiheadAttention:
+def _mha(batch_first: bool = True) -> nn.MultiheadAttention:
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first).eval()
     with torch.no_grad():  # torch initialises the biases to zero: make them count
         mha.in_proj_bias.normal_()
         mha.out_proj.bias.normal_()
@@ -48,6 +48,11 @@ def _check(op: nn.Module, mha: nn.Module, q: torch.Tensor, kv: torch.Tensor, **m
         assert error <= 1e-5, (t, error.item())
 
 
+def _layout(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """``[T, B, N, E]`` as the layout's input (sequence-first: ``[T, N, B, E]``)."""
+    return x if batch_first else x.transpose(1, 2).contiguous()
+
+
 def _masks(kind: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(3)
     pad = _padding()
@@ -78,11 +83,14 @@ def _masks(kind: str) -> dict[str, torch.Tensor]:
     ],
 )
 @pytest.mark.parametrize("grad", [False, True])  # no_grad takes torch's fused inference path
-def test_cross_attention_masks_match_nn_mha(kind: str, steps: int, grad: bool) -> None:
-    mha = _mha()
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_masks_match_nn_mha(kind: str, steps: int, grad: bool, batch_first: bool) -> None:
+    mha = _mha(batch_first)
     op = TDMultiheadAttention.from_module(mha)
+    assert op.batch_first is batch_first
     torch.manual_seed(steps)
-    q, kv = torch.randn(steps, B, L, E), torch.randn(steps, B, S, E)
+    q = _layout(torch.randn(steps, B, L, E), batch_first)
+    kv = _layout(torch.randn(steps, B, S, E), batch_first)
     masks = _masks(kind)
     with torch.set_grad_enabled(grad):
         _check(op, mha, q, kv, **masks)
@@ -90,11 +98,14 @@ def test_cross_attention_masks_match_nn_mha(kind: str, steps: int, grad: bool) -
 
 @pytest.mark.parametrize("steps", [4, 8])
 @pytest.mark.parametrize("padding_dtype", [torch.bool, torch.float32])
-def test_causal_self_attention_with_padding_matches_nn_mha(steps: int, padding_dtype: torch.dtype) -> None:
-    mha = _mha()
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_causal_self_attention_with_padding_matches_nn_mha(
+    steps: int, padding_dtype: torch.dtype, batch_first: bool
+) -> None:
+    mha = _mha(batch_first)
     op = TDMultiheadAttention.from_module(mha)
     torch.manual_seed(steps)
-    x = torch.randn(steps, B, L, E)
+    x = _layout(torch.randn(steps, B, L, E), batch_first)
     pad = torch.zeros(B, L, dtype=torch.bool)
     pad[1, 3:] = True
     pad[2, 2:] = True  # left-aligned padding keeps key 0, which every causal row sees
@@ -129,10 +140,12 @@ def test_fully_padded_sample_gets_torch_reference_path_output() -> None:
     torch.testing.assert_close(out.sum(0)[:2], fused[:2], atol=1e-5, rtol=1e-5)
 
 
-def test_streaming_with_padding_equals_full_sequence() -> None:
-    op = TDMultiheadAttention.from_module(_mha())
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_streaming_with_padding_equals_full_sequence(batch_first: bool) -> None:
+    op = TDMultiheadAttention.from_module(_mha(batch_first))
     torch.manual_seed(2)
-    q, kv = torch.randn(4, B, L, E), torch.randn(4, B, S, E)
+    q = _layout(torch.randn(4, B, L, E), batch_first)
+    kv = _layout(torch.randn(4, B, S, E), batch_first)
     pad = _padding()
     full, _ = op(q, kv, kv, key_padding_mask=pad)
     op.set_streaming(True)
@@ -151,3 +164,15 @@ def test_padding_gradients_match_nn_mha() -> None:
     ref = mha(qc, qc, qc, key_padding_mask=pad[:, :L], need_weights=False)[0]
     (g_ref,) = torch.autograd.grad(ref.square().sum(), qc)
     torch.testing.assert_close(g_td, g_ref.expand_as(g_td))
+
+
+def test_sequence_first_without_masks_matches_nn_mha_and_keeps_the_layout() -> None:
+    mha = _mha(batch_first=False)
+    op = TDMultiheadAttention.from_module(mha)
+    assert "batch_first=False" in op.extra_repr()
+    torch.manual_seed(4)
+    x = torch.randn(5, L, B, E)
+    out, _ = op(x, x, x)
+    assert out.shape == x.shape
+    assert out.is_contiguous()
+    _check(op, mha, x, x)

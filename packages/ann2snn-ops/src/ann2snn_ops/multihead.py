@@ -1,4 +1,4 @@
-"""``TDMultiheadAttention``: the fused TD form of ``nn.MultiheadAttention`` (``batch_first``, packed).
+"""``TDMultiheadAttention``: the fused TD form of ``nn.MultiheadAttention`` (packed, either layout).
 
 It accumulates its inputs once, projects the cumulative inputs (the projections are affine, so that is the
 cumulative of the TD projections), attends with the time axis folded into the batch, differences once, and
@@ -31,7 +31,7 @@ def _check_positive(value: object, name: str) -> int:
 
 
 class TDMultiheadAttention(TDModule):
-    """Temporal-difference multi-head attention, the ``batch_first`` packed subset of ``nn.MultiheadAttention``.
+    """Temporal-difference multi-head attention, the packed subset of ``nn.MultiheadAttention``.
 
     ``out.cumsum(0)[t]`` equals ``nn.MultiheadAttention`` (same weights, ``need_weights=False``) applied to
     the cumulative inputs at step ``t``. The projections are ``TDLinear`` submodules (``q_proj``, ``k_proj``,
@@ -53,16 +53,17 @@ class TDMultiheadAttention(TDModule):
         num_heads: Number of heads ``H``; must divide ``E``.
         dropout: Must be 0.0.
         bias: Whether the projections have biases.
-        batch_first: Must be True.
+        batch_first: ``[T, B, L, E]`` inputs (True) or sequence-first ``[T, L, B, E]`` (False, attended
+            through batch-first views, the output transposed back).
         device: Device of the parameters.
         dtype: Dtype of the parameters.
 
     Shape:
         - query_seq: ``[T, B, L, E]``; key_seq, value_seq: ``[T, B, S, E]`` (one step ``[B, *, E]`` in
-          streaming mode).
+          streaming mode); with ``batch_first=False`` ``[T, L, B, E]`` and ``[T, S, B, E]``.
         - key_padding_mask: ``[B, S]``, bool or float.
         - attn_mask: ``[L, S]`` or ``[B*H, L, S]``.
-        - Output: ``([T, B, L, E], None)``.
+        - Output: ``([T, B, L, E], None)`` (``[T, L, B, E]`` with ``batch_first=False``).
 
     Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -98,8 +99,6 @@ class TDMultiheadAttention(TDModule):
             raise ValueError("embed_dim must be divisible by num_heads.")
         if dropout != 0.0:
             raise ValueError("TDMultiheadAttention only supports dropout=0.0.")
-        if not batch_first:
-            raise ValueError("TDMultiheadAttention only supports batch_first=True.")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -119,7 +118,7 @@ class TDMultiheadAttention(TDModule):
         Raises:
             TypeError: If ``module`` is not an ``nn.MultiheadAttention``.
             ValueError: For the unsupported configurations, checked in this order: ``dropout != 0``,
-                ``batch_first=False``, ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
+                ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
                 ``add_zero_attn``, no packed ``in_proj_weight``.
         """
         return _from_nn_mha(cls, module)
@@ -195,6 +194,10 @@ class TDMultiheadAttention(TDModule):
             for tensor in (query_seq, key_seq, value_seq):
                 check_step(tensor, name)
             query_seq, key_seq, value_seq = (t.unsqueeze(0) for t in (query_seq, key_seq, value_seq))
+        self_attention = key_seq is query_seq and value_seq is query_seq
+        if not self.batch_first:  # [T, L, B, E] -> batch-first views [T, B, L, E] (one per distinct input)
+            views = {id(t): t.transpose(-3, -2) for t in (query_seq, key_seq, value_seq)}
+            query_seq, key_seq, value_seq = (views[id(t)] for t in (query_seq, key_seq, value_seq))
         _check_inputs(
             self, query_seq, key_seq, value_seq, is_causal, attn_mask if key_padding_mask is None else None
         )
@@ -205,7 +208,6 @@ class TDMultiheadAttention(TDModule):
             is_causal = False  # the merged mask holds the causal mask, if any
         acc = accumulation_dtype(query_seq.dtype)
         params = self._params(acc)
-        self_attention = key_seq is query_seq and value_seq is query_seq
         first = "a" not in self._state
         if self.streaming:
             self._check_stream_shapes(
@@ -227,6 +229,8 @@ class TDMultiheadAttention(TDModule):
         out = F.linear(diff, wo)
         if bo is not None and (first or not self.streaming):
             out[0].add_(bo)  # the bias is counted once, at step 0
+        if not self.batch_first:
+            out = out.transpose(-3, -2).contiguous()
         if self.streaming:
             out = out[0]
         return out.to(query_seq.dtype), None
@@ -247,8 +251,6 @@ def _from_nn_mha(cls: type[_MHA], module: nn.MultiheadAttention) -> _MHA:
     e = module.embed_dim
     if module.dropout != 0.0:
         raise ValueError("TD MHA conversion only supports dropout=0.0.")
-    if not module.batch_first:
-        raise ValueError("TD MHA conversion only supports batch_first=True.")
     if module.kdim != e or module.vdim != e:
         raise ValueError("TD MHA conversion only supports kdim == vdim == embed_dim.")
     if module.bias_k is not None or module.bias_v is not None:
@@ -259,7 +261,14 @@ def _from_nn_mha(cls: type[_MHA], module: nn.MultiheadAttention) -> _MHA:
         raise ValueError("TD MHA conversion requires packed in_proj_weight.")
     w = module.in_proj_weight
     b = module.in_proj_bias
-    td = cls(e, module.num_heads, bias=b is not None, device=w.device, dtype=w.dtype)
+    td = cls(
+        e,
+        module.num_heads,
+        bias=b is not None,
+        batch_first=module.batch_first,
+        device=w.device,
+        dtype=w.dtype,
+    )
     with torch.no_grad():
         for i, proj in enumerate((td.q_proj, td.k_proj, td.v_proj)):
             proj.weight.copy_(w[i * e : (i + 1) * e])
