@@ -77,10 +77,10 @@ def _check(
 class _Attention(nn.Module):
     """Self-attention (``memory is None``) or cross-attention with a padding mask and an optional mask."""
 
-    def __init__(self, causal: bool = False) -> None:
+    def __init__(self, causal: bool = False, batch_first: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first)
         with torch.no_grad():
             self.attn.in_proj_bias.normal_()
             self.attn.out_proj.bias.normal_()
@@ -97,21 +97,22 @@ class _Attention(nn.Module):
         return out + y
 
 
-def _attention_case(kind: str) -> tuple[_Attention, torch.Tensor, torch.Tensor | None, bool]:
+def _attention_case(kind: str, bf: bool) -> tuple[_Attention, torch.Tensor, torch.Tensor | None, bool]:
     """The model, key padding mask, attn_mask, and whether it is self-attention (keys = queries)."""
     torch.manual_seed(5)
     if kind == "bool":
-        return _Attention(), _padding(S), None, False
+        return _Attention(batch_first=bf), _padding(S), None, False
     if kind == "float":
-        return _Attention(), _float(_padding(S)) + 0.3 * torch.randn(B, S), None, False
+        return _Attention(batch_first=bf), _float(_padding(S)) + 0.3 * torch.randn(B, S), None, False
     if kind == "bool + 2-D bool attn_mask":
         mask = torch.rand(L, S) > 0.6
         mask[:, :2] = False  # every query row keeps keys that the padding leaves
-        return _Attention(), _padding(S), mask, False
+        return _Attention(batch_first=bf), _padding(S), mask, False
     if kind == "float + 3-D float attn_mask":
-        return _Attention(), _float(_padding(S)), torch.randn(B * HEADS, L, S), False
+        return _Attention(batch_first=bf), _float(_padding(S)), torch.randn(B * HEADS, L, S), False
     if kind == "bool + causal attn_mask + is_causal":
-        return _Attention(causal=True), _padding(L), nn.Transformer.generate_square_subsequent_mask(L), True
+        causal = nn.Transformer.generate_square_subsequent_mask(L)
+        return _Attention(causal=True, batch_first=bf), _padding(L), causal, True
     raise AssertionError(kind)
 
 
@@ -124,17 +125,18 @@ _KINDS = [
 ]
 
 
-def _attention_inputs(kind: str, steps: int):
-    ann, pad, mask, self_attention = _attention_case(kind)
-    x = _seq(steps, L)
-    memory = x if self_attention else _seq(steps, S)
+def _attention_inputs(kind: str, steps: int, batch_first: bool = True):
+    ann, pad, mask, self_attention = _attention_case(kind, batch_first)
+    x = _seq(steps, L, batch_first)
+    memory = x if self_attention else _seq(steps, S, batch_first)
     return ann.eval(), pad, mask, x, memory
 
 
 @pytest.mark.parametrize("steps", [4, 8])
 @pytest.mark.parametrize("kind", _KINDS)
-def test_mha_key_padding_mask_through_fx(kind: str, steps: int) -> None:
-    ann, pad, mask, x, memory = _attention_inputs(kind, steps)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_key_padding_mask_through_fx(batch_first: bool, kind: str, steps: int) -> None:
+    ann, pad, mask, x, memory = _attention_inputs(kind, steps, batch_first)
     gm = replace_by_td_operators(ann, strict=True, static_inputs=("pad", "mask"))
     assert gm.td_report.equivalent
     with torch.no_grad():
@@ -151,6 +153,13 @@ def test_mha_key_padding_mask_through_folded(kind: str, steps: int) -> None:
         out = folded(x, memory, pad, mask)
     assert folded.report.equivalent
     _check(out, ann, steps, (x, memory), pad=pad, mask=mask)
+
+
+def test_sequence_first_mha_is_refused_by_the_folded_path_with_the_way_out() -> None:
+    with pytest.raises(
+        ValueError, match=r"'attn' is sequence-first \(batch_first=False\).*replace_by_td_operators"
+    ):
+        TDTimeFolded(_Attention(batch_first=False).eval())
 
 
 class _PaddingFromInput(nn.Module):

@@ -77,9 +77,9 @@ def replace_by_td_operators(
     of ``forward`` (``from __future__ import annotations``) are resolved, or dropped where they cannot be.
 
     New names never collide with existing attributes; every call site of a shared
-    ``nn.MultiheadAttention`` is validated. Its ``key_padding_mask`` (bool or float, with or without
-    ``attn_mask``) is merged into the TD attention's mask; a mask computed from the time-sequence inputs is
-    reported (it would differ at every step).
+    ``nn.MultiheadAttention`` (either ``batch_first``) is validated. Its ``key_padding_mask`` (bool or float,
+    with or without ``attn_mask``) is merged into the TD attention's mask; a mask computed from the
+    time-sequence inputs is reported (it would differ at every step).
 
     Args:
         ann: The ANN. It (or ``tracer_class``) must be traceable by torch.fx.

@@ -95,7 +95,9 @@ class TDTimeFolded(nn.Module):
     products of two time-varying tensors run as the TD operators of ``ann2snn_ops`` on the unfolded
     ``[T, B, ...]`` view; biases and constants added to a time-varying tensor (positional and token-type
     embeddings, attention masks, ``F.linear``/conv biases) are applied at t = 0 only;
-    ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation).
+    ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation; their
+    ``key_padding_mask`` and ``attn_mask``, static inputs repeated over the folded batch, are used once per
+    step; a sequence-first one, ``batch_first=False``, is refused with ``ValueError``).
     Anything else touching time-varying data is recorded in :attr:`report` (and raises with
     ``strict=True``): ops on the folded batch dim, dropout in training mode, unconverted nonlinearities.
     A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
@@ -158,6 +160,13 @@ class TDTimeFolded(nn.Module):
         self.training = ann.training
         for name, module in list(self.model.named_modules()):
             if type(module) is nn.MultiheadAttention:
+                if not module.batch_first:
+                    raise ValueError(
+                        f"TDTimeFolded folds time into the leading (batch) dim of the inputs, but the "
+                        f"nn.MultiheadAttention {name!r} is sequence-first (batch_first=False) and takes the "
+                        "sequence there; convert this model with replace_by_td_operators (which handles both "
+                        "layouts), or build it with batch_first=True."
+                    )
                 td = build_td_module(module)
                 assert td is not None
                 parent_name, _, attr = name.rpartition(".")
