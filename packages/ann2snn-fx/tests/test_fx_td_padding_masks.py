@@ -308,3 +308,29 @@ def test_decoder_padding_masks_through_folded(steps: int) -> None:
         out = folded(x, memory, **kwargs)
     assert folded.report.equivalent
     _check(out, ann, steps, (x, memory), record=steps == 8, **kwargs)
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_bare_encoder_and_decoder_layers_with_padding(batch_first: bool, steps: int) -> None:
+    """The layers alone (torch's eval fast path ``torch._transformer_encoder_layer_fwd`` for the encoder
+    layer): both paths (the folded one batch-first only)."""
+    torch.manual_seed(2)
+    encoder = nn.TransformerEncoderLayer(E, HEADS, FF, batch_first=batch_first).eval()
+    decoder = nn.TransformerDecoderLayer(E, HEADS, FF, batch_first=batch_first, norm_first=True).eval()
+    pad, memory_pad = _padding(L), _padding(S)
+    x, memory = _seq(steps, L, batch_first), _seq(steps, S, batch_first)
+    gm = replace_by_td_operators(encoder, strict=True, static_inputs=("src_key_padding_mask",))
+    with torch.no_grad():
+        _check(gm(x, src_key_padding_mask=pad), encoder, steps, (x,), src_key_padding_mask=pad)
+    static = ("tgt_key_padding_mask", "memory_key_padding_mask")
+    gm = replace_by_td_operators(decoder, strict=True, static_inputs=static)
+    kwargs = {"tgt_key_padding_mask": pad, "memory_key_padding_mask": memory_pad}
+    with torch.no_grad():
+        _check(gm(x, memory, **kwargs), decoder, steps, (x, memory), **kwargs)
+    if batch_first:
+        with torch.no_grad():
+            folded = TDTimeFolded(encoder, time_inputs={0}, strict=True)
+            _check(folded(x, src_key_padding_mask=pad), encoder, steps, (x,), src_key_padding_mask=pad)
+            folded = TDTimeFolded(decoder, time_inputs={0, 1}, strict=True)
+            _check(folded(x, memory, **kwargs), decoder, steps, (x, memory), **kwargs)
