@@ -410,6 +410,7 @@ ISSUE18_MODEL_TESTS = (
     "test_fx_real_hf_cnns.py",
     "test_fx_td_torch_layers.py",
     "test_fx_td_real_ops.py",
+    "test_fx_td_padding_masks.py",
 )
 
 

@@ -152,13 +152,12 @@ class _MHAModel(nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "call", "message"),
     [
-        ({"batch_first": False}, "default_weights", "only supports batch_first=True"),
+        ({"batch_first": False}, "default_weights", "requires need_weights=False"),  # either layout
         ({"kdim": 4}, "default_weights", r"kdim == vdim == embed_dim"),
         ({"vdim": 4}, "plain", r"kdim == vdim == embed_dim"),
         ({"add_bias_kv": True}, "default_weights", "does not support add_bias_kv"),
         ({"add_zero_attn": True}, "default_weights", "does not support add_zero_attn"),
         ({}, "default_weights", "requires need_weights=False"),
-        ({}, "kpm", "does not support key_padding_mask"),
         ({}, "avg", "does not support average_attn_weights=False"),
     ],
 )
@@ -166,6 +165,15 @@ def test_mha_rejections_in_seed_order(kwargs: dict[str, object], call: str, mess
     ann = _MHAModel(call, **kwargs).eval()
     with pytest.raises(ValueError, match=message):
         replace_by_td_operators(ann)
+
+
+def test_mha_key_padding_mask_is_converted_and_one_from_time_data_reported() -> None:
+    """The seed refused every key_padding_mask; now a constant one converts (test_fx_td_padding_masks.py) and
+    this one, computed from the time-varying input, is reported instead of being refused."""
+    ann = _MHAModel("kpm").eval()
+    gm = replace_by_td_operators(ann)
+    assert "call_module TDMultiheadAttention" in {r.op for r in gm.td_report.issues}
+    assert any("key_padding_mask is computed from the time-sequence" in r.detail for r in gm.td_report.issues)
 
 
 def test_every_call_site_of_a_shared_mha_is_validated() -> None:

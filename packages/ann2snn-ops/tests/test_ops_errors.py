@@ -253,8 +253,7 @@ def test_mha_constructor_checks_in_order() -> None:
         TDMultiheadAttention(8, 3, dropout=0.1, batch_first=False)
     with pytest.raises(ValueError, match=r"^TDMultiheadAttention only supports dropout=0.0.$"):
         TDMultiheadAttention(8, 2, dropout=0.1, batch_first=False)
-    with pytest.raises(ValueError, match=r"^TDMultiheadAttention only supports batch_first=True.$"):
-        TDMultiheadAttention(8, 2, batch_first=False)
+    assert TDMultiheadAttention(8, 2, batch_first=False).batch_first is False  # sequence-first: supported
 
 
 def test_mha_forward_checks_in_order() -> None:
@@ -262,8 +261,17 @@ def test_mha_forward_checks_in_order() -> None:
     x = torch.randn(2, 1, 3, 8)
     with pytest.raises(ValueError, match=r"^TDMultiheadAttention only supports need_weights=False.$"):
         op(x, x, x, torch.ones(1, 3, dtype=torch.bool), True)
-    with pytest.raises(ValueError, match=r"^TDMultiheadAttention does not support key_padding_mask.$"):
-        op(x, x, x, torch.ones(1, 3, dtype=torch.bool), False, None, False)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "TDMultiheadAttention expects key_padding_mask of shape (batch, S) = (1, 3), but got (1, 4)."
+        ),
+    ):
+        op(x, x, x, torch.ones(1, 4, dtype=torch.bool), False)
+    with pytest.raises(TypeError, match=r"bool or floating-point key_padding_mask.*mask\.bool\(\)"):
+        op(x, x, x, torch.ones(1, 3, dtype=torch.int64), False)
+    with pytest.raises(TypeError, match=r"key_padding_mask to be a tensor or None"):
+        op(x, x, x, [[True, False, False]], False)
     with pytest.raises(
         ValueError, match=r"^TDMultiheadAttention does not support average_attn_weights=False.$"
     ):
@@ -367,8 +375,8 @@ def test_from_module_rejects_lazy_and_implicit_softmax() -> None:
     [
         (dict(dropout=0.1, batch_first=False, kdim=4), "TD MHA conversion only supports dropout=0.0."),
         (
-            dict(batch_first=False, kdim=4, add_bias_kv=True),
-            "TD MHA conversion only supports batch_first=True.",
+            dict(batch_first=False, kdim=4, add_bias_kv=True),  # sequence-first is supported
+            "TD MHA conversion only supports kdim == vdim == embed_dim.",
         ),
         (dict(kdim=4, add_bias_kv=True), "TD MHA conversion only supports kdim == vdim == embed_dim."),
         (dict(vdim=4), "TD MHA conversion only supports kdim == vdim == embed_dim."),

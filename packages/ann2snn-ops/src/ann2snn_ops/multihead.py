@@ -1,4 +1,4 @@
-"""``TDMultiheadAttention``: the fused TD form of ``nn.MultiheadAttention`` (``batch_first``, packed).
+"""``TDMultiheadAttention``: the fused TD form of ``nn.MultiheadAttention`` (packed, either layout).
 
 It accumulates its inputs once, projects the cumulative inputs (the projections are affine, so that is the
 cumulative of the TD projections), attends with the time axis folded into the batch, differences once, and
@@ -31,7 +31,7 @@ def _check_positive(value: object, name: str) -> int:
 
 
 class TDMultiheadAttention(TDModule):
-    """Temporal-difference multi-head attention, the ``batch_first`` packed subset of ``nn.MultiheadAttention``.
+    """Temporal-difference multi-head attention, the packed subset of ``nn.MultiheadAttention``.
 
     ``out.cumsum(0)[t]`` equals ``nn.MultiheadAttention`` (same weights, ``need_weights=False``) applied to
     the cumulative inputs at step ``t``. The projections are ``TDLinear`` submodules (``q_proj``, ``k_proj``,
@@ -39,23 +39,31 @@ class TDMultiheadAttention(TDModule):
     once, projects, attends with the time axis folded into the batch, differences once, and applies
     ``out_proj`` to the differences (bias at step 0). Masks follow ``nn.MultiheadAttention``: a bool mask
     marks **disallowed** positions, a float mask is added, and a 3-D mask has shape ``[B*H, L, S]``.
-    Unlike ``nn.MultiheadAttention``, ``is_causal=True`` is used alone (it builds the causal mask) and is
-    rejected together with ``attn_mask``.
+    A ``key_padding_mask`` ``[B, S]`` (bool: True = padding, or float: added) is constant over time: as in
+    ``nn.MultiheadAttention``, it is turned into an additive float mask and added to ``attn_mask`` (the
+    causal mask with ``is_causal=True`` and no ``attn_mask``). A query row whose keys are all masked gets a
+    zero attention output (``out_proj``'s bias after the projection), as torch's reference path gives;
+    torch's fused inference path (``torch._native_multi_head_attention``, taken under ``no_grad``) gives NaN
+    there. Unlike ``nn.MultiheadAttention``, without a ``key_padding_mask`` ``is_causal=True`` is used alone
+    (it builds the causal mask) and is rejected together with ``attn_mask``; with one, a given ``attn_mask``
+    is the mask and ``is_causal`` only a hint about it (torch's semantics).
 
     Args:
         embed_dim: Model width ``E``.
         num_heads: Number of heads ``H``; must divide ``E``.
         dropout: Must be 0.0.
         bias: Whether the projections have biases.
-        batch_first: Must be True.
+        batch_first: ``[T, B, L, E]`` inputs (True) or sequence-first ``[T, L, B, E]`` (False, attended
+            through batch-first views, the output transposed back).
         device: Device of the parameters.
         dtype: Dtype of the parameters.
 
     Shape:
         - query_seq: ``[T, B, L, E]``; key_seq, value_seq: ``[T, B, S, E]`` (one step ``[B, *, E]`` in
-          streaming mode).
+          streaming mode); with ``batch_first=False`` ``[T, L, B, E]`` and ``[T, S, B, E]``.
+        - key_padding_mask: ``[B, S]``, bool or float.
         - attn_mask: ``[L, S]`` or ``[B*H, L, S]``.
-        - Output: ``([T, B, L, E], None)``.
+        - Output: ``([T, B, L, E], None)`` (``[T, L, B, E]`` with ``batch_first=False``).
 
     Examples:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -65,6 +73,11 @@ class TDMultiheadAttention(TDModule):
         >>> x = torch.randn(3, 2, 5, 8)
         >>> y, _ = op(x, x, x)
         >>> ref, _ = mha(x.cumsum(0)[-1], x.cumsum(0)[-1], x.cumsum(0)[-1], need_weights=False)
+        >>> torch.allclose(y.sum(0), ref, atol=1e-5)
+        True
+        >>> pad = torch.tensor([[False] * 5, [False, False, False, True, True]])  # sample 1: 3 tokens
+        >>> y, _ = op(x, x, x, key_padding_mask=pad)
+        >>> ref, _ = mha(x.sum(0), x.sum(0), x.sum(0), key_padding_mask=pad, need_weights=False)
         >>> torch.allclose(y.sum(0), ref, atol=1e-5)
         True
     """
@@ -86,8 +99,6 @@ class TDMultiheadAttention(TDModule):
             raise ValueError("embed_dim must be divisible by num_heads.")
         if dropout != 0.0:
             raise ValueError("TDMultiheadAttention only supports dropout=0.0.")
-        if not batch_first:
-            raise ValueError("TDMultiheadAttention only supports batch_first=True.")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -107,7 +118,7 @@ class TDMultiheadAttention(TDModule):
         Raises:
             TypeError: If ``module`` is not an ``nn.MultiheadAttention``.
             ValueError: For the unsupported configurations, checked in this order: ``dropout != 0``,
-                ``batch_first=False``, ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
+                ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
                 ``add_zero_attn``, no packed ``in_proj_weight``.
         """
         return _from_nn_mha(cls, module)
@@ -152,8 +163,9 @@ class TDMultiheadAttention(TDModule):
         if mask is not None:
             if mask.dtype != torch.bool and mask.dtype != q.dtype:
                 mask = mask.to(q.dtype)
-            if mask.dim() == 4 and t > 1:
-                mask = mask.unsqueeze(0).expand(t, *mask.shape).reshape(t * b, h, length, s)
+            if mask.dim() == 4 and mask.shape[0] != 1 and t > 1:
+                # a per-sample mask [B, H', L', S] (H', L' may be 1) for every step: [T*B, H', L', S]
+                mask = mask.unsqueeze(0).expand(t, *mask.shape).flatten(0, 1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=is_causal)
         return y.transpose(1, 2).reshape(t, b, length, e)
 
@@ -175,8 +187,6 @@ class TDMultiheadAttention(TDModule):
         """
         if need_weights:
             raise ValueError("TDMultiheadAttention only supports need_weights=False.")
-        if key_padding_mask is not None:
-            raise ValueError("TDMultiheadAttention does not support key_padding_mask.")
         if not average_attn_weights:
             raise ValueError("TDMultiheadAttention does not support average_attn_weights=False.")
         name = "TDMultiheadAttention"
@@ -184,14 +194,20 @@ class TDMultiheadAttention(TDModule):
             for tensor in (query_seq, key_seq, value_seq):
                 check_step(tensor, name)
             query_seq, key_seq, value_seq = (t.unsqueeze(0) for t in (query_seq, key_seq, value_seq))
-        _check_inputs(self, query_seq, key_seq, value_seq, is_causal, attn_mask)
-        b = query_seq.shape[1]
-        mask = _canonical_mask(
-            attn_mask, query_seq.dtype, b, self.num_heads, query_seq.shape[2], key_seq.shape[2]
+        self_attention = key_seq is query_seq and value_seq is query_seq
+        if not self.batch_first:  # [T, L, B, E] -> batch-first views [T, B, L, E] (one per distinct input)
+            views = {id(t): t.transpose(-3, -2) for t in (query_seq, key_seq, value_seq)}
+            query_seq, key_seq, value_seq = (views[id(t)] for t in (query_seq, key_seq, value_seq))
+        _check_inputs(
+            self, query_seq, key_seq, value_seq, is_causal, attn_mask if key_padding_mask is None else None
         )
+        b, length, s = query_seq.shape[1], query_seq.shape[2], key_seq.shape[2]
+        mask = _canonical_mask(attn_mask, query_seq.dtype, b, self.num_heads, length, s)
+        if key_padding_mask is not None:
+            mask = _merge_key_padding(key_padding_mask, mask, is_causal, query_seq, b, length, s)
+            is_causal = False  # the merged mask holds the causal mask, if any
         acc = accumulation_dtype(query_seq.dtype)
         params = self._params(acc)
-        self_attention = key_seq is query_seq and value_seq is query_seq
         first = "a" not in self._state
         if self.streaming:
             self._check_stream_shapes(
@@ -213,6 +229,8 @@ class TDMultiheadAttention(TDModule):
         out = F.linear(diff, wo)
         if bo is not None and (first or not self.streaming):
             out[0].add_(bo)  # the bias is counted once, at step 0
+        if not self.batch_first:
+            out = out.transpose(-3, -2).contiguous()
         if self.streaming:
             out = out[0]
         return out.to(query_seq.dtype), None
@@ -233,8 +251,6 @@ def _from_nn_mha(cls: type[_MHA], module: nn.MultiheadAttention) -> _MHA:
     e = module.embed_dim
     if module.dropout != 0.0:
         raise ValueError("TD MHA conversion only supports dropout=0.0.")
-    if not module.batch_first:
-        raise ValueError("TD MHA conversion only supports batch_first=True.")
     if module.kdim != e or module.vdim != e:
         raise ValueError("TD MHA conversion only supports kdim == vdim == embed_dim.")
     if module.bias_k is not None or module.bias_v is not None:
@@ -245,7 +261,14 @@ def _from_nn_mha(cls: type[_MHA], module: nn.MultiheadAttention) -> _MHA:
         raise ValueError("TD MHA conversion requires packed in_proj_weight.")
     w = module.in_proj_weight
     b = module.in_proj_bias
-    td = cls(e, module.num_heads, bias=b is not None, device=w.device, dtype=w.dtype)
+    td = cls(
+        e,
+        module.num_heads,
+        bias=b is not None,
+        batch_first=module.batch_first,
+        device=w.device,
+        dtype=w.dtype,
+    )
     with torch.no_grad():
         for i, proj in enumerate((td.q_proj, td.k_proj, td.v_proj)):
             proj.weight.copy_(w[i * e : (i + 1) * e])
@@ -295,6 +318,57 @@ def _canonical_mask(
     else:
         raise ValueError(f"{name} expects a 2-D or 3-D attn_mask, but got shape {tuple(attn_mask.shape)}.")
     return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
+
+
+def _merge_key_padding(
+    key_padding_mask: object,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    query: torch.Tensor,
+    b: int,
+    length: int,
+    s: int,
+) -> torch.Tensor:
+    """``attn_mask`` (canonical, from :func:`_canonical_mask`) plus ``key_padding_mask`` ``[B, S]``, as one
+    additive float mask broadcastable to ``[B, H, L, S]``, as ``F.multi_head_attention_forward`` merges them
+    (bool masks become 0 / -inf in the query's dtype, then the two are added)."""
+    name = "TDMultiheadAttention"
+    if not isinstance(key_padding_mask, torch.Tensor):
+        raise TypeError(
+            f"{name} expects key_padding_mask to be a tensor or None, but got {key_padding_mask!r}."
+        )
+    if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
+        raise TypeError(
+            f"{name} expects a bool or floating-point key_padding_mask (as nn.MultiheadAttention), but got "
+            f"{key_padding_mask.dtype}; convert an int/uint8 mask with mask.bool()."
+        )
+    if key_padding_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(
+            f"{name} expects a key_padding_mask of dtype torch.bool or a float mask of the query's dtype "
+            f"{query.dtype} (or torch.float32), but got {key_padding_mask.dtype}."
+        )
+    if tuple(key_padding_mask.shape) != (b, s):
+        raise ValueError(
+            f"{name} expects key_padding_mask of shape (batch, S) = {(b, s)}, "
+            f"but got {tuple(key_padding_mask.shape)}."
+        )
+    dtype, device = query.dtype, query.device
+    padding = _additive(key_padding_mask, dtype).view(b, 1, 1, s)
+    if mask is None and is_causal:
+        allowed = torch.ones(length, s, dtype=torch.bool, device=device).tril()
+        mask = allowed  # canonical bool: True = allowed
+    if mask is None:
+        return padding
+    if mask.dtype == torch.bool:
+        mask = _additive(~mask, dtype)  # canonical bool masks mark the allowed positions
+    return mask + padding
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = disallowed) as 0 / -inf in ``dtype`` (``F._canonical_mask``); a float mask as is."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
 
 
 def _check_inputs(

@@ -56,6 +56,8 @@ def replace_by_td_operators(
 
     * ``nn.TransformerEncoder``/``nn.TransformerDecoder`` and their layers (either ``batch_first``; dropout
       inactive in eval mode is ignored) are first re-expressed as torch's reference path, then converted;
+      their masks (``mask``, ``src_key_padding_mask``, ``tgt_key_padding_mask``, ``memory_key_padding_mask``
+      ...) and ``is_causal`` are inputs named in ``static_inputs`` (constant over time);
     * modules of exact type ``nn.Linear``, ``nn.LayerNorm``, ``nn.GELU``, ``nn.MultiheadAttention``
       (the seed's set), ``nn.Softmax`` (dim shifted past the time axis), ``nn.SiLU``, ``nn.RMSNorm``,
       ``nn.Conv2d``, ``nn.Tanh``, ``nn.Sigmoid`` and ``nn.ReLU``;
@@ -75,7 +77,9 @@ def replace_by_td_operators(
     of ``forward`` (``from __future__ import annotations``) are resolved, or dropped where they cannot be.
 
     New names never collide with existing attributes; every call site of a shared
-    ``nn.MultiheadAttention`` is validated.
+    ``nn.MultiheadAttention`` (either ``batch_first``) is validated. Its ``key_padding_mask`` (bool or float,
+    with or without ``attn_mask``) is merged into the TD attention's mask; a mask computed from the
+    time-sequence inputs is reported (it would differ at every step).
 
     Args:
         ann: The ANN. It (or ``tracer_class``) must be traceable by torch.fx.

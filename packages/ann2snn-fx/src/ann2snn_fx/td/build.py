@@ -63,13 +63,13 @@ def check_mha_call(node: fx.Node | None) -> None:
 
 
 def check_mha_call_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Call-site checks of :func:`check_mha_call` on plain argument tuples (seed order and messages)."""
+    """Call-site checks of :func:`check_mha_call` on plain argument tuples (seed order and messages).
+
+    ``key_padding_mask`` is accepted (the TD attention merges it into its mask); that it is constant over
+    time is checked where the kinds of values are known (the fx analysis, the folded mode)."""
     need_weights = read_arg(args, kwargs, 4, "need_weights", True)
     if need_weights is not False:
         raise ValueError("TD MHA conversion requires need_weights=False.")
-    key_padding_mask = read_arg(args, kwargs, 3, "key_padding_mask", None)
-    if key_padding_mask is not None:
-        raise ValueError("TD MHA conversion does not support key_padding_mask.")
     average = read_arg(args, kwargs, 6, "average_attn_weights", True)
     if average is not True:
         raise ValueError("TD MHA conversion does not support average_attn_weights=False.")

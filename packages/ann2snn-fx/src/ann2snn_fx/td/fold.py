@@ -43,11 +43,18 @@ class _FoldedMultiheadAttention(nn.Module):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
         attn_mask = read_arg((query, key, value, *args), kwargs, 5, "attn_mask", None)
         is_causal = read_arg((query, key, value, *args), kwargs, 7, "is_causal", False)
+        padding = read_arg((query, key, value, *args), kwargs, 3, "key_padding_mask", None)
+        batch = query.shape[0] // mode.steps
+        padding = _step_mask(mode, padding, "key_padding_mask", batch)
+        if isinstance(attn_mask, Tensor):
+            rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
+            attn_mask = _step_mask(mode, attn_mask, "attn_mask", rows)
         with torch._C.DisableTorchFunction():
             out, _ = self.td(
                 mode.unfold(query),
                 mode.unfold(key),
                 mode.unfold(value),
+                key_padding_mask=padding,
                 need_weights=False,
                 attn_mask=attn_mask,
                 is_causal=is_causal,
@@ -56,6 +63,25 @@ class _FoldedMultiheadAttention(nn.Module):
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
+
+
+def _step_mask(mode: _FoldMode, mask: Any, name: str, rows: int) -> Any:
+    """One step of an attention mask met on the folded batch. ``rows`` is the leading size the TD attention
+    expects (``B`` of a ``[B, S]`` padding mask, ``L`` of an ``[L, S]`` mask, ``B*H`` of a ``[B*H, L, S]``
+    mask); a mask with ``T*rows`` there was repeated over the steps (a static input with the batch as its
+    leading dim, or a mask built from one) and loses the repeat. A mask computed from the time inputs is
+    reported (its steps differ; step 0 is used)."""
+    if not isinstance(mask, Tensor) or mask.dim() == 0:
+        return mask
+    if mode.is_time(mask):
+        mode.issue(
+            nn.MultiheadAttention,
+            f"{name} computed from the time inputs (the TD attention needs a mask constant over time)",
+        )
+    if mode.steps > 1 and mask.shape[0] == mode.steps * rows:
+        with torch._C.DisableTorchFunction():
+            return mode.unfold(mask)[0]
+    return mask
 
 
 class TDTimeFolded(nn.Module):
@@ -69,7 +95,9 @@ class TDTimeFolded(nn.Module):
     products of two time-varying tensors run as the TD operators of ``ann2snn_ops`` on the unfolded
     ``[T, B, ...]`` view; biases and constants added to a time-varying tensor (positional and token-type
     embeddings, attention masks, ``F.linear``/conv biases) are applied at t = 0 only;
-    ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation).
+    ``nn.MultiheadAttention`` modules are replaced by ``TDMultiheadAttention`` (seed validation; their
+    ``key_padding_mask`` and ``attn_mask``, static inputs repeated over the folded batch, are used once per
+    step; a sequence-first one, ``batch_first=False``, is refused with ``ValueError``).
     Anything else touching time-varying data is recorded in :attr:`report` (and raises with
     ``strict=True``): ops on the folded batch dim, dropout in training mode, unconverted nonlinearities.
     A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
@@ -132,6 +160,13 @@ class TDTimeFolded(nn.Module):
         self.training = ann.training
         for name, module in list(self.model.named_modules()):
             if type(module) is nn.MultiheadAttention:
+                if not module.batch_first:
+                    raise ValueError(
+                        f"TDTimeFolded folds time into the leading (batch) dim of the inputs, but the "
+                        f"nn.MultiheadAttention {name!r} is sequence-first (batch_first=False) and takes the "
+                        "sequence there; convert this model with replace_by_td_operators (which handles both "
+                        "layouts), or build it with batch_first=True."
+                    )
                 td = build_td_module(module)
                 assert td is not None
                 parent_name, _, attr = name.rpartition(".")

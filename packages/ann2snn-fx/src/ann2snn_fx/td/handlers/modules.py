@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import fx
 
-from ann2snn_fx.td.build import build_td_module, check_mha_call
+from ann2snn_fx.td.build import build_td_module, check_mha_call, read_arg
 from ann2snn_fx.td.handlers.attention import positional_qkv
 from ann2snn_fx.td.impulse import TDImpulse
 from ann2snn_fx.td.state import Kind, PassState
 from ann2snn_ops import TDModule, TDMultiheadAttention
 
-__all__ = ["replace_modules", "visit_module"]
+__all__ = ["check_constant_masks", "replace_modules", "visit_module"]
 
 
 def replace_modules(state: PassState) -> None:
@@ -51,11 +51,27 @@ def replace_modules(state: PassState) -> None:
             state.converted(node, f"call_module {node.target}", f"-> {type(replacement).__name__}")
 
 
+def check_constant_masks(state: PassState, node: fx.Node) -> None:
+    """The masks of a TD attention call must be constant over time (static inputs, parameters, literals):
+    a mask computed from the time-sequence inputs would be computed from each step's increment, not from
+    the cumulative input the ANN sees."""
+    for index, name in ((3, "key_padding_mask"), (5, "attn_mask")):
+        mask = read_arg(node.args, dict(node.kwargs), index, name, None)
+        if state.kind(mask) in (Kind.TIME, Kind.TIME_SEQ):
+            state.issue(
+                node,
+                f"{name} is computed from the time-sequence inputs; the TD attention needs a mask that is "
+                "constant over time (pass it as an input named in static_inputs)",
+            )
+
+
 def visit_module(state: PassState, node: fx.Node) -> None:
     """Classify a ``call_module`` node; an unconverted module that is not time-transparent is an issue."""
     target = str(node.target)
     if target in state.td_targets:
         state.kinds[node] = state.td_targets[target]
+        if isinstance(state.gm.get_submodule(target), TDMultiheadAttention):
+            check_constant_masks(state, node)
         return
     if state.kind((node.args, node.kwargs)) is Kind.CONST:
         state.kinds[node] = Kind.CONST
