@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import read_arg, shift_dim
 from ann2snn_ops import (
@@ -31,6 +30,22 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 _Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _leaves(value: Any, out: list[Tensor]) -> list[Tensor]:
+    """The tensors in ``value`` (nested tuples, lists and dicts): a direct walk, cheaper than pytree's."""
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                out.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                _leaves(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _leaves(item, out)
+    return out
 
 
 _NAMES: dict[Any, str] = {}
@@ -105,13 +120,16 @@ def _running_sum(steps: Tensor) -> Tensor:
 
 
 # Up to this many elements, ``torch.cumsum`` along the leading dim (one call) beats the per-step loop of
-# :func:`_running_sum` on CPU (3-5x at the sizes of small transformers; about even at the worst strides).
+# :func:`_running_sum` on CPU (3-5x at the sizes of small transformers; about even at the worst strides) ...
 _ONE_CALL_CUMSUM = 40_000
+# ... and up to this many, the float64 step loop of the TD products and attention (``cumulative_exact``).
+_ONE_CALL_CUMSUM_EXACT = 100_000
 
 
-def _small(x: Tensor) -> bool:
-    """Whether ``torch.cumsum`` runs the running sum of ``x`` in one call (any non-CPU device, or few elements)."""
-    return x.device.type != "cpu" or x.numel() <= _ONE_CALL_CUMSUM
+def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
+    """Whether ``torch.cumsum`` runs the running sum of ``x`` in one call (any non-CPU device, or at most
+    ``limit`` elements)."""
+    return x.device.type != "cpu" or x.numel() <= limit
 
 
 def _cumulative(steps: Tensor) -> Tensor:
@@ -147,7 +165,9 @@ def _direct_ok(*tensors: Tensor) -> bool:
     dtype = tensors[0].dtype
     if torch._C._len_torch_function_stack():
         return False  # another mode sees the calls (the folded accounting): keep the TD operators as units
-    return _plain_ok(*tensors) and all(t.dtype == dtype and _small(t) for t in tensors)
+    return _plain_ok(*tensors) and all(
+        t.dtype == dtype and _small(t, _ONE_CALL_CUMSUM_EXACT) for t in tensors
+    )
 
 
 def _product(
@@ -201,8 +221,8 @@ def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
         except RuntimeError:
             raise ValueError(advice) from error
         mode.done(func, "explicit leading size scaled by the T steps folded into the batch")
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0):
+    for leaf in _leaves(out, []):
+        if leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0:
             raise _Unsupported("reshape that does not keep the time-folded batch as the leading dim")
     return out
 
@@ -430,7 +450,7 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
     """linear/conv: apply the weight to every step, the bias at t = 0 only (as TDLinear/TDConv2d)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if any(mode.is_time(a) for a in pytree.tree_leaves((args[1:], kwargs))):
+        if any(mode.is_time(a) for a in _leaves((args[1:], kwargs), [])):
             raise _Unsupported("a time-varying weight or bias")
         bias = read_arg(args, kwargs, bias_index, "bias", None)
         call_args = list(args)
@@ -525,8 +545,7 @@ def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[s
     """A pointwise function of its first argument; the others must be constants that need no gradient."""
     x, rest = args[0], args[1:]
     if not mode.is_time(x) or any(
-        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad)
-        for a in pytree.tree_leaves((rest, kwargs))
+        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad) for a in _leaves((rest, kwargs), [])
     ):
         raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
     mode.done(func, "-> TDFunction")
