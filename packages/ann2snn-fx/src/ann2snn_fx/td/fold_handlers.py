@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import read_arg, shift_dim
 from ann2snn_ops import (
@@ -31,6 +30,22 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 _Handler = Callable[["_FoldMode", Any, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _leaves(value: Any, out: list[Tensor]) -> list[Tensor]:
+    """The tensors in ``value`` (nested tuples, lists and dicts): a direct walk, cheaper than pytree's."""
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                out.append(item)
+            elif isinstance(item, (tuple, list, dict)):
+                _leaves(item, out)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _leaves(item, out)
+    return out
 
 
 _NAMES: dict[Any, str] = {}
@@ -95,7 +110,7 @@ def _needs_grad(*tensors: Any) -> bool:
 
 def _running_sum(steps: Tensor) -> Tensor:
     """``steps.cumsum(0)``, one ``add`` per step in the working dtype (torch's CPU cumsum along a leading
-    dim is several times slower; the sum agrees with it to the rounding of the dtype)."""
+    dim is several times slower on large steps; the sum agrees with it to the rounding of the dtype)."""
     out = torch.empty_like(steps)
     inputs, outputs = steps.unbind(0), out.unbind(0)
     outputs[0].copy_(inputs[0])
@@ -104,12 +119,35 @@ def _running_sum(steps: Tensor) -> Tensor:
     return out
 
 
-def _td_nograd(mode: _FoldMode, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``diff(fn(cumsum(x)))`` on the unfolded steps without autograd: one pass each, the differences
-    written into the running sum's buffer (dead once ``fn`` ran)."""
-    cum = _running_sum(mode.unfold(x))
-    y = fn(cum)
-    if y.shape != cum.shape or y.dtype != cum.dtype or y.data_ptr() == cum.data_ptr():
+# Up to this many elements, ``torch.cumsum`` along the leading dim (one call) beats the per-step loop of
+# :func:`_running_sum` on CPU (3-5x at the sizes of small transformers; about even at the worst strides) ...
+_ONE_CALL_CUMSUM = 40_000
+# ... and up to this many, the float64 step loop of the TD products and attention (``cumulative_exact``).
+_ONE_CALL_CUMSUM_EXACT = 100_000
+
+
+def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
+    """Whether ``torch.cumsum`` runs the running sum of ``x`` in one call (any non-CPU device, or at most
+    ``limit`` elements)."""
+    return x.device.type != "cpu" or x.numel() <= limit
+
+
+def _cumulative(steps: Tensor) -> Tensor:
+    """The running sum of ``steps`` ``[T, ...]``: ``torch.cumsum`` itself (the reference, bit for bit) where it
+    is fast, else :func:`_running_sum`."""
+    return torch.cumsum(steps, 0) if _small(steps) else _running_sum(steps)
+
+
+def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:
+    """``diff(fn(*cumsums))`` on the unfolded steps without autograd: one pass each (an input passed twice is
+    summed once), the differences written into the first running sum's buffer (dead once ``fn`` ran)."""
+    cums: list[Tensor] = []
+    for i, x in enumerate(xs):
+        same = next((j for j in range(i) if xs[j] is x), None)
+        cums.append(cums[same] if same is not None else _cumulative(mode.unfold(x)))
+    y = fn(*cums)
+    cum = cums[0]
+    if y.shape != cum.shape or y.dtype != cum.dtype or any(y.data_ptr() == c.data_ptr() for c in cums):
         out = torch.empty_like(y)
     else:
         out = cum
@@ -117,6 +155,29 @@ def _td_nograd(mode: _FoldMode, fn: Callable[[Tensor], Tensor], x: Tensor) -> Te
     if y.shape[0] > 1:
         torch.sub(y[1:], y[:-1], out=out[1:])
     return out.flatten(0, 1)
+
+
+def _direct_ok(*tensors: Tensor) -> bool:
+    """Whether a product or attention may run as :func:`_td_nograd` on ``torch.cumsum`` running sums (bit for
+    bit the running sums of the TD operators, which use ``torch.cumsum``'s float64 sum), instead of the
+    operator's chunked step loop: no autograd, float32/float64, few elements per input, and no other
+    ``TorchFunctionMode`` below the fold's (one that counts the TD operator modules' calls)."""
+    dtype = tensors[0].dtype
+    if torch._C._len_torch_function_stack():
+        return False  # another mode sees the calls (the folded accounting): keep the TD operators as units
+    return _plain_ok(*tensors) and all(
+        t.dtype == dtype and _small(t, _ONE_CALL_CUMSUM_EXACT) for t in tensors
+    )
+
+
+def _product(
+    mode: _FoldMode, module: type[nn.Module], op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor
+) -> Tensor:
+    """``diff(op(cumsum(a), cumsum(b)))`` of two time-varying tensors of one rank: :func:`_td_nograd` where
+    :func:`_direct_ok`, else the TD operator ``module`` (TDMul/TDMatMul)."""
+    if _direct_ok(a, b):
+        return _td_nograd(mode, op, a, b)
+    return mode.td(_shared(module, module), a, b)
 
 
 class _Unsupported(Exception):
@@ -160,8 +221,8 @@ def _reshape(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str
         except RuntimeError:
             raise ValueError(advice) from error
         mode.done(func, "explicit leading size scaled by the T steps folded into the batch")
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0):
+    for leaf in _leaves(out, []):
+        if leaf.dim() == 0 or leaf.shape[0] % mode.steps != 0:
             raise _Unsupported("reshape that does not keep the time-folded batch as the leading dim")
     return out
 
@@ -265,7 +326,7 @@ def _inplace(kind: str) -> _Handler:
             if kind == "div":
                 raise _Unsupported("division by a time-varying tensor is a nonlinearity")
             mode.done(func, "-> TDMul")
-            return x.copy_(mode.td(_shared(TDMul, TDMul), *torch.broadcast_tensors(x, other)))
+            return x.copy_(_product(mode, TDMul, torch.mul, *torch.broadcast_tensors(x, other)))
         return func(*args, **kwargs)
 
     return handler
@@ -277,7 +338,7 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         mode.done(func, "-> TDMul")
         if a.shape != b.shape:
             a, b = torch.broadcast_tensors(a, b)
-        return mode.td(_shared(TDMul, TDMul), a, b)
+        return _product(mode, TDMul, torch.mul, a, b)
     return func(*args, **kwargs)
 
 
@@ -294,7 +355,9 @@ def _matmul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str,
         if a.dim() != b.dim():
             raise _Unsupported("matmul of two time sequences of different ranks")
         mode.done(func, "-> TDMatMul")
-        return mode.td(_shared(TDMatMul, TDMatMul), a, b)
+        if a.dim() < 3:
+            return mode.td(_shared(TDMatMul, TDMatMul), a, b)
+        return _product(mode, TDMatMul, torch.matmul, a, b)
     if (not mode.is_time(a) and a.dim() >= 3) or (not mode.is_time(b) and b.dim() >= 3):
         # a batched constant factor must not be mistaken for per-sample data of the folded batch
         raise _Unsupported("matmul with a batched constant factor")
@@ -387,7 +450,7 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
     """linear/conv: apply the weight to every step, the bias at t = 0 only (as TDLinear/TDConv2d)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if any(mode.is_time(a) for a in pytree.tree_leaves((args[1:], kwargs))):
+        if any(mode.is_time(a) for a in _leaves((args[1:], kwargs), [])):
             raise _Unsupported("a time-varying weight or bias")
         bias = read_arg(args, kwargs, bias_index, "bias", None)
         call_args = list(args)
@@ -423,6 +486,7 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         raise _Unsupported("attention dropout draws a different mask at every time step")
     if mode.is_time(mask):
         raise _Unsupported("a time-varying attention mask")
+    folded_mask = mask  # as the plain call takes it: per sample of the folded batch, or broadcast
     if isinstance(mask, Tensor) and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]:
         mask = mode.unfold(mask)[0]
     if is_causal and mask is not None:
@@ -430,6 +494,22 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         raise _Unsupported("is_causal=True together with attn_mask")
     mode.done(func, "-> TDScaledDotProductAttention")
     causal = bool(is_causal)
+    if q.dim() >= 3 and q.dim() == k.dim() == v.dim() and _direct_ok(q, k, v):
+        if isinstance(folded_mask, Tensor) and folded_mask.is_floating_point():
+            folded_mask = folded_mask.to(q.dtype)  # as SDPA on the cumulative steps (ops' TD attention) does
+
+        def attend(q_cum: Tensor, k_cum: Tensor, v_cum: Tensor) -> Tensor:
+            y = F.scaled_dot_product_attention(
+                q_cum.flatten(0, 1),
+                k_cum.flatten(0, 1),
+                v_cum.flatten(0, 1),
+                attn_mask=folded_mask,
+                is_causal=causal,
+                scale=scale,
+            )
+            return y.unflatten(0, (mode.steps, -1))
+
+        return _td_nograd(mode, attend, q, k, v)
     module = _shared(
         (TDScaledDotProductAttention, causal, scale),
         lambda: TDScaledDotProductAttention(is_causal=causal, scale=scale),
@@ -465,11 +545,12 @@ def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[s
     """A pointwise function of its first argument; the others must be constants that need no gradient."""
     x, rest = args[0], args[1:]
     if not mode.is_time(x) or any(
-        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad)
-        for a in pytree.tree_leaves((rest, kwargs))
+        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad) for a in _leaves((rest, kwargs), [])
     ):
         raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
     mode.done(func, "-> TDFunction")
+    if _plain_ok(x):
+        return _td_nograd(mode, lambda z: func(z, *rest, **kwargs), x)
     return mode.td(TDFunction(lambda z: func(z, *rest, **kwargs), name=f"TD({_name(func)})"), x)
 
 
@@ -487,7 +568,11 @@ def _addmm(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     if args[3:] or any(isinstance(v, Tensor) for v in (beta, alpha)):
         raise _Unsupported(f"{_name(func)} with tensor or positional beta/alpha")
     if mode.is_time(a) and mode.is_time(b):
-        product = mode.td(_shared(TDMatMul, TDMatMul), a, b)
+        product = (
+            mode.td(_shared(TDMatMul, TDMatMul), a, b)
+            if a.dim() < 3 or a.dim() != b.dim()
+            else _product(mode, TDMatMul, torch.matmul, a, b)
+        )
     elif mode.is_time(a) or mode.is_time(b):
         constant = b if mode.is_time(a) else a
         if (

@@ -11,24 +11,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ann2snn_fx.td.build import read_arg
-from ann2snn_fx.td.fold_handlers import Tensor, _name, _permutation, _Unsupported
+from ann2snn_fx.td.fold_handlers import Tensor, _leaves, _name, _permutation, _Unsupported
 from ann2snn_fx.td.fold_table import _FACTORIES, _HANDLERS, _META, _NONLINEAR, _SELF_ONLY
-
-
-def _leaves(value: Any, out: list[Tensor]) -> list[Tensor]:
-    """The tensors in ``value`` (nested tuples, lists and dicts): a direct walk, cheaper than pytree's."""
-    if isinstance(value, Tensor):
-        out.append(value)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            if isinstance(item, Tensor):
-                out.append(item)
-            elif isinstance(item, (tuple, list, dict)):
-                _leaves(item, out)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _leaves(item, out)
-    return out
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -68,6 +52,11 @@ class _FoldMode(TorchFunctionMode):
 
     def mark(self, value: Any, batch_dim: int = 0) -> Any:
         time = self._time
+        if isinstance(value, Tensor):  # the usual single result
+            entry = time.get(id(value))
+            if entry is None or entry[0]() is not value:
+                time[id(value)] = (weakref.ref(value), batch_dim)
+            return value
         for leaf in _leaves(value, []):
             entry = time.get(id(leaf))
             if entry is None or entry[0]() is not leaf:
@@ -124,15 +113,25 @@ class _FoldMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        leaves = _leaves(args, [])
-        if kwargs:
-            _leaves(kwargs, leaves)
+        if func in _META:  # shape, dtype, device, size(): nothing to track (the most frequent calls)
+            return func(*args, **kwargs)
         time = self._time
         dims = []
-        for leaf in leaves:
-            entry = time.get(id(leaf))
-            if entry is not None and entry[0]() is leaf:
-                dims.append(entry[1])
+        for arg in args:  # a flat walk first: most calls take tensors and numbers
+            if isinstance(arg, Tensor):
+                entry = time.get(id(arg))
+                if entry is not None and entry[0]() is arg:
+                    dims.append(entry[1])
+            elif isinstance(arg, (tuple, list, dict)):
+                for leaf in _leaves(arg, []):
+                    entry = time.get(id(leaf))
+                    if entry is not None and entry[0]() is leaf:
+                        dims.append(entry[1])
+        if kwargs:
+            for leaf in _leaves(kwargs, []):
+                entry = time.get(id(leaf))
+                if entry is not None and entry[0]() is leaf:
+                    dims.append(entry[1])
         if not dims:
             return func(*args, **kwargs)
         if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
@@ -143,8 +142,6 @@ class _FoldMode(TorchFunctionMode):
             return self.displaced(func, args, kwargs)
         handler = _HANDLERS.get(func)
         if handler is None:
-            if func in _META:
-                return func(*args, **kwargs)
             if func in _NONLINEAR:
                 self.issue(func, "unconverted nonlinearity")
             else:
