@@ -1,6 +1,6 @@
 """Benchmark: ReLU -> IF conversion at 1 to 8 time steps (issue 15), against today's best and SpikingJelly 2.0.
 
-Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_lowlat.py [--quick] [--markdown PATH]``.
+Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_lowlat.py [--quick] [--section cost|accuracy] [--markdown PATH]``.
 
 Three tables, measured in one run:
 
