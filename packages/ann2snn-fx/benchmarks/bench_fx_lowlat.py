@@ -1,6 +1,6 @@
 """Benchmark: ReLU -> IF conversion at 1 to 8 time steps (issue 15), against today's best and SpikingJelly 2.0.
 
-Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_lowlat.py [--quick] [--markdown PATH]``.
+Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_lowlat.py [--quick] [--section cost|accuracy] [--markdown PATH]``.
 
 Three tables, measured in one run:
 
@@ -275,6 +275,12 @@ def main() -> None:
     )
     parser.add_argument("--markdown", help="write the markdown section to this path")
     parser.add_argument(
+        "--section",
+        choices=("all", "cost", "accuracy"),
+        default="all",
+        help="measure only the cost table or only the accuracy tables (default: all)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)"
     )
     args = parser.parse_args()
@@ -286,17 +292,23 @@ def main() -> None:
         f"Measured on CPU with {torch.get_num_threads()} torch thread(s), medians of interleaved repeats, on a shared "
         "machine (figures under load).",
         "",
-        "Cost of the neuron options (8 steps) and of calibrate_snn:",
-        "",
-        *bench_cost(args.quick),
-        "",
-        "Accuracy (%) on the digits test split (360 images); models trained on 1150 training images, the other 287 "
-        "are the tuner's validation split; the noisy case adds Gaussian noise (sigma 0.35) and uses 10 conv layers. "
-        "The QCFS rows' ANN column is the fine-tuned QCFS ANN.",
-        "",
-        *bench_accuracy(args.quick),
-        "",
     ]
+    if args.section in ("all", "cost"):
+        lines += [
+            "Cost of the neuron options (8 steps) and of calibrate_snn:",
+            "",
+            *bench_cost(args.quick),
+            "",
+        ]
+    if args.section in ("all", "accuracy"):
+        lines += [
+            "Accuracy (%) on the digits test split (360 images); models trained on 1150 training images, the other 287 "
+            "are the tuner's validation split; the noisy case adds Gaussian noise (sigma 0.35) and uses 10 conv layers. "
+            "The QCFS rows' ANN column is the fine-tuned QCFS ANN.",
+            "",
+            *bench_accuracy(args.quick),
+            "",
+        ]
     emit("\n".join(lines), args.markdown, start)
 
 

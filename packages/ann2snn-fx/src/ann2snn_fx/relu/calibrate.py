@@ -308,29 +308,49 @@ class _LockStep:
         }
         for b in blocks:
             b.bias_node = _bias_source(gm, b.scaler0.args[0]) if method != "potential" else None
+        modules = dict(gm.named_modules())
+        self.resets = {
+            n: modules[str(n.target)]
+            for n in self.order
+            if n.op == "call_module" and callable(getattr(modules[str(n.target)], "reset", None))
+        }
+        self.neurons = {b.neuron: b for b in blocks}
+        self.burst = {
+            b.neuron: max(int(getattr(modules[str(b.neuron.target)], "burst", 1)), 1) for b in blocks
+        }
+        self.scalers = {b.scaler1: modules[str(b.scaler1.target)] for b in blocks}
+        self.counts: list[dict[fx.Node, torch.Tensor]] = [{} for _ in inputs]
 
     def _start(self, b: _Block) -> int:
         return self.index[b.bias_node] if b.bias_node is not None else self.index[b.neuron]
 
     def _run(self, nodes: list[fx.Node]) -> None:
-        for it in self.runs:
+        for it, counts in zip(self.runs, self.counts):
             for node in nodes:
                 it.static_cache.pop(node, None)
                 it.expanded.pop(node, None)
-                if node.op == "call_module" and callable(
-                    getattr(self.gm.get_submodule(str(node.target)), "reset", None)
-                ):
-                    self.gm.get_submodule(str(node.target)).reset()  # type: ignore[operator]
-                it.env[node] = it.run_node(node)
+                module = self.resets.get(node)
+                if module is not None:
+                    module.reset()
+                value = it.run_node(node)
+                it.env[node] = value
+                block = self.neurons.get(node)
+                if block is not None:
+                    # The neuron emits integer spike counts, summed exactly in float32 (below 2**24), before its
+                    # output scaler multiplies them in place.
+                    exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
+                    counts[block.scaler1] = value.sum(0, dtype=torch.float32 if exact else torch.float64)
 
     def _rate_mean(self, b: _Block) -> torch.Tensor:
+        """The block's output summed over time and samples, divided by ``time_steps`` and the sample count:
+        the exact sum of the spike counts times the output scale (one float64 rounding)."""
         total: torch.Tensor | None = None
-        for it in self.runs:
-            out = it.env[b.scaler1]
-            rate = out.reshape(self.steps, out.shape[0] // self.steps, *out.shape[1:]).double().mean(0).sum(0)
-            total = rate if total is None else total + rate
+        for counts in self.counts:
+            summed = counts[b.scaler1].double()
+            total = summed if total is None else total + summed
         assert total is not None
-        return _reduce(total, self.group) / self.count
+        total = self.scalers[b.scaler1](total.unsqueeze(0))[0]
+        return _reduce(total, self.group) / (self.count * self.steps)
 
     def run(self, ann_means: dict[str, torch.Tensor], bar: Any) -> list[CalibratedLayer]:
         ends = {b.scaler1: b for b in self.blocks}
