@@ -42,17 +42,18 @@ def check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
         )
 
 
-def check_mask_dtype(name: str, attn_mask: object, query_dtype: torch.dtype) -> None:
-    """A mask is None or a tensor that is bool, float32 or of the query's dtype (what SDPA accepts)."""
+def check_mask_dtype(name: str, attn_mask: object, query_dtype: torch.dtype, arg: str = "attn_mask") -> None:
+    """A mask (the argument ``arg``) is None or a tensor that is bool, float32 or of the query's dtype (what SDPA
+    accepts)."""
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(
-            f"{name} expects attn_mask to be a torch.Tensor or None, but got {type(attn_mask).__name__}."
+            f"{name} expects {arg} to be a torch.Tensor or None, but got {type(attn_mask).__name__}."
         )
     if attn_mask.dtype not in (torch.bool, torch.float32, query_dtype):
         raise TypeError(
-            f"{name} expects attn_mask of dtype torch.bool (a boolean mask) or a float mask of the query's dtype "
+            f"{name} expects {arg} of dtype torch.bool (a boolean mask) or a float mask of the query's dtype "
             f"{query_dtype} (or torch.float32), but got {attn_mask.dtype}; convert an int/uint8 mask with "
             "mask.bool() or to an additive float mask."
         )

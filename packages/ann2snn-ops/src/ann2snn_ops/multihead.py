@@ -294,14 +294,7 @@ def _canonical_mask(
     name = "TDMultiheadAttention"
     if attn_mask is None:
         return None
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"{name} expects attn_mask to be a tensor or None, but got {attn_mask!r}.")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            f"{name} expects a bool or floating-point attn_mask (as nn.MultiheadAttention), but got "
-            f"{attn_mask.dtype}; convert an int/uint8 mask with mask.bool()."
-        )
-    check_mask_dtype(name, attn_mask, query_dtype)
+    attn_mask = _check_mask(attn_mask, "attn_mask", query_dtype)
     if attn_mask.dim() == 2:
         if tuple(attn_mask.shape) != (length, s):
             raise ValueError(
@@ -320,6 +313,21 @@ def _canonical_mask(
     return ~attn_mask if attn_mask.dtype == torch.bool else attn_mask
 
 
+def _check_mask(mask: object, arg: str, query_dtype: torch.dtype) -> torch.Tensor:
+    """A mask argument of nn.MultiheadAttention (``attn_mask``, ``key_padding_mask``): a tensor, bool or
+    floating point, and of a dtype SDPA accepts beside a query of ``query_dtype``."""
+    name = "TDMultiheadAttention"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} expects {arg} to be a tensor or None, but got {mask!r}.")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(
+            f"{name} expects a bool or floating-point {arg} (as nn.MultiheadAttention), but got "
+            f"{mask.dtype}; convert an int/uint8 mask with mask.bool()."
+        )
+    check_mask_dtype(name, mask, query_dtype, arg)
+    return mask
+
+
 def _merge_key_padding(
     key_padding_mask: object,
     mask: torch.Tensor | None,
@@ -333,20 +341,7 @@ def _merge_key_padding(
     additive float mask broadcastable to ``[B, H, L, S]``, as ``F.multi_head_attention_forward`` merges them
     (bool masks become 0 / -inf in the query's dtype, then the two are added)."""
     name = "TDMultiheadAttention"
-    if not isinstance(key_padding_mask, torch.Tensor):
-        raise TypeError(
-            f"{name} expects key_padding_mask to be a tensor or None, but got {key_padding_mask!r}."
-        )
-    if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
-        raise TypeError(
-            f"{name} expects a bool or floating-point key_padding_mask (as nn.MultiheadAttention), but got "
-            f"{key_padding_mask.dtype}; convert an int/uint8 mask with mask.bool()."
-        )
-    if key_padding_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-        raise TypeError(
-            f"{name} expects a key_padding_mask of dtype torch.bool or a float mask of the query's dtype "
-            f"{query.dtype} (or torch.float32), but got {key_padding_mask.dtype}."
-        )
+    key_padding_mask = _check_mask(key_padding_mask, "key_padding_mask", query.dtype)
     if tuple(key_padding_mask.shape) != (b, s):
         raise ValueError(
             f"{name} expects key_padding_mask of shape (batch, S) = {(b, s)}, "
