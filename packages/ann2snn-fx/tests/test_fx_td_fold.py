@@ -211,3 +211,31 @@ def test_explicit_batch_size_reshape() -> None:
         ValueError, match=r"Tensor\.view\(3, 7\) of a time-varying tensor of shape \(12, 5\).*-1"
     ):
         TDTimeFolded(Fn(lambda m, x: x.view(3, 7)))(torch.randn(4, 3, 5))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_folded_multihead_attention_unfolds_a_shared_input_once(self_attention: bool) -> None:
+    # self-attention (query is key is value) reaches the TD attention as one view: its packed projection
+    # and one running sum; cross-attention keeps three; both equal the ANN on the cumulative input
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kv = x if self_attention else x * 2.0
+            return self.attn(x, kv, kv, need_weights=False)[0]
+
+    ann = Attn().eval()
+    snn = TDTimeFolded(ann, strict=True)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    snn.model.attn.td.register_forward_pre_hook(lambda module, args: seen.append(args[:3]))
+    x = torch.randn(4, 2, 5, 6)
+    out = snn(x)
+    q, k, v = seen[0]
+    assert (q is k and k is v) == self_attention
+    assert k is v
+    reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (4, 2))
+    torch.testing.assert_close(out.cumsum(0), reference, atol=1e-5, rtol=1e-5)

@@ -50,10 +50,12 @@ class _FoldedMultiheadAttention(nn.Module):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
             attn_mask = _step_mask(mode, attn_mask, "attn_mask", rows)
         with torch._C.DisableTorchFunction():
+            # one view per distinct input: self-attention (query is key is value) stays recognisable
+            views = {id(t): mode.unfold(t) for t in (query, key, value)}
             out, _ = self.td(
-                mode.unfold(query),
-                mode.unfold(key),
-                mode.unfold(value),
+                views[id(query)],
+                views[id(key)],
+                views[id(value)],
                 key_padding_mask=padding,
                 need_weights=False,
                 attn_mask=attn_mask,
