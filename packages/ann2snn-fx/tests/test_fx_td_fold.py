@@ -239,3 +239,44 @@ def test_folded_multihead_attention_unfolds_a_shared_input_once(self_attention: 
     assert k is v
     reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (4, 2))
     torch.testing.assert_close(out.cumsum(0), reference, atol=1e-5, rtol=1e-5)
+
+
+class _Constants(nn.Module):
+    """Constants added to a time-varying tensor in every form the fold mode distinguishes (in place into a copy,
+    or rebuilt: a constant that broadcasts the sum to a larger shape or promotes its dtype), and products of
+    time-varying tensors that broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(5))  # same dtype, broadcasts into each step
+        self.grid = nn.Parameter(torch.randn(3, 5))  # x[:, :1] + grid is larger than x[:, :1]
+        self.register_buffer("wide", torch.randn(5, dtype=torch.float64))  # float32 + float64 -> float64
+
+    def forward(self, x: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+        a = x + self.row + 0.5 - 2  # tensor and numbers
+        b = x[:, :1] + self.grid  # [N, 1, 5] + [3, 5] -> [N, 3, 5]
+        c = (x + self.wide).float()
+        d = x + per_sample  # a static per-sample input, repeated over the folded batch
+        e = x * x.mean(-1, keepdim=True)  # [N, 3, 5] * [N, 3, 1]: time * time of one rank, broadcast
+        f = x.sum((1, 2)).unsqueeze(-1) * x.mean(1)  # [N, 1] * [N, 5]
+        g = torch.tanh(x) + F.linear(x, self.grid, self.grid[0, :3].detach()).sum(-1, keepdim=True)
+        return torch.cat([a, b, c, d, e, f.unsqueeze(1), g], dim=1)
+
+
+@pytest.mark.parametrize("autograd", [True, False])
+def test_constants_and_broadcast_products_equal_the_ann(autograd: bool) -> None:
+    torch.manual_seed(0)
+    ann = _Constants()
+    snn = TDTimeFolded(ann, time_inputs={0}, strict=True)
+    x, per_sample = torch.randn(5, 2, 3, 5), torch.randn(2, 3, 5)
+    with torch.set_grad_enabled(autograd):
+        out = snn(x, per_sample)
+        refs = [ann(c, per_sample) for c in x.cumsum(0)]
+    assert out.dtype == torch.float32
+    for t, ref in enumerate(refs):
+        torch.testing.assert_close(out.cumsum(0)[t], ref, atol=1e-5, rtol=1e-5)
+    if autograd:  # the gradients reach the constants through the copies they were added into
+        out.sum().backward()
+        refs[-1].sum().backward()  # the sum of the differences is the last cumulative step
+        torch.testing.assert_close(snn.model.row.grad, ann.row.grad)
+        torch.testing.assert_close(snn.model.grid.grad, ann.grid.grad)

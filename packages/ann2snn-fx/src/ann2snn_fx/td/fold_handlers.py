@@ -140,12 +140,22 @@ def _cumulative(steps: Tensor) -> Tensor:
 
 def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:
     """``diff(fn(*cumsums))`` on the unfolded steps without autograd: one pass each (an input passed twice is
-    summed once), the differences written into the first running sum's buffer (dead once ``fn`` ran)."""
+    summed once). Small results are differenced into a copy (two calls); large ones into the first running
+    sum's buffer (dead once ``fn`` ran), which saves the memory of a copy."""
     cums: list[Tensor] = []
     for i, x in enumerate(xs):
-        same = next((j for j in range(i) if xs[j] is x), None)
-        cums.append(cums[same] if same is not None else _cumulative(mode.unfold(x)))
+        for j in range(i):
+            if xs[j] is x:
+                cums.append(cums[j])
+                break
+        else:
+            cums.append(_cumulative(mode.unfold(x)))
     y = fn(*cums)
+    if _small(y):
+        out = y.clone()
+        if y.shape[0] > 1:
+            out[1:].sub_(y[:-1])
+        return out.flatten(0, 1)
     cum = cums[0]
     if y.shape != cum.shape or y.dtype != cum.dtype or any(y.data_ptr() == c.data_ptr() for c in cums):
         out = torch.empty_like(y)
@@ -337,6 +347,8 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     if mode.is_time(a) and mode.is_time(b):
         mode.done(func, "-> TDMul")
         if a.shape != b.shape:
+            if a.dim() == b.dim() and a.shape[0] == b.shape[0] and _direct_ok(a, b):
+                return _td_nograd(mode, torch.mul, a, b)  # the running sums broadcast in the product
             a, b = torch.broadcast_tensors(a, b)
         return _product(mode, TDMul, torch.mul, a, b)
     return func(*args, **kwargs)

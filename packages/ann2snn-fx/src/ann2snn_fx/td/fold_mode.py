@@ -22,6 +22,19 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
+def _fits(step: Any, x: Tensor, steps: int) -> bool:
+    """Whether adding ``step`` (one time step's constant) to a step of ``x`` keeps that step's shape and dtype
+    (a float number, or a tensor of ``x``'s dtype and device broadcasting to the step), so it can be added in
+    place."""
+    if isinstance(step, Tensor):
+        return (
+            step.dtype == x.dtype
+            and step.device == x.device
+            and _broadcasts_to(tuple(step.shape), (x.shape[0] // steps, *x.shape[1:]))
+        )
+    return type(step) in (int, float) and x.is_floating_point()
+
+
 class _FoldMode(TorchFunctionMode):
     """Runs a model's forward on time-folded ``[T*B, ...]`` tensors with TD semantics.
 
@@ -83,14 +96,21 @@ class _FoldMode(TorchFunctionMode):
 
     def add_at_t0(self, x: Tensor, constant: Any) -> Tensor:
         """``x`` plus ``constant`` at t = 0 only (the differential form of adding a constant)."""
+        step = self.step_constant(constant, x)
+        if _fits(
+            step, x, self.steps
+        ):  # the sum keeps x's shape and dtype: a copy of x, the constant added to step 0
+            out = x.clone()
+            out[: x.shape[0] // self.steps].add_(step)
+            return out
         steps = self.unfold(x)
-        head = steps[0] + self.step_constant(constant, x)
+        head = steps[0] + step
         tail = steps[1:].expand(self.steps - 1, *head.shape)
         return torch.cat([head.unsqueeze(0), tail], dim=0).flatten(0, 1)
 
     def add_at_t0_(self, fresh: Tensor, constant: Any) -> Tensor:
         """:meth:`add_at_t0` in place, for a tensor this mode just created (no other user sees it)."""
-        head = self.unfold(fresh)[0]
+        head = fresh[: fresh.shape[0] // self.steps]
         step = self.step_constant(constant, fresh)
         if not _broadcasts_to(tuple(getattr(step, "shape", ())), tuple(head.shape)):
             return self.add_at_t0(fresh, constant)
