@@ -54,6 +54,9 @@ _OPS = [
     lambda m, x: torch.exp(x) + x.pow(3) + F.softplus(x, beta=2.0) + x.clamp(-0.5, 0.5),
     lambda m, x: torch.addmm(m.w, x, m.w.detach().view(5, 1).expand(5, 5)).type(torch.float64),
     lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),
+    # time tensors (and constants) passed as keywords, also nested in a keyword's list
+    lambda m, x: torch.mul(x, other=x) + torch.cat(tensors=[x, m.w.expand_as(x)], dim=1)[:, 2:7],
+    lambda m, x: F.linear(x, weight=m.w.view(1, 5).expand(5, 5), bias=m.w) + torch.clamp(x, min=-0.5),
 ]
 _UNARY = [
     lambda m, x: F.gelu(x) + F.gelu(x, approximate="tanh"),

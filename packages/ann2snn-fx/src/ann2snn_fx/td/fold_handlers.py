@@ -129,7 +129,7 @@ _ONE_CALL_CUMSUM_EXACT = 100_000
 def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
     """Whether ``torch.cumsum`` runs the running sum of ``x`` in one call (any non-CPU device, or at most
     ``limit`` elements)."""
-    return x.device.type != "cpu" or x.numel() <= limit
+    return x.numel() <= limit or not x.is_cpu
 
 
 def _cumulative(steps: Tensor) -> Tensor:
@@ -462,8 +462,9 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
     """linear/conv: apply the weight to every step, the bias at t = 0 only (as TDLinear/TDConv2d)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if any(mode.is_time(a) for a in _leaves((args[1:], kwargs), [])):
-            raise _Unsupported("a time-varying weight or bias")
+        for a in (*args[1:], *kwargs.values()):  # weight, bias, stride, ...: tensors are never nested here
+            if isinstance(a, Tensor) and mode.is_time(a):
+                raise _Unsupported("a time-varying weight or bias")
         bias = read_arg(args, kwargs, bias_index, "bias", None)
         call_args = list(args)
         if len(call_args) > bias_index:
@@ -556,9 +557,8 @@ def _masked_fill(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict
 def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A pointwise function of its first argument; the others must be constants that need no gradient."""
     x, rest = args[0], args[1:]
-    if not mode.is_time(x) or any(
-        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad) for a in _leaves((rest, kwargs), [])
-    ):
+    extra = _leaves((rest, kwargs), []) if rest or kwargs else ()
+    if not mode.is_time(x) or any(mode.is_time(a) or a.requires_grad for a in extra):
         raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
     mode.done(func, "-> TDFunction")
     if _plain_ok(x):

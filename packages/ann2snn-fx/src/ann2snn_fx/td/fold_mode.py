@@ -84,7 +84,7 @@ class _FoldMode(TorchFunctionMode):
 
     # ---- time axis helpers -------------------------------------------------------------------
     def unfold(self, x: Tensor) -> Tensor:
-        return x.unflatten(0, (self.steps, -1))
+        return torch._C.TensorBase.unflatten(x, 0, (self.steps, -1))  # without Tensor's named-dims wrapper
 
     def step_constant(self, constant: Any, reference: Tensor) -> Any:
         """One time step's worth of a constant: a per-sample constant of the folded batch loses it."""
@@ -148,10 +148,16 @@ class _FoldMode(TorchFunctionMode):
                     if entry is not None and entry[0]() is leaf:
                         dims.append(entry[1])
         if kwargs:
-            for leaf in _leaves(kwargs, []):
-                entry = time.get(id(leaf))
-                if entry is not None and entry[0]() is leaf:
-                    dims.append(entry[1])
+            for arg in kwargs.values():  # flat too: mostly flags and dims
+                if isinstance(arg, Tensor):
+                    entry = time.get(id(arg))
+                    if entry is not None and entry[0]() is arg:
+                        dims.append(entry[1])
+                elif isinstance(arg, (tuple, list, dict)):
+                    for leaf in _leaves(arg, []):
+                        entry = time.get(id(leaf))
+                        if entry is not None and entry[0]() is leaf:
+                            dims.append(entry[1])
         if not dims:
             return func(*args, **kwargs)
         if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
