@@ -283,3 +283,32 @@ def test_constants_and_broadcast_products_equal_the_ann(autograd: bool) -> None:
         refs[-1].sum().backward()  # the sum of the differences is the last cumulative step
         torch.testing.assert_close(snn.model.row.grad, ann.row.grad)
         torch.testing.assert_close(snn.model.grid.grad, ann.grid.grad)
+
+
+@pytest.mark.parametrize("autograd", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_attention_equals_the_ann(autograd: bool, causal: bool) -> None:
+    # enable_gqa=True with 4 query heads on 2 key/value heads: without autograd the running sums are attended
+    # with SDPA's own head repeat, with autograd the TD attention gets repeated heads; both equal the ANN
+    torch.manual_seed(0)
+
+    class Gqa(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 16, bias=False)
+            self.kv = nn.Linear(8, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).unflatten(-1, (4, 4)).transpose(1, 2)  # [N, 4, L, 4]
+            k, v = self.kv(x).unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)  # [N, 2, L, 4] each
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            return y.transpose(1, 2).flatten(2)
+
+    ann = Gqa().double()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(5, 2, 6, 8, dtype=torch.float64)
+    with torch.set_grad_enabled(autograd):
+        out = snn(x)
+    for t, c in enumerate(x.cumsum(0)):
+        torch.testing.assert_close(out.cumsum(0)[t], ann(c), atol=1e-9, rtol=1e-9)
+    assert any("TDScaledDotProductAttention" in r.detail for r in snn.report.converted)

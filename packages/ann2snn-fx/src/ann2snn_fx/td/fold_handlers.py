@@ -489,12 +489,12 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     dropout_p = read_arg(args, kwargs, 4, "dropout_p", 0.0)
     is_causal = read_arg(args, kwargs, 5, "is_causal", False)
     scale = read_arg(args, kwargs, 6, "scale", None)
+    groups = 1
     if read_arg(args, kwargs, 7, "enable_gqa", False) and k.shape[-3] != q.shape[-3]:
         # grouped-query attention: each key/value head serves q_heads / kv_heads query heads
         if q.shape[-3] % k.shape[-3]:
             raise _Unsupported("enable_gqa=True with query heads not a multiple of key/value heads")
         groups = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     if dropout_p != 0.0:
         raise _Unsupported("attention dropout draws a different mask at every time step")
     if mode.is_time(mask):
@@ -519,10 +519,14 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
                 attn_mask=folded_mask,
                 is_causal=causal,
                 scale=scale,
+                enable_gqa=groups
+                > 1,  # SDPA repeats the running sums' heads (as repeat_interleave, bit for bit)
             )
             return y.unflatten(0, (mode.steps, -1))
 
         return _td_nograd(mode, attend, q, k, v)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     module = _shared(
         (TDScaledDotProductAttention, causal, scale),
         lambda: TDScaledDotProductAttention(is_causal=causal, scale=scale),
