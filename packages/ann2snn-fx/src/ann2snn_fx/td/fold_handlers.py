@@ -242,13 +242,15 @@ def _no_dim0(*positions: tuple[int, str, Any], new_dim: bool = False) -> _Handle
     indexes the output, one dim longer, as ``unsqueeze``'s does)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        x = args[0]
-        rank = x.dim() + (1 if new_dim else 0)
+        rank = max(args[0].dim() + (1 if new_dim else 0), 1)
         for index, name, default in positions:
-            value = read_arg(args, kwargs, index, name, default)
-            values = value if isinstance(value, (tuple, list)) else [value]
-            for dim in values:
-                if dim is None or (isinstance(dim, int) and dim % max(rank, 1) == 0):
+            value = kwargs[name] if name in kwargs else args[index] if len(args) > index else default
+            if type(value) is int:  # the usual single dim
+                if value % rank == 0:
+                    raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
+                continue
+            for dim in value if isinstance(value, (tuple, list)) else [value]:
+                if dim is None or (isinstance(dim, int) and dim % rank == 0):
                     raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
         return func(*args, **kwargs)
 
@@ -466,13 +468,13 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
             if isinstance(a, Tensor) and mode.is_time(a):
                 raise _Unsupported("a time-varying weight or bias")
         bias = read_arg(args, kwargs, bias_index, "bias", None)
+        if bias is None:
+            return func(*args, **kwargs)
         call_args = list(args)
         if len(call_args) > bias_index:
             call_args[bias_index] = None
         rest = {k: v for k, v in kwargs.items() if k != "bias"}
         out = func(*call_args, **rest)
-        if bias is None:
-            return out
         mode.done(func, "bias added at t = 0 only")
         if channel_dims is not None:
             bias = bias.reshape(-1, *([1] * (out.dim() - 2)))

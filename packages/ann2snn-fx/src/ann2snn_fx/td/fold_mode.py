@@ -61,7 +61,10 @@ class _FoldMode(TorchFunctionMode):
         return entry[1]
 
     def is_time(self, value: Any) -> bool:
-        return self.batch_dim(value) is not None
+        if not isinstance(value, Tensor):
+            return False
+        entry = self._time.get(id(value))
+        return entry is not None and entry[0]() is value
 
     def mark(self, value: Any, batch_dim: int = 0) -> Any:
         time = self._time
