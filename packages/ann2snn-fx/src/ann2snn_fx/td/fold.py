@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
+from ann2snn_fx.td.fold_fuse import install_fused_forwards
 from ann2snn_fx.td.fold_mode import _FoldMode
 from ann2snn_fx.td.layers import make_traceable, sequence_first_layers
 from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
@@ -105,6 +106,13 @@ class TDTimeFolded(nn.Module):
     A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
     step separately, so the equivalence then holds to that precision.
 
+    Dispatch is cached per leaf module (one without submodules: an RMS norm, a hand-written GELU): its first
+    call with given input metadata runs op by op as above; if every op of that call converted exactly (one
+    time-varying float32/float64 input and output, a TD nonlinearity inside, nothing reported, no in-place
+    op, no attribute rebound), later calls with the same metadata (shape, dtype, device, autograd, ``T``,
+    training flag) run it as one TD function, ``diff(forward(cumsum(x)))``, with one running sum instead of
+    one per nonlinearity; the report counts its ops as before.
+
     Args:
         ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
         device: Device of the copy; default the first parameter's device, else CPU.
@@ -176,6 +184,9 @@ class TDTimeFolded(nn.Module):
                 wrapper = _FoldedMultiheadAttention(td)
                 wrapper.train(module.training)
                 setattr(parent, attr, wrapper)
+        install_fused_forwards(
+            self.model, (_FoldedMultiheadAttention,)
+        )  # leaf modules run as one TD function once checked (fold_fuse)
 
     def _is_time(self, key: int | str, value: Any) -> bool:
         if not isinstance(value, Tensor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from collections import Counter
 from typing import Any
@@ -11,6 +12,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ann2snn_fx.td.build import read_arg
+from ann2snn_fx.td.fold_fuse import ACTIVE, _Watch
 from ann2snn_fx.td.fold_handlers import Tensor, _leaves, _name, _permutation, _Unsupported
 from ann2snn_fx.td.fold_table import _FACTORIES, _HANDLERS, _META, _NONLINEAR, _SELF_ONLY
 
@@ -49,6 +51,16 @@ class _FoldMode(TorchFunctionMode):
         self._time: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
         self.converted: Counter[tuple[str, str]] = Counter()
         self.issues: Counter[tuple[str, str]] = Counter()
+        self.watch: _Watch | None = None  # a leaf module's checked call (fold_fuse) watches the ops
+        self._active: list[contextvars.Token[_FoldMode | None]] = []
+
+    def __enter__(self) -> _FoldMode:
+        self._active.append(ACTIVE.set(self))
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        ACTIVE.reset(self._active.pop())
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def batch_dim(self, value: Any) -> int | None:
@@ -163,6 +175,8 @@ class _FoldMode(TorchFunctionMode):
                             dims.append(entry[1])
         if not dims:
             return func(*args, **kwargs)
+        if self.watch is not None:
+            self.watch.saw(func, args, kwargs, func in _HANDLERS or func in _SELF_ONLY or func in _FACTORIES)
         if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
             return func(*args, **kwargs)  # uses only the shape/dtype of its time-varying argument
         if func in _FACTORIES:
