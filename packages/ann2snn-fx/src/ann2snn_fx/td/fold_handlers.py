@@ -470,14 +470,18 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
         bias = read_arg(args, kwargs, bias_index, "bias", None)
         if bias is None:
             return func(*args, **kwargs)
-        call_args = list(args)
-        if len(call_args) > bias_index:
-            call_args[bias_index] = None
-        rest = {k: v for k, v in kwargs.items() if k != "bias"}
-        out = func(*call_args, **rest)
+        if "bias" in kwargs:
+            out = func(*args, **{k: v for k, v in kwargs.items() if k != "bias"})
+        else:
+            out = func(*args[:bias_index], None, *args[bias_index + 1 :], **kwargs)
         mode.done(func, "bias added at t = 0 only")
         if channel_dims is not None:
             bias = bias.reshape(-1, *([1] * (out.dim() - 2)))
+        elif (
+            isinstance(bias, Tensor) and bias.dim() == 1 and out.dim() >= 1 and bias.shape[0] == out.shape[-1]
+        ):
+            out[: out.shape[0] // mode.steps].add_(bias)  # a linear layer's bias, on step 0
+            return out
         return mode.add_at_t0_(out, bias)
 
     return handler
