@@ -129,6 +129,7 @@ PARAMS = {
     "vit": "ViT",
     "distilbert": "DistilBERT",
     "llama": "Llama (grouped-query attention, rotary embeddings)",
+    "t5": "T5 encoder (RMS norm: float64 states times a float32 rsqrt)",
     "eager": "eager attention",
     "sdpa": "SDPA attention",
 }

@@ -338,6 +338,9 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         mode.done(func, "-> TDMul")
         if a.shape != b.shape:
             a, b = torch.broadcast_tensors(a, b)
+        if a.dtype != b.dtype:  # as torch.mul promotes (T5's float64 states times a float32 rsqrt)
+            dtype = torch.result_type(a, b)
+            a, b = a.to(dtype), b.to(dtype)
         return _product(mode, TDMul, torch.mul, a, b)
     return func(*args, **kwargs)
 
