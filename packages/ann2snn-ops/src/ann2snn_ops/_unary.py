@@ -155,8 +155,8 @@ def td_rows(
     block_elements: int = _BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd, for ``fn`` acting independently on rows of shape ``row``
-    (the trailing dims; ``fn`` gets contiguous ``[k, n, *row]`` blocks of ``k`` steps of ``n`` rows, or
-    ``[n, *row]`` tiles of one step).
+    (the trailing dims; ``fn`` gets contiguous ``[k, n, *row]`` blocks of ``k >= 2`` whole steps of ``n``
+    rows, or ``[n, *row]`` tiles of one step).
 
     Fused for memory traffic, one cache-sized block at a time (``block_elements``): several whole steps
     when steps are small, else one step at a time in tiles of rows. The running sums are added step by step
@@ -172,7 +172,7 @@ def td_rows(
     n_rows = xv.shape[1]
     out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
     k_steps, k_rows = _block_layout(t_len, n_rows, math.prod(row), block_elements)
-    if k_rows >= n_rows:
+    if k_steps > 1:
         _td_step_blocks(xv, out, fn, params, fn_out, k_steps, acc)
     else:
         _td_row_tiles(xv, out, fn, params, fn_out, k_rows, acc)
@@ -188,18 +188,19 @@ def _td_step_blocks(
     k: int,
     acc: torch.dtype,
 ) -> None:
-    """:func:`td_rows` in blocks of ``k`` whole steps."""
+    """:func:`td_rows` in blocks of ``k >= 2`` whole steps."""
     t_len = xv.shape[0]
     cum = torch.empty((k, *xv.shape[1:]), dtype=acc, device=xv.device)
     results = None if fn_out is None else torch.empty((2, *cum.shape), dtype=acc, device=xv.device)
     sums = cum.unbind(0)  # views made in one call each: the loop is dispatch-bound
     steps = xv.unbind(0)
+    outs = out.unbind(0)
     prev: torch.Tensor | None = None  # fn of the running sum of the step before the block
     for b, t0 in enumerate(range(0, t_len, k)):
         n = min(k, t_len - t0)
         if t0 == 0:
             sums[0].copy_(steps[0])
-        else:  # sums[k - 1] is the previous block's last running sum (sums[0] itself when k == 1)
+        else:  # sums[k - 1] is the previous block's last running sum
             torch.add(sums[k - 1], steps[t0], out=sums[0])
         for i in range(1, n):
             torch.add(sums[i - 1], steps[t0 + i], out=sums[i])
@@ -211,13 +212,14 @@ def _td_step_blocks(
         else:
             y = results[b % 2] if n == k else results[b % 2, :n]
             fn_out(block, y)
+        ys = y.unbind(0)
         if prev is None:
-            out[0].copy_(y[0])
+            outs[0].copy_(ys[0])
         else:
-            torch.sub(y[0], prev, out=out[t0])
+            torch.sub(ys[0], prev, out=outs[t0])
         if n > 1:
             torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t0 + n])
-        prev = y[n - 1]
+        prev = ys[-1]
 
 
 def _td_row_tiles(
@@ -229,16 +231,17 @@ def _td_row_tiles(
     k: int,
     acc: torch.dtype,
 ) -> None:
-    """:func:`td_rows` one step at a time, in tiles of ``k`` rows."""
+    """:func:`td_rows` one step at a time, in tiles of ``k`` rows (one tile: whole steps)."""
     t_len, n_rows = xv.shape[:2]
     running = torch.empty((k, *xv.shape[2:]), dtype=acc, device=xv.device)
     results = None if fn_out is None else torch.empty((2, *running.shape), dtype=acc, device=xv.device)
     for r0 in range(0, n_rows, k):
         r1 = min(n_rows, r0 + k)
-        run = running if r1 - r0 == k else running[: r1 - r0]
-        slots = None if results is None else results[:, : r1 - r0].unbind(0)
-        steps = xv[:, r0:r1].unbind(0)
-        outs = out[:, r0:r1].unbind(0)
+        whole = r1 - r0 == k
+        run = running if whole else running[: r1 - r0]
+        slots = None if results is None else (results if whole else results[:, : r1 - r0]).unbind(0)
+        steps = (xv if r1 - r0 == n_rows else xv[:, r0:r1]).unbind(0)
+        outs = (out if r1 - r0 == n_rows else out[:, r0:r1]).unbind(0)
         run.copy_(steps[0])
         prev: torch.Tensor | None = None
         for t in range(t_len):
