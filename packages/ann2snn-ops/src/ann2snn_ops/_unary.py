@@ -261,46 +261,25 @@ def _td_row_tiles(
             prev = y
 
 
-def td_steps(x: torch.Tensor, fn_out: RowsOut, min_elements: int = 0) -> torch.Tensor:
+def td_steps(x: torch.Tensor, fn_out: RowsOut) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd for a float32/float64 ``x`` and an op with an ``out=`` form.
 
     Three passes over the sequence, each one kernel per step, and no temporary of the full sequence: the
     running sum is kept in one step-sized buffer (the same float sum as :func:`cumulative`'s), the op
     writes ``f(x_cum[t])`` straight into the output, and the output is differenced in place from the last
     step back. ``fn_out(a, out)`` must accept any strides of ``a`` and write nothing else.
-
-    ``min_elements``: for an op with a high fixed cost per call (GELU's is several microseconds) and
-    ``fn_out(a, a)`` allowed (elementwise ops), the running sums of several steps are written into the
-    output and the op runs once in place on each group of at least ``min_elements`` elements.
     """
     t_len = x.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     outs = out.unbind(0)  # views made in one call: the loop is dispatch-bound
     steps = x.unbind(0)
-    step_size = max(outs[0].numel(), 1)
-    group = 1 if min_elements <= 0 else max(1, -(-min_elements // step_size))
-    if group == 1:
-        fn_out(steps[0], outs[0])
-        if t_len > 1:
-            run = torch.add(steps[0], steps[1])
-            fn_out(run, outs[1])
-            for t in range(2, t_len):
-                run.add_(steps[t])
-                fn_out(run, outs[t])
-    else:
-        outs[0].copy_(steps[0])
-        last = outs[0]  # the running sum of the step before the current one
-        kept: torch.Tensor | None = None
-        for t0 in range(0, t_len, group):
-            t1 = min(t_len, t0 + group)
-            for t in range(max(t0, 1), t1):
-                torch.add(last, steps[t], out=outs[t])
-                last = outs[t]
-            if t1 < t_len:  # keep the group's last running sum before the op overwrites it
-                kept = last.clone() if kept is None else kept.copy_(last)
-                last = kept
-            block = out[t0:t1]
-            fn_out(block, block)
+    fn_out(steps[0], outs[0])
+    if t_len > 1:
+        run = torch.add(steps[0], steps[1])
+        fn_out(run, outs[1])
+        for t in range(2, t_len):
+            run.add_(steps[t])
+            fn_out(run, outs[t])
     for t in range(t_len - 1, 0, -1):
         outs[t].sub_(outs[t - 1])
     return out
@@ -315,7 +294,6 @@ def td_unary(
     row: tuple[int, ...] | None = None,
     row_out: RowsOut | None = None,
     step_out: RowsOut | None = None,
-    step_min_elements: int = 0,
     row_fn: CumFn | None = None,
 ) -> torch.Tensor:
     """Apply ``f`` the TD way: ``diff(fn(cumsum(x), *params))``, accumulating half inputs in float32.
@@ -334,7 +312,7 @@ def td_unary(
             ``fn_out``; ``row_fn``: a leaner ``fn`` for it, e.g. the aten op without the functional
             wrapper's checks).
         step_out: ``fn_out(x_cum_step, out)``, the op written into ``out``: for float32/float64 inputs the
-            no-autograd path runs :func:`td_steps` (``step_min_elements``: its ``min_elements``).
+            no-autograd path runs :func:`td_steps`.
 
     Returns:
         The differential output, in ``x.dtype`` (or ``fn``'s result dtype when ``fn`` changes the dtype,
@@ -345,7 +323,7 @@ def td_unary(
         return out
     with torch.no_grad():
         if step_out is not None and x.dtype in (torch.float32, torch.float64):
-            return td_steps(x, step_out, step_min_elements)
+            return td_steps(x, step_out)
         if row is not None and x.is_floating_point():
             return td_rows(x, fn if row_fn is None else row_fn, row, *params, fn_out=row_out)
         acc = accumulation_dtype(x.dtype)
