@@ -522,7 +522,7 @@ FUSED = ["gelu", "layer_norm", "rms_norm", "silu", "softmax"]
     [
         (3, 700, 192),  # steps larger than a block: tiles of rows, the last one shorter
         (40, 20, 96),  # small steps: blocks of whole steps, the last one shorter
-        (10, 100, 1000),  # GELU's groups of 3 steps, the last one shorter
+        (10, 100, 1000),  # two tiles of rows per step; GELU on the whole sequence at once
         (1, 700, 192),  # one step
         (2, 3, 5),
     ],

@@ -132,8 +132,8 @@ blocks (fewer calls) lose more to cache misses than they save."""
 
 
 RowsOut = Callable[[torch.Tensor, torch.Tensor], object]
-"""``fn_out(x_cum_block, out)``: the op written into ``out`` (an ``out=`` variant, no allocation); both are
-contiguous."""
+"""``fn_out(x_cum_block, out)``: the op written into ``out`` (an ``out=`` variant, no allocation); in
+:func:`td_rows` both are contiguous."""
 
 
 def _block_layout(t_len: int, n_rows: int, width: int, block_elements: int) -> tuple[int, int]:
