@@ -86,6 +86,71 @@ def test_signed_brute_force_loop() -> None:
         assert out[t].tolist() == [float(k) for k in ref]
 
 
+def _two_stage(
+    x: torch.Tensor, threshold: float | torch.Tensor, burst: int, signed: bool, v_init: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule as first written, kernel for kernel: the positive burst stage, then the negative spike where
+    ``v < 0`` and the count is positive. Returns ``(out [T, *], v, count)``."""
+    v = torch.full_like(x[0], v_init)
+    count = torch.zeros_like(x[0])
+    outs = []
+    tensor = isinstance(threshold, torch.Tensor)
+    for t in range(x.shape[0]):
+        v.add_(x[t])
+        out = torch.empty_like(v)
+        if burst == 1:
+            torch.ge(v, threshold, out=out)
+        else:
+            torch.div(v, threshold, out=out) if tensor or threshold != 1.0 else torch.floor(v, out=out)
+            out.floor_().clamp_(0, burst)
+        v.sub_(out * threshold) if tensor else v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
+        if signed:
+            negative = torch.minimum((v < 0).to(v.dtype), count)
+            out.sub_(negative)
+            v.add_(negative * threshold) if tensor else v.add_(negative, alpha=threshold)  # type: ignore[arg-type]
+            count.add_(out)
+        outs.append(out)
+    return torch.stack(outs), v, count
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)], ids=["1", "0.7", "tensor"])
+@pytest.mark.parametrize(("burst", "signed"), [(1, True), (2, False), (4, False), (2, True), (4, True)])
+def test_fast_kernels_equal_the_two_stage_rule_bit_for_bit(
+    threshold: float | torch.Tensor, burst: int, signed: bool
+) -> None:
+    from ann2snn_fx.snn.dynamics import fire_burst_signed_
+
+    torch.manual_seed(4)
+    # Quarters hit the thresholds, the burst cap and v = 0 exactly; the Gaussian part covers the rest.
+    x = torch.cat([torch.randint(-8, 9, (24, 2, 40)) / 4.0, torch.randn(24, 2, 40) * 1.3], 1)
+    ref, ref_v, ref_count = _two_stage(x, threshold, burst, signed, 0.5)
+    node = IFNode(v_threshold=threshold, v_reset=None, v_init=0.5, burst=burst, signed=signed).eval()
+    with torch.no_grad():
+        loop = torch.stack([node(x[t]) for t in range(24)])  # single steps
+        assert torch.equal(loop, ref)
+        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
+        node.reset()
+        node.step_mode = "m"
+        chunks = torch.cat([node(x[:1]), node(x[1:7]), node(x[7:])])  # the sequence path, state carried over
+        assert torch.equal(chunks, ref)
+        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
+            assert bool((ref.cumsum(0) >= 0).all())
+            assert bool((ref < 0).any())
+    v = torch.full_like(x[0], 0.5)
+    count = torch.zeros_like(x[0]) if signed else None
+    for t in range(24):  # the public in-place step, which takes the count as it is
+        v.add_(x[t])
+        out = torch.empty_like(v)
+        fire_burst_signed_(v, out, threshold, burst, count)
+        assert torch.equal(out, ref[t])
+    assert torch.equal(v, ref_v)
+    assert count is None or torch.equal(count, ref_count)
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)])
 @pytest.mark.parametrize("v_reset", [None, 0.0])
 def test_default_options_are_bit_identical(threshold: object, v_reset: float | None) -> None:

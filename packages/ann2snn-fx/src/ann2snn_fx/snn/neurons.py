@@ -127,7 +127,6 @@ class IFNode(LowLatencyState, SequenceSteps, nn.Module):
     """
 
     v: float | torch.Tensor
-    count: float | torch.Tensor
     burst: int
     signed: bool
     step_mode: str

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ann2snn_fx.snn.dynamics import fire_burst_signed_, integrate_and_fire_sequence
+from ann2snn_fx.snn.dynamics import burst_signed_sequence, integrate_and_fire_sequence
 
 __all__ = ["SequenceSteps"]
 
@@ -26,7 +26,6 @@ class SequenceSteps:
     v_seq: torch.Tensor | None
     burst: int
     signed: bool
-    count: Any
 
     def single_step_forward(
         self, x: torch.Tensor
@@ -36,7 +35,7 @@ class SequenceSteps:
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
         raise NotImplementedError
 
-    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
+    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor | None:  # pragma: no cover - the neuron's
         raise NotImplementedError
 
     def _sequence_fast_path_ok(self, x_seq: torch.Tensor) -> bool:
@@ -59,13 +58,17 @@ class SequenceSteps:
         if self.burst == 1 and not self.signed:
             out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale)
         else:
-            out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-            count = self._prepare_count(v) if self.signed else None
-            for t in range(x_seq.shape[0]):
-                v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
-                fire_burst_signed_(v, out[t], threshold, self.burst, count)
-            if count is not None:
-                self.count = count
+            out, negative_count = burst_signed_sequence(
+                v,
+                x_seq,
+                threshold,
+                self.burst,
+                self.signed,
+                self._prepare_count(v) if self.signed else None,
+                input_scale,
+            )
+            if negative_count is not None:
+                self.__dict__["_negative_count"] = negative_count
         self.v = v
         return out
 
