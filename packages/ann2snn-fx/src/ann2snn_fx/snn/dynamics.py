@@ -17,6 +17,7 @@ __all__ = [
     "fire_negated_",
     "integrate_and_fire",
     "integrate_and_fire_sequence",
+    "output_buffer",
 ]
 
 
@@ -60,12 +61,31 @@ def integrate_and_fire(
     return spike, v
 
 
+def output_buffer(x_seq: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out`` viewed as ``x_seq``'s shape when it can take the output (contiguous, of ``x_seq``'s numel,
+    dtype and device; a buffer the caller no longer reads), else a new contiguous tensor like ``x_seq``."""
+    if (
+        out is not None
+        and out.numel() == x_seq.numel()
+        and out.dtype == x_seq.dtype
+        and out.device == x_seq.device
+        and out.is_contiguous()
+    ):
+        return out.view(x_seq.shape)
+    return torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+
+
 def integrate_and_fire_sequence(
-    v: torch.Tensor, x_seq: torch.Tensor, threshold: float, input_scale: float | None = None
+    v: torch.Tensor,
+    x_seq: torch.Tensor,
+    threshold: float,
+    input_scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-reset inference over ``[T, N, *]`` (``v`` updated in place), integrating ``input_scale * x``
-    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output."""
-    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output
+    (into ``out`` when it fits, see :func:`output_buffer`)."""
+    out = output_buffer(x_seq, out)
     for t in range(x_seq.shape[0]):
         if input_scale is None:
             v.add_(x_seq[t])
@@ -160,15 +180,16 @@ def burst_signed_sequence(
     signed: bool,
     negative_count: torch.Tensor | None,
     input_scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Soft-reset inference of a burst and/or signed neuron over ``[T, N, *]`` (``v`` updated in place),
     integrating ``input_scale * x`` when given: :func:`fire_negated_` at every step.
 
     ``negative_count`` is a signed neuron's negated net count so far, updated in place (``None``: a fresh
     neuron, whose first step has no negative rule to apply). Returns ``(out, negative_count)``
-    (``negative_count`` is ``None`` unless ``signed``).
+    (``negative_count`` is ``None`` unless ``signed``); ``out`` as for :func:`integrate_and_fire_sequence`.
     """
-    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    out = output_buffer(x_seq, out)
     for t in range(x_seq.shape[0]):
         v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
         fire_negated_(v, out[t], threshold, burst, negative_count)

@@ -193,6 +193,16 @@ class IFNode(LowLatencyState, SequenceSteps, nn.Module):
         self.count = 0.0
         self.v_seq = None
 
+    def _reset_into(self, buffer: torch.Tensor) -> None:
+        """:meth:`reset`, with the initial potential written into ``buffer`` (a tensor the caller gives up,
+        shaped like the next input): the next run integrates into it instead of a new tensor."""
+        self.reset()
+        if isinstance(self.v_init, torch.Tensor):
+            buffer.copy_(self.v_init.expand_as(buffer))
+        else:
+            buffer.fill_(self._initial_v())
+        self.v = buffer
+
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:

@@ -48,15 +48,18 @@ class SequenceSteps:
             and not isinstance(self.v_threshold, torch.Tensor)
         )
 
-    def _inference_sequence(self, x_seq: torch.Tensor, input_scale: float | None = None) -> torch.Tensor:
-        """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output, optionally
-        integrating ``input_scale * x`` (a fused input scaler)."""
+    def _inference_sequence(
+        self, x_seq: torch.Tensor, input_scale: float | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output (``out``, a
+        buffer the caller gives up, when it fits), optionally integrating ``input_scale * x`` (a fused
+        input scaler)."""
         v = self._prepare_v(x_seq[0])
         if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
             v = v.detach().clone()
         threshold = float(self.v_threshold)
         if self.burst == 1 and not self.signed:
-            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale)
+            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale, out)
         else:
             out, negative_count = burst_signed_sequence(
                 v,
@@ -66,6 +69,7 @@ class SequenceSteps:
                 self.signed,
                 self._prepare_count(v) if self.signed else None,
                 input_scale,
+                out,
             )
             if negative_count is not None:
                 self.__dict__["_negative_count"] = negative_count
