@@ -291,6 +291,51 @@ def test_calibration_improves_digits_accuracy_at_two_steps(digits_cnn: dict[str,
     assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"burst": 2, "signed": True}, {"signed": True}], ids=["plain", "burst-signed", "signed"]
+)
+@pytest.mark.parametrize("method", ["bias", "potential", "both"])
+def test_calibrate_snn_reports_the_errors_of_the_snn_it_returns(options: dict[str, Any], method: str) -> None:
+    # The corrections re-run each block into its earlier buffers: the errors they report must be those of
+    # the returned SNN run afresh (step loop, hooks on each block's output scaler) against the ANN.
+    torch.manual_seed(3)
+    ann = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 8),
+        nn.ReLU(),
+    ).eval()
+    data = [torch.randn(8, 2, 8, 8) for _ in range(3)]
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5, **options)
+    ).convert_to_spiking_neurons(ann)
+    fixed = calibrate_snn(snn, ann, data, 3, method=method, progress=False)
+    layers = fixed.meta["ann2snn_fx.calibrate_snn"]
+    assert len(layers) == 3
+    x = torch.cat(data)
+    acts: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, i, o: acts.append(o)) for m in ann if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        ann(x)
+    for h in handles:
+        h.remove()
+    outs: dict[str, list[torch.Tensor]] = {layer.block: [] for layer in layers}
+    for layer in layers:
+        fixed.get_submodule(f"{layer.block}.scaler1").register_forward_hook(
+            lambda m, i, o, key=layer.block: outs[key].append(o)
+        )
+    run_snn(fixed, x, 3)
+    for layer, act in zip(layers, acts):
+        rate = torch.stack(outs[layer.block]).mean(0)
+        error = float((rate.double() - act.double()).mean(0).abs().mean())
+        assert error == pytest.approx(layer.error_after, rel=1e-4, abs=1e-6), layer
+    assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

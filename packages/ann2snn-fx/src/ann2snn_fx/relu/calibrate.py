@@ -320,22 +320,34 @@ class _LockStep:
         }
         self.scalers = {b.scaler1: modules[str(b.scaler1.target)] for b in blocks}
         self.counts: list[dict[fx.Node, torch.Tensor]] = [{} for _ in inputs]
+        # Per batch, each block neuron's final membrane: its next run on that batch starts in it.
+        self.spare_v: list[dict[fx.Node, torch.Tensor]] = [{} for _ in inputs]
 
     def _start(self, b: _Block) -> int:
         return self.index[b.bias_node] if b.bias_node is not None else self.index[b.neuron]
 
     def _run(self, nodes: list[fx.Node]) -> None:
-        for it, counts in zip(self.runs, self.counts):
+        for it, counts, spares in zip(self.runs, self.counts, self.spare_v):
             for node in nodes:
                 it.static_cache.pop(node, None)
                 it.expanded.pop(node, None)
+                block = self.neurons.get(node)
                 module = self.resets.get(node)
-                if module is not None:
+                spare = spares.pop(node, None)
+                if isinstance(module, IFNode) and spare is not None:
+                    module._reset_into(spare)  # the membrane of this node's previous run on this batch
+                elif module is not None:
                     module.reset()
+                previous = it.env.get(node) if block is not None else None
+                if isinstance(previous, torch.Tensor):
+                    # A block's earlier output (only its spike counts were read): the re-run writes into it.
+                    it.out_buffers[node] = previous
                 value = it.run_node(node)
                 it.env[node] = value
-                block = self.neurons.get(node)
                 if block is not None:
+                    state = getattr(module, "v", None)
+                    if isinstance(state, torch.Tensor):
+                        spares[node] = state
                     # The neuron emits integer spike counts, summed exactly in float32 (below 2**24), before its
                     # output scaler multiplies them in place.
                     exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
@@ -357,18 +369,19 @@ class _LockStep:
         starts = sorted((self.index[b.scaler1], self._start(b)) for b in self.blocks)
         layers = []
         for i, node in enumerate(self.order):
-            self._run([node])
             block = ends.get(node)
             if block is not None:
+                # The block's output scaler runs once, after the corrections (they read the spike counts).
                 layers.append(self._correct(block, ann_means[block.activation], i))
                 bar.update(1)
+                if block is self.blocks[-1]:
+                    break
+            self._run([node])
             keep_from = min((p for s, p in starts if s > i), default=len(self.order))
             for n in self.order[: i + 1]:
                 if self.last_use[n] <= i and self.last_use[n] < keep_from:
                     for it in self.runs:
                         it.env.pop(n, None)
-            if block is not None and block is self.blocks[-1]:
-                break
         return layers
 
     def _correct(self, b: _Block, target: torch.Tensor, i: int) -> CalibratedLayer:
@@ -391,7 +404,7 @@ class _LockStep:
                     value = it.env[b.bias_node]
                     value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
                     it.expanded.pop(b.bias_node, None)
-                self._run(self.order[self._start(b) + 1 : i + 1])
+                self._run(self.order[self._start(b) + 1 : i])
                 error = self._rate_mean(b) - target
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
@@ -410,6 +423,6 @@ class _LockStep:
             neuron.set_v_init(
                 (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
             )
-            self._run(self.order[self.index[b.neuron] : i + 1])
+            self._run(self.order[self.index[b.neuron] : i])
             error = self._rate_mean(b) - target
         return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))
