@@ -292,12 +292,22 @@ def test_calibration_improves_digits_accuracy_at_two_steps(digits_cnn: dict[str,
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"burst": 2, "signed": True}, {"signed": True}], ids=["plain", "burst-signed", "signed"]
+    ("options", "strategy"),
+    [
+        ({}, "fixed"),
+        ({"burst": 2, "signed": True}, "fixed"),
+        ({"signed": True}, "fixed"),
+        ({}, "per_channel"),
+    ],
+    ids=["plain", "burst-signed", "signed", "per-channel"],
 )
 @pytest.mark.parametrize("method", ["bias", "potential", "both"])
-def test_calibrate_snn_reports_the_errors_of_the_snn_it_returns(options: dict[str, Any], method: str) -> None:
-    # The corrections re-run each block into its earlier buffers: the errors they report must be those of
-    # the returned SNN run afresh (step loop, hooks on each block's output scaler) against the ANN.
+def test_calibrate_snn_reports_the_errors_of_the_snn_it_returns(
+    options: dict[str, Any], strategy: str, method: str
+) -> None:
+    # The runs before a block's last one keep only its spike counts (summed in the neuron's loop; per-channel
+    # scalers are not fused and sum the kept output), and re-runs start in earlier membranes: the errors
+    # reported must be those of the returned SNN run afresh (step loop, hooks on the output scalers).
     torch.manual_seed(3)
     ann = nn.Sequential(
         nn.Conv2d(2, 6, 3, padding=1),
@@ -311,7 +321,10 @@ def test_calibrate_snn_reports_the_errors_of_the_snn_it_returns(options: dict[st
     ).eval()
     data = [torch.randn(8, 2, 8, 8) for _ in range(3)]
     snn = Converter(
-        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5, **options)
+        data,
+        progress=False,
+        neuron_factory=NeuronFactory(v_init=0.5, **options),
+        threshold_optimizer=ThresholdOptimizer(strategy),
     ).convert_to_spiking_neurons(ann)
     fixed = calibrate_snn(snn, ann, data, 3, method=method, progress=False)
     layers = fixed.meta["ann2snn_fx.calibrate_snn"]

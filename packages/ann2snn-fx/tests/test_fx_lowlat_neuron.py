@@ -153,7 +153,7 @@ def test_fast_kernels_equal_the_two_stage_rule_bit_for_bit(
 
 @pytest.mark.parametrize("v_init", [0.5, torch.linspace(-0.5, 1.0, 6)], ids=["number", "tensor"])
 @pytest.mark.parametrize(("burst", "signed"), [(1, False), (3, False), (1, True), (2, True)])
-def test_sequence_writes_into_a_given_buffer_and_restarts_into_one(
+def test_sequence_sums_into_totals_and_restarts_into_a_given_membrane(
     burst: int, signed: bool, v_init: float | torch.Tensor
 ) -> None:
     torch.manual_seed(5)
@@ -162,22 +162,19 @@ def test_sequence_writes_into_a_given_buffer_and_restarts_into_one(
     with torch.no_grad():
         ref = node._inference_sequence(x, input_scale=0.7)
         ref_v = node.v.clone()  # type: ignore[union-attr]
+        ref_count = node.count
         spare = torch.full((4, 6), float("nan"))
         node._reset_into(spare)  # reset, with the initial potential written into the given tensor
         assert node.v is spare
         assert torch.equal(spare, torch.as_tensor(v_init).expand(4, 6))
-        buffer = torch.full((5 * 4 * 6,), float("nan"))
-        out = node._inference_sequence(x, input_scale=0.7, out=buffer)
-        assert out.data_ptr() == buffer.data_ptr()  # written in place
-        assert torch.equal(out, ref)
+        totals = torch.full((6,), 100.0)
+        last = node._inference_sequence(x, input_scale=0.7, totals=totals)  # no [T, N, *] output kept
+        assert last.shape == (4, 6)
+        assert torch.equal(last, ref[-1])
+        assert torch.equal(totals, 100.0 + ref.sum((0, 1)))  # summed over time and batch, in place
         assert torch.equal(node.v, ref_v)
-        node.reset()
-        odd = torch.zeros(5 * 4 * 6, dtype=torch.float64)  # another dtype: left alone
-        out = node._inference_sequence(x, input_scale=0.7, out=odd)
-        assert out.data_ptr() != odd.data_ptr()
-        assert bool((odd == 0).all())
-        assert torch.equal(out, ref)
-        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)])

@@ -326,7 +326,9 @@ class _LockStep:
     def _start(self, b: _Block) -> int:
         return self.index[b.bias_node] if b.bias_node is not None else self.index[b.neuron]
 
-    def _run(self, nodes: list[fx.Node]) -> None:
+    def _run(self, nodes: list[fx.Node], keep: bool) -> None:
+        """Run ``nodes`` on every batch; block neurons record their spike counts summed over time and
+        samples, and keep their output only with ``keep`` (the block's last run: later nodes read it)."""
         for it, counts, spares in zip(self.runs, self.counts, self.spare_v):
             for node in nodes:
                 it.static_cache.pop(node, None)
@@ -338,20 +340,29 @@ class _LockStep:
                     module._reset_into(spare)  # the membrane of this node's previous run on this batch
                 elif module is not None:
                     module.reset()
-                previous = it.env.get(node) if block is not None else None
-                if isinstance(previous, torch.Tensor):
-                    # A block's earlier output (only its spike counts were read): the re-run writes into it.
-                    it.out_buffers[node] = previous
+                totals = None
+                if block is not None and not keep:
+                    # The neuron emits integer spike counts, summed exactly in float32 (below 2**24): a fused
+                    # neuron sums each step's into the accumulator and keeps no [T*B, ...] output.
+                    x = it.env[block.scaler0]
+                    rows = x.shape[0] * (1 if it.temporal.get(block.scaler0, False) else self.steps)
+                    exact = rows * self.burst[node] < 2**24 and x.dtype != torch.float64
+                    totals = torch.zeros(
+                        x.shape[1:], dtype=torch.float32 if exact else torch.float64, device=x.device
+                    )
+                    it.totals[node] = totals
                 value = it.run_node(node)
                 it.env[node] = value
                 if block is not None:
                     state = getattr(module, "v", None)
                     if isinstance(state, torch.Tensor):
                         spares[node] = state
-                    # The neuron emits integer spike counts, summed exactly in float32 (below 2**24), before its
-                    # output scaler multiplies them in place.
-                    exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
-                    counts[block.scaler1] = value.sum(0, dtype=torch.float32 if exact else torch.float64)
+                    it.totals.pop(node, None)
+                    if value is not None:  # kept, or a neuron with no fused loop (its totals were not used)
+                        exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
+                        totals = value.sum(0, dtype=torch.float32 if exact else torch.float64)
+                    assert totals is not None
+                    counts[block.scaler1] = totals
 
     def _rate_mean(self, b: _Block) -> torch.Tensor:
         """The block's output summed over time and samples, divided by ``time_steps`` and the sample count:
@@ -376,7 +387,7 @@ class _LockStep:
                 bar.update(1)
                 if block is self.blocks[-1]:
                     break
-            self._run([node])
+            self._run([node], keep=False)
             keep_from = min((p for s, p in starts if s > i), default=len(self.order))
             for n in self.order[: i + 1]:
                 if self.last_use[n] <= i and self.last_use[n] < keep_from:
@@ -404,7 +415,7 @@ class _LockStep:
                     value = it.env[b.bias_node]
                     value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
                     it.expanded.pop(b.bias_node, None)
-                self._run(self.order[self._start(b) + 1 : i])
+                self._run(self.order[self._start(b) + 1 : i], keep=self.method == "bias")
                 error = self._rate_mean(b) - target
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
@@ -423,6 +434,6 @@ class _LockStep:
             neuron.set_v_init(
                 (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
             )
-            self._run(self.order[self.index[b.neuron] : i])
+            self._run(self.order[self.index[b.neuron] : i], keep=True)
             error = self._rate_mean(b) - target
         return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))

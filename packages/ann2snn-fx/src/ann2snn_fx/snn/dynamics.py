@@ -17,7 +17,6 @@ __all__ = [
     "fire_negated_",
     "integrate_and_fire",
     "integrate_and_fire_sequence",
-    "output_buffer",
 ]
 
 
@@ -61,39 +60,36 @@ def integrate_and_fire(
     return spike, v
 
 
-def output_buffer(x_seq: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """``out`` viewed as ``x_seq``'s shape when it can take the output (contiguous, of ``x_seq``'s numel,
-    dtype and device; a buffer the caller no longer reads), else a new contiguous tensor like ``x_seq``."""
-    if (
-        out is not None
-        and out.numel() == x_seq.numel()
-        and out.dtype == x_seq.dtype
-        and out.device == x_seq.device
-        and out.is_contiguous()
-    ):
-        return out.view(x_seq.shape)
-    return torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-
-
 def integrate_and_fire_sequence(
     v: torch.Tensor,
     x_seq: torch.Tensor,
     threshold: float,
     input_scale: float | None = None,
-    out: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-reset inference over ``[T, N, *]`` (``v`` updated in place), integrating ``input_scale * x``
-    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output
-    (into ``out`` when it fits, see :func:`output_buffer`)."""
-    out = output_buffer(x_seq, out)
+    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output.
+
+    With ``totals`` (a ``[*]`` tensor) the spikes are not kept: each step's are written into one ``[N, *]``
+    tensor (returned in place of the spikes) and summed over ``N`` into ``totals``, in place, in its dtype
+    (exact for counts below ``2**24`` in float32).
+    """
+    out = _spike_buffer(x_seq, totals)
     for t in range(x_seq.shape[0]):
+        spikes = out[t] if totals is None else out
         if input_scale is None:
             v.add_(x_seq[t])
         else:
             v.add_(x_seq[t], alpha=input_scale)
-        torch.ge(v, threshold, out=out[t])
-        v.sub_(out[t], alpha=threshold)
+        torch.ge(v, threshold, out=spikes)
+        v.sub_(spikes, alpha=threshold)
+        if totals is not None:
+            totals.add_(spikes.sum(0, dtype=totals.dtype))
     return out, v
+
+
+def _spike_buffer(x_seq: torch.Tensor, totals: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(x_seq if totals is None else x_seq[0], memory_format=torch.contiguous_format)
 
 
 def fire_burst_signed_(
@@ -180,21 +176,24 @@ def burst_signed_sequence(
     signed: bool,
     negative_count: torch.Tensor | None,
     input_scale: float | None = None,
-    out: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Soft-reset inference of a burst and/or signed neuron over ``[T, N, *]`` (``v`` updated in place),
     integrating ``input_scale * x`` when given: :func:`fire_negated_` at every step.
 
     ``negative_count`` is a signed neuron's negated net count so far, updated in place (``None``: a fresh
     neuron, whose first step has no negative rule to apply). Returns ``(out, negative_count)``
-    (``negative_count`` is ``None`` unless ``signed``); ``out`` as for :func:`integrate_and_fire_sequence`.
+    (``negative_count`` is ``None`` unless ``signed``); ``totals`` as for :func:`integrate_and_fire_sequence`.
     """
-    out = output_buffer(x_seq, out)
+    out = _spike_buffer(x_seq, totals)
     for t in range(x_seq.shape[0]):
+        spikes = out[t] if totals is None else out
         v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
-        fire_negated_(v, out[t], threshold, burst, negative_count)
+        fire_negated_(v, spikes, threshold, burst, negative_count)
         if signed and negative_count is None:
-            negative_count = torch.neg(out[t])  # the count of a fresh neuron starts at its first output
+            negative_count = torch.neg(spikes)  # the count of a fresh neuron starts at its first output
+        if totals is not None:
+            totals.add_(spikes.sum(0, dtype=totals.dtype))
     return out, negative_count
 
 
