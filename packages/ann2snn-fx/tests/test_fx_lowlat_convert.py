@@ -213,6 +213,19 @@ def test_bias_and_potential_corrections_match_hand_formulas() -> None:
         calibrate_snn(snn, ann, data, 2, method="weights")
 
 
+def test_calibrate_snn_refuses_batches_of_other_sample_shapes() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+    data = [torch.randn(4, 1, 6, 6)]
+    snn = Converter(data, progress=False).convert_to_spiking_neurons(ann)
+    with pytest.raises(
+        ValueError, match=r"one sample shape; activation .* had \(4, 6, 6\) and then \(4, 5, 5\)"
+    ):
+        calibrate_snn(snn, ann, [*data, torch.randn(4, 1, 5, 5)], 2, progress=False)
+
+
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     digits = sklearn_datasets.load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

@@ -139,26 +139,27 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
         b.activation = name
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the ANN and sums each wanted activation over the batch dimension."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str], sums: dict[str, Any]) -> None:
-        super().__init__(gm)
-        self.wanted = wanted
-        self.sums = sums
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.wanted:
+def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
+    """Each wanted activation of ``ann_gm`` (a copy of its own: its output is rewritten) summed over the
+    samples of all ``inputs``, in float64. The graph returns the activations, so the ANN runs as compiled
+    code, not node by node."""
+    names = sorted(wanted)
+    nodes = {n.name: n for n in ann_gm.graph.nodes}
+    output = next(n for n in ann_gm.graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[name] for name in names),)  # every node still runs, as before
+    ann_gm.recompile()
+    sums: dict[str, torch.Tensor] = {}
+    for x in inputs:
+        for name, result in zip(names, ann_gm(x)):
             total = result.detach().double().sum(0)
-            previous = self.sums.get(n.name)
+            previous = sums.get(name)
             if previous is not None and previous.shape != total.shape:
                 raise ValueError(
-                    f"calibrate_snn needs calibration batches of one sample shape; activation {n.name!r} had "
+                    f"calibrate_snn needs calibration batches of one sample shape; activation {name!r} had "
                     f"{tuple(previous.shape)} and then {tuple(total.shape)} per sample."
                 )
-            self.sums[n.name] = total if previous is None else previous + total
-        return result
+            sums[name] = total if previous is None else previous + total
+    return sums
 
 
 def _group() -> Any:
@@ -263,10 +264,8 @@ def calibrate_snn(
     count = _reduce(
         torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group
     )
-    ann_sums: dict[str, Any] = {}
     with torch.no_grad():
-        for x in inputs:
-            _Recorder(ann_gm, {b.activation for b in blocks}, ann_sums).run(x)
+        ann_sums = _activation_sums(ann_gm, {b.activation for b in blocks}, inputs)
         ann_means = {k: _reduce(v, group) / count for k, v in ann_sums.items()}
         bar.update(1)
         layers = _LockStep(new, inputs, steps, blocks, method, group, count).run(ann_means, bar)
