@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import doctest
 import io
+import pickle
 import warnings
 
 import pytest
@@ -194,6 +195,25 @@ def test_default_options_are_bit_identical(threshold: object, v_reset: float | N
     a.reset()
     b.reset()
     assert torch.equal(a(x), b(x))
+
+
+def test_signed_count_survives_pickling_old_and_new() -> None:
+    node = IFNode(v_reset=None, signed=True).eval()
+    with torch.no_grad():
+        for x in (1.2, 2.5, -0.1):
+            node(torch.tensor([x, 1.0]))
+    assert node.count.tolist() == [3.0, 3.0]  # type: ignore[union-attr]
+    loaded = pickle.loads(pickle.dumps(node))
+    assert loaded.count.tolist() == [3.0, 3.0]
+    old_state = dict(node.__dict__)  # as pickled before the count was kept negated
+    old_state["count"] = torch.neg(old_state.pop("_negative_count"))
+    old = IFNode.__new__(IFNode)
+    old.__setstate__(old_state)
+    assert old.count.tolist() == [3.0, 3.0]  # type: ignore[union-attr]
+    with torch.no_grad():  # the carried count still allows the negative spikes
+        assert old(torch.tensor([-1.5, -1.5])).tolist() == [-1.0, -1.0]
+    node.reset()
+    assert node.count == 0.0
 
 
 def test_options_are_validated() -> None:

@@ -91,6 +91,13 @@ class LowLatencyState:
             torch.neg(value) if isinstance(value, torch.Tensor) else 0.0 - value
         )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A neuron pickled before the count was kept negated holds it as "count" (which the property shadows).
+        count = state.pop("count", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        if count is not None and "_negative_count" not in self.__dict__:
+            self.count = count
+
     def _prepare_count(self, x: torch.Tensor) -> torch.Tensor | None:
         """The negated count for an input like ``x`` (``None``: a fresh neuron, all zero)."""
         negative = self.__dict__.get("_negative_count")
