@@ -441,7 +441,8 @@ def bench(session: nox.Session) -> None:
     """Every package's benchmarks, side by side in one run; one markdown report in docs/benchmarks.md."""
     fx = _pkg_dir("ann2snn-fx")
     ours = [str(_pkg_dir(d)) for d in PACKAGES.values() if d != "ann2snn-fx"] + [f"{fx}[nir]"]
-    _install_ours(session, ours, "numpy", "requests", "scikit-learn")
+    # transformers: bench_fx_td.py's BERT/Llama rows (pinned in constraints/ci.txt)
+    _install_ours(session, ours, "numpy", "requests", "scikit-learn", "transformers")
     # SpikingJelly 2.0.0 as the peer to beat; --no-deps keeps it from resolving its own torch.
     session.install("--no-deps", "spikingjelly==2.0.0", "loguru==0.7.3")
     # The NIR consumers whose importers bench_fx_nir.py measures beside ours (pinned as in `interop`).

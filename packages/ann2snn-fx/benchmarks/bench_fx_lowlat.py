@@ -58,7 +58,8 @@ def bench_cost(quick: bool) -> list[str]:
         "burst=4, signed": {"burst": 4, "signed": True},
     }
     steps = 8
-    neurons = {k: IFNode(v_reset=None, v_init=0.5, step_mode="m", **o) for k, o in options.items()}
+    # eval(): the inference kernels (a new IFNode is in training mode, the surrogate-gradient path)
+    neurons = {k: IFNode(v_reset=None, v_init=0.5, step_mode="m", **o).eval() for k, o in options.items()}
     seq = x.unsqueeze(0).expand(steps, *x.shape).contiguous() * 0.3
 
     def neuron_run(n: IFNode) -> Any:

@@ -1,16 +1,20 @@
-"""Benchmark: TD-converted encoders (a small one and ViT-tiny) on [T, B, ...] against the ANN on [T*B, ...].
+"""Benchmark: TD-converted encoders (a small one and ViT-tiny) and Hugging Face BERT/Llama (hidden 32 and 64)
+on [T, B, ...] against the ANN on [T*B, ...].
 
 Run: ``python packages/ann2snn-fx/benchmarks/bench_fx_td.py [--quick] [--markdown PATH]``.
 
 The floor is the ANN itself applied to the T*B inputs (what any TD model must at least compute). Both
 conversion paths are timed side by side in the same run: ``replace_by_td_operators`` (fx graph on
-``[T, B, L, E]``) and ``TDTimeFolded`` (the model's own forward on time folded into the batch).
+``[T, B, L, E]``) and ``TDTimeFolded`` (the model's own forward on time folded into the batch). The Hugging
+Face models (random weights; skipped, with the reason printed, when ``transformers`` is missing) do not
+trace, so only ``TDTimeFolded`` runs them.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -50,10 +54,92 @@ class Encoder(nn.Module):
 SIZES = (("small encoder", 48, 3, 2, 16, 2), ("ViT-tiny encoder", 192, 3, 4, 65, 2))
 
 
+# Hugging Face models: (hidden sizes, layers, heads, tokens, batch), the sizes of issue 18's measurement
+HF_SIZES = ((32, 64), 2, 4, 9, 2)
+
+
 def run(quick: bool) -> str:
-    """Both sizes, one markdown section each."""
+    """Both encoder sizes and the Hugging Face models, one markdown section each."""
     sizes = ((SIZES[0][0], 48, 3, 1, 17, 2),) if quick else SIZES
-    return "\n".join(run_size(quick, *size) for size in sizes)
+    return "\n".join([*(run_size(quick, *size) for size in sizes), run_hugging_face(quick)])
+
+
+def _hugging_face(transformers: Any, family: str, hidden: int, layers: int, heads: int) -> nn.Module:
+    """A randomly initialised BERT or Llama (grouped-query attention: half as many key/value heads)."""
+    torch.manual_seed(0)
+    if family == "BERT":
+        config = transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            max_position_embeddings=32,
+        )
+        return transformers.BertModel(config).eval()  # type: ignore[no-any-return]
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaModel(config).eval()  # type: ignore[no-any-return]
+
+
+def run_hugging_face(quick: bool) -> str:
+    """BERT and Llama through ``TDTimeFolded`` against the ANN on ``[T*B]``, both hidden sizes."""
+    title = "## ann2snn-fx: TD-converted Hugging Face BERT and Llama (TDTimeFolded)"
+    try:
+        import transformers
+    except ImportError as error:
+        reason = f"skipped: transformers is not installed ({error})"
+        print(f"bench_fx_td: Hugging Face rows {reason}")
+        return f"{title}\n\n{reason.capitalize()}.\n"
+    hiddens, layers, heads, tokens, batch = HF_SIZES
+    families, hiddens = (("BERT",), hiddens[:1]) if quick else (("BERT", "Llama"), hiddens)
+    # millisecond calls on a shared machine: each sample times `calls` forwards, more repeats
+    steps_list, repeats, calls = ((2,), 1, 1) if quick else ((4, 16, 32), 15, 5)
+    rows = []
+    for family in families:
+        for hidden in hiddens:
+            ann = _hugging_face(transformers, family, hidden, layers, heads)
+            folded = TDTimeFolded(ann, time_inputs={"inputs_embeds"}, strict=True)
+            with torch.inference_mode():
+                for steps in steps_list:
+                    x = torch.randn(steps, batch, tokens, hidden)
+                    flat = x.flatten(0, 1)
+                    paths: dict[str, Callable[[], object]] = {
+                        "ann": lambda flat=flat, ann=ann: [ann(inputs_embeds=flat) for _ in range(calls)],
+                        "folded": lambda x=x, f=folded: [f(inputs_embeds=x) for _ in range(calls)],
+                    }
+                    times = {k: v / calls for k, v in median_times(paths, repeats).items()}
+                    out = folded(inputs_embeds=x).last_hidden_state
+                    reference = ann(inputs_embeds=x.cumsum(0).flatten(0, 1)).last_hidden_state
+                    error = float((out.cumsum(0).flatten(0, 1) - reference).abs().max())
+                    rows.append(
+                        f"| {family} | {hidden} | {steps} | {times['ann'] * 1e3:.1f} "
+                        f"| {times['folded'] / times['ann']:.2f}x | {error:.1e} |"
+                    )
+    shape = f"{layers} layers, {heads} heads, {tokens} tokens, batch {batch}, random weights"
+    lines = [
+        title,
+        "",
+        f"Forward time of `TDTimeFolded` on a Hugging Face model ({shape}; Llama with {heads // 2} key/value "
+        "heads) fed `inputs_embeds` as a `[T, B, ...]` sequence, as a ratio to the ANN's forward on the same "
+        f"data folded to `[T*B, ...]` (the floor; float32, CPU, {torch.get_num_threads()} thread(s), median "
+        f"of {repeats} interleaved samples of {calls} calls; transformers {transformers.__version__}). These sizes are where per-op Python dispatch "
+        "of the folded path dominates. Last column: max abs error of the cumulative `last_hidden_state` "
+        "against the ANN on the cumulative input.",
+        "",
+        "| model | hidden | T | ANN on [T*B] (ms) | folded / ANN | max error |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def run_size(quick: bool, name: str, width: int, heads: int, depth: int, tokens: int, batch: int) -> str:

@@ -213,6 +213,19 @@ def test_bias_and_potential_corrections_match_hand_formulas() -> None:
         calibrate_snn(snn, ann, data, 2, method="weights")
 
 
+def test_calibrate_snn_refuses_batches_of_other_sample_shapes() -> None:
+    torch.manual_seed(0)
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+    data = [torch.randn(4, 1, 6, 6)]
+    snn = Converter(data, progress=False).convert_to_spiking_neurons(ann)
+    with pytest.raises(
+        ValueError, match=r"one sample shape; activation .* had \(4, 6, 6\) and then \(4, 5, 5\)"
+    ):
+        calibrate_snn(snn, ann, [*data, torch.randn(4, 1, 5, 5)], 2, progress=False)
+
+
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     digits = sklearn_datasets.load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -288,6 +301,64 @@ def test_calibration_improves_digits_accuracy_at_two_steps(digits_cnn: dict[str,
     fixed = calibrate_snn(burst, ann, loader, 2, progress=False)
     layers = fixed.meta["ann2snn_fx.calibrate_snn"]
     assert len(layers) == 3
+    assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
+
+
+@pytest.mark.parametrize(
+    ("options", "strategy"),
+    [
+        ({}, "fixed"),
+        ({"burst": 2, "signed": True}, "fixed"),
+        ({"signed": True}, "fixed"),
+        ({}, "per_channel"),
+    ],
+    ids=["plain", "burst-signed", "signed", "per-channel"],
+)
+@pytest.mark.parametrize("method", ["bias", "potential", "both"])
+def test_calibrate_snn_reports_the_errors_of_the_snn_it_returns(
+    options: dict[str, Any], strategy: str, method: str
+) -> None:
+    # The runs before a block's last one keep only its spike counts (summed in the neuron's loop; per-channel
+    # scalers are not fused and sum the kept output), and re-runs start in earlier membranes: the errors
+    # reported must be those of the returned SNN run afresh (step loop, hooks on the output scalers).
+    torch.manual_seed(3)
+    ann = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 16, 8),
+        nn.ReLU(),
+    ).eval()
+    data = [torch.randn(8, 2, 8, 8) for _ in range(3)]
+    snn = Converter(
+        data,
+        progress=False,
+        neuron_factory=NeuronFactory(v_init=0.5, **options),
+        threshold_optimizer=ThresholdOptimizer(strategy),
+    ).convert_to_spiking_neurons(ann)
+    fixed = calibrate_snn(snn, ann, data, 3, method=method, progress=False)
+    layers = fixed.meta["ann2snn_fx.calibrate_snn"]
+    assert len(layers) == 3
+    x = torch.cat(data)
+    acts: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda m, i, o: acts.append(o)) for m in ann if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        ann(x)
+    for h in handles:
+        h.remove()
+    outs: dict[str, list[torch.Tensor]] = {layer.block: [] for layer in layers}
+    for layer in layers:
+        fixed.get_submodule(f"{layer.block}.scaler1").register_forward_hook(
+            lambda m, i, o, key=layer.block: outs[key].append(o)
+        )
+    run_snn(fixed, x, 3)
+    for layer, act in zip(layers, acts):
+        rate = torch.stack(outs[layer.block]).mean(0)
+        error = float((rate.double() - act.double()).mean(0).abs().mean())
+        assert error == pytest.approx(layer.error_after, rel=1e-4, abs=1e-6), layer
     assert sum(c.error_after for c in layers) < sum(c.error_before for c in layers)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import doctest
 import io
+import pickle
 import warnings
 
 import pytest
@@ -86,6 +87,97 @@ def test_signed_brute_force_loop() -> None:
         assert out[t].tolist() == [float(k) for k in ref]
 
 
+def _two_stage(
+    x: torch.Tensor, threshold: float | torch.Tensor, burst: int, signed: bool, v_init: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rule as first written, kernel for kernel: the positive burst stage, then the negative spike where
+    ``v < 0`` and the count is positive. Returns ``(out [T, *], v, count)``."""
+    v = torch.full_like(x[0], v_init)
+    count = torch.zeros_like(x[0])
+    outs = []
+    tensor = isinstance(threshold, torch.Tensor)
+    for t in range(x.shape[0]):
+        v.add_(x[t])
+        out = torch.empty_like(v)
+        if burst == 1:
+            torch.ge(v, threshold, out=out)
+        else:
+            torch.div(v, threshold, out=out) if tensor or threshold != 1.0 else torch.floor(v, out=out)
+            out.floor_().clamp_(0, burst)
+        v.sub_(out * threshold) if tensor else v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
+        if signed:
+            negative = torch.minimum((v < 0).to(v.dtype), count)
+            out.sub_(negative)
+            v.add_(negative * threshold) if tensor else v.add_(negative, alpha=threshold)  # type: ignore[arg-type]
+            count.add_(out)
+        outs.append(out)
+    return torch.stack(outs), v, count
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)], ids=["1", "0.7", "tensor"])
+@pytest.mark.parametrize(("burst", "signed"), [(1, True), (2, False), (4, False), (2, True), (4, True)])
+def test_fast_kernels_equal_the_two_stage_rule_bit_for_bit(
+    threshold: float | torch.Tensor, burst: int, signed: bool
+) -> None:
+    from ann2snn_fx.snn.dynamics import fire_burst_signed_
+
+    torch.manual_seed(4)
+    # Quarters hit the thresholds, the burst cap and v = 0 exactly; the Gaussian part covers the rest.
+    x = torch.cat([torch.randint(-8, 9, (24, 2, 40)) / 4.0, torch.randn(24, 2, 40) * 1.3], 1)
+    ref, ref_v, ref_count = _two_stage(x, threshold, burst, signed, 0.5)
+    node = IFNode(v_threshold=threshold, v_reset=None, v_init=0.5, burst=burst, signed=signed).eval()
+    with torch.no_grad():
+        loop = torch.stack([node(x[t]) for t in range(24)])  # single steps
+        assert torch.equal(loop, ref)
+        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
+        node.reset()
+        node.step_mode = "m"
+        chunks = torch.cat([node(x[:1]), node(x[1:7]), node(x[7:])])  # the sequence path, state carried over
+        assert torch.equal(chunks, ref)
+        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
+            assert bool((ref.cumsum(0) >= 0).all())
+            assert bool((ref < 0).any())
+    v = torch.full_like(x[0], 0.5)
+    count = torch.zeros_like(x[0]) if signed else None
+    for t in range(24):  # the public in-place step, which takes the count as it is
+        v.add_(x[t])
+        out = torch.empty_like(v)
+        fire_burst_signed_(v, out, threshold, burst, count)
+        assert torch.equal(out, ref[t])
+    assert torch.equal(v, ref_v)
+    assert count is None or torch.equal(count, ref_count)
+
+
+@pytest.mark.parametrize("v_init", [0.5, torch.linspace(-0.5, 1.0, 6)], ids=["number", "tensor"])
+@pytest.mark.parametrize(("burst", "signed"), [(1, False), (3, False), (1, True), (2, True)])
+def test_sequence_sums_into_totals_and_restarts_into_a_given_membrane(
+    burst: int, signed: bool, v_init: float | torch.Tensor
+) -> None:
+    torch.manual_seed(5)
+    x = torch.randn(5, 4, 6) * 1.5
+    node = IFNode(v_reset=None, v_init=v_init, burst=burst, signed=signed).eval()
+    with torch.no_grad():
+        ref = node._inference_sequence(x, input_scale=0.7)
+        ref_v = node.v.clone()  # type: ignore[union-attr]
+        ref_count = node.count
+        spare = torch.full((4, 6), float("nan"))
+        node._reset_into(spare)  # reset, with the initial potential written into the given tensor
+        assert node.v is spare
+        assert torch.equal(spare, torch.as_tensor(v_init).expand(4, 6))
+        totals = torch.full((6,), 100.0)
+        last = node._inference_sequence(x, input_scale=0.7, totals=totals)  # no [T, N, *] output kept
+        assert last.shape == (4, 6)
+        assert torch.equal(last, ref[-1])
+        assert torch.equal(totals, 100.0 + ref.sum((0, 1)))  # summed over time and batch, in place
+        assert torch.equal(node.v, ref_v)
+        if signed:
+            assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)])
 @pytest.mark.parametrize("v_reset", [None, 0.0])
 def test_default_options_are_bit_identical(threshold: object, v_reset: float | None) -> None:
@@ -103,6 +195,25 @@ def test_default_options_are_bit_identical(threshold: object, v_reset: float | N
     a.reset()
     b.reset()
     assert torch.equal(a(x), b(x))
+
+
+def test_signed_count_survives_pickling_old_and_new() -> None:
+    node = IFNode(v_reset=None, signed=True).eval()
+    with torch.no_grad():
+        for x in (1.2, 2.5, -0.1):
+            node(torch.tensor([x, 1.0]))
+    assert node.count.tolist() == [3.0, 3.0]  # type: ignore[union-attr]
+    loaded = pickle.loads(pickle.dumps(node))
+    assert loaded.count.tolist() == [3.0, 3.0]
+    old_state = dict(node.__dict__)  # as pickled before the count was kept negated
+    old_state["count"] = torch.neg(old_state.pop("_negative_count"))
+    old = IFNode.__new__(IFNode)
+    old.__setstate__(old_state)
+    assert old.count.tolist() == [3.0, 3.0]  # type: ignore[union-attr]
+    with torch.no_grad():  # the carried count still allows the negative spikes
+        assert old(torch.tensor([-1.5, -1.5])).tolist() == [-1.0, -1.0]
+    node.reset()
+    assert node.count == 0.0
 
 
 def test_options_are_validated() -> None:

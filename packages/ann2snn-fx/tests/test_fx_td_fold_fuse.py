@@ -58,6 +58,10 @@ def test_checked_then_fused_calls_equal_the_ann_and_report_the_same(autograd: bo
     snn = TDTimeFolded(ann, strict=True)
     x = torch.randn(4, 3, 5, 6)
     with torch.set_grad_enabled(autograd):
+        _check(
+            snn, ann, x, 1e-5
+        )  # the first call per input signature is the shape probe's: every op recorded
+        assert _plans(snn) == {}
         first = _check(snn, ann, x, 1e-5)
         report = [(r.op, r.detail) for r in snn.report.converted]
         assert any("TDMul" in detail for _, detail in report)  # the checked call ran op by op
@@ -93,7 +97,8 @@ def test_the_cache_is_keyed_by_input_metadata() -> None:
     _check(snn, ann, inputs[0].double(), 1e-10)  # autograd records: another key
     snn.train()
     ann.train()
-    _check(snn, ann, inputs[0].double(), 1e-10)
+    for _ in range(3):  # the training flag: a new probe signature, then checked, then fused
+        _check(snn, ann, inputs[0].double(), 1e-10)
     assert len(_plans(snn)) == 6
     assert all(plan is not None for plan in _plans(snn).values())
 
@@ -185,7 +190,8 @@ def test_hugging_face_models_with_fused_leaves_equal_the_ann(name: str, autograd
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
     reports = []
-    for steps in (3, 5, 3):  # checked, checked (another T), fused
+    # probed (the first call per input signature), probed (another T), checked, checked, fused, fused
+    for steps in (3, 5, 3, 5, 3, 5):
         x = torch.randn(steps, 2, 6, 32, dtype=dtype)
         with torch.set_grad_enabled(autograd):
             out = snn(inputs_embeds=x, use_cache=False).last_hidden_state
@@ -193,10 +199,35 @@ def test_hugging_face_models_with_fused_leaves_equal_the_ann(name: str, autograd
         for t, ref in enumerate(refs):
             torch.testing.assert_close(out.cumsum(0)[t], ref, atol=tol, rtol=tol)
         reports.append(sorted((r.op, r.detail) for r in snn.report.converted))
-    assert reports[0] == reports[1] == reports[2]
+    assert reports[0] == reports[2] == reports[4]
+    assert reports[1] == reports[3] == reports[5]
     fused = [
         m
         for m in snn.model.modules()
         if isinstance(vars(m).get("forward"), _FusedForward) and any(vars(m)["forward"].plans.values())
     ]
     assert fused  # the RMS norms / the GELU modules
+
+
+class LiteralBatch(nn.Module):
+    """A fusable leaf, then a reshape with a literal batch size (B = 2) that only the shape probe finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = RMSNorm(6)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return (self.norm(x) * scale).view(2, -1)
+
+
+def test_the_shape_probe_sees_every_op_of_a_fused_leaf() -> None:
+    # a new input signature (another scale) probes again, after the leaf fused for this input shape: both
+    # probe runs record the leaf's ops, so the literal-batch view after it is still found
+    torch.manual_seed(0)
+    snn = TDTimeFolded(LiteralBatch().eval())
+    x = torch.randn(2, 2, 6)
+    for scale in (1.0, 1.0, 1.0, 2.0):
+        with torch.no_grad():
+            snn(x, scale)
+        assert any("literal batch size" in r.detail for r in snn.report.issues), scale
+    assert [plan is not None for plan in _plans(snn).values()] == [True]

@@ -20,12 +20,18 @@ def _current_test(request: pytest.FixtureRequest) -> None:
     _CURRENT["item"] = request.node
 
 
-def _assert_cumulative(out: torch.Tensor, ref: list[torch.Tensor], dtype: torch.dtype) -> None:
+def _assert_cumulative(
+    out: torch.Tensor, ref: list[torch.Tensor], dtype: torch.dtype, precision: torch.dtype | None = None
+) -> None:
+    """``out``'s running sum equals ``ref`` at every step, to the tolerance of ``precision`` (default ``dtype``:
+    a model that casts time-varying data to float32 holds only to float32 precision)."""
     cum = out.cumsum(0)
     error = max((cum[t] - expected).abs().max().item() for t, expected in enumerate(ref))
-    _CURRENT["item"].user_properties.append(("max_abs_error", f"{error:.1e} ({dtype})".replace("torch.", "")))
+    label = f"{dtype}" if precision in (None, dtype) else f"{dtype}, to {precision} precision"
+    _CURRENT["item"].user_properties.append(("max_abs_error", f"{error:.1e} ({label})".replace("torch.", "")))
+    tol = TOL[precision or dtype]
     for t, expected in enumerate(ref):
-        torch.testing.assert_close(cum[t], expected, atol=TOL[dtype], rtol=TOL[dtype])
+        torch.testing.assert_close(cum[t], expected, atol=tol, rtol=tol)
 
 
 class EncoderBlock(nn.Module):
@@ -237,6 +243,10 @@ def _zoo(name: str) -> tuple[nn.Module, str, tuple[int, ...]]:
     if name == "distilbert":
         config = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=48)
         return transformers.DistilBertModel(config), "inputs_embeds", (7, 32)
+    if name == "t5":
+        # T5's RMS norm multiplies the states by an rsqrt computed in float32: mixed dtypes in float64
+        config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+        return transformers.T5EncoderModel(config), "inputs_embeds", (7, 32)
     # grouped-query attention, rotary embeddings, RMSNorm computed in float32, SiLU-gated MLP
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, num_key_value_heads=2, max_position_embeddings=32, **small
@@ -245,7 +255,14 @@ def _zoo(name: str) -> tuple[nn.Module, str, tuple[int, ...]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype"), [("vit", torch.float64), ("distilbert", torch.float64), ("llama", torch.float32)]
+    ("name", "dtype"),
+    [
+        ("vit", torch.float64),
+        ("distilbert", torch.float64),
+        ("llama", torch.float32),
+        ("t5", torch.float64),
+        ("t5", torch.float32),
+    ],
 )
 def test_hugging_face_zoo(name: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
@@ -254,4 +271,7 @@ def test_hugging_face_zoo(name: str, dtype: torch.dtype) -> None:
     snn = TDTimeFolded(model, time_inputs={key}, strict=True)
     x = torch.randn(3, 2, *shape, dtype=dtype)
     out = snn(**{key: x}).last_hidden_state
-    _assert_cumulative(out, [model(**{key: c}).last_hidden_state for c in x.cumsum(0)], dtype)
+    ref = [model(**{key: c}).last_hidden_state for c in x.cumsum(0)]
+    # T5 computes its RMS norm's variance from a float32 cast of the states, which rounds each step
+    # separately: in float64 the equivalence holds to float32 precision (the TDTimeFolded docstring says so)
+    _assert_cumulative(out, ref, dtype, torch.float32 if name == "t5" else None)

@@ -499,3 +499,84 @@ def test_norm_half_gradients_match_float32(cls: type) -> None:
     for a, b in zip(gph, gpf):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=2e-2)
+
+
+# -- the fused no-grad path of the row-wise and pointwise operators ------------------------------------------
+
+
+def _rows_case(
+    name: str, c: int
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.nn.Module], torch.Tensor]]:
+    make, f = UNARY[name]
+    op = make(c)
+    _randomise(op, c)
+    return op, f
+
+
+FUSED = ["gelu", "layer_norm", "rms_norm", "silu", "softmax"]
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 700, 192),  # steps larger than a block: tiles of rows, the last one shorter
+        (40, 20, 96),  # small steps: blocks of whole steps, the last one shorter
+        (10, 100, 1000),  # two tiles of rows per step; GELU on the whole sequence at once
+        (1, 700, 192),  # one step
+        (2, 3, 5),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_inference_path_matches_cumsum_reference(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Without autograd the operators run cache-sized blocks of steps or of rows; every layout must give
+    the plain op on torch.cumsum of the input, differenced."""
+    op, f = _rows_case(name, shape[-1])
+    op = op.to(dtype)
+    x = _x(shape, 7, dtype)
+    with torch.no_grad():
+        y = op(x)
+        expected = td_reference(lambda xc: f(xc, op), x)
+    assert y.dtype == dtype
+    assert y.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(y.double().cumsum(0), f(x.double().cumsum(0), op.double()), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_inference_path_non_contiguous_and_half_input(name: str) -> None:
+    op, f = _rows_case(name, 96)
+    base = _x((5, 96, 600), 8)
+    x = base.transpose(1, 2)  # [5, 600, 96], not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(op(x), td_reference(lambda xc: f(xc, op), x), atol=1e-5, rtol=1e-5)
+        xh = x[:, :300].bfloat16()
+        yh = op.bfloat16()(xh)
+        expected = f(xh.double().cumsum(0), op.double())
+    assert yh.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        yh.double().cumsum(0), expected, atol=3e-2 * max(1.0, expected.abs().max().item()), rtol=3e-2
+    )
+
+
+@pytest.mark.parametrize("block", [1, 7, 96, 500, 1 << 16])
+@pytest.mark.parametrize("t", [1, 2, 9])
+def test_td_rows_any_block_size(block: int, t: int) -> None:
+    """td_rows' layouts (blocks of whole steps, tiles of rows, blocks of a single row) against the reference,
+    with an allocating op and with an out= op."""
+    from ann2snn_ops._unary import td_rows
+
+    x = _x((t, 13, 4, 6), 9)
+    ref = td_reference(lambda xc: F.layer_norm(xc, (6,)), x)
+    torch.testing.assert_close(td_rows(x, lambda a: F.layer_norm(a, (6,)), (6,), block_elements=block), ref)
+
+    def softmax_out(a: torch.Tensor, out: torch.Tensor) -> None:
+        torch._softmax(a, -1, False, out=out)
+
+    got = td_rows(x, lambda a: torch.softmax(a, -1), (6,), fn_out=softmax_out, block_elements=block)
+    torch.testing.assert_close(got, td_reference(lambda xc: torch.softmax(xc, -1), x))
+    # an op returning a view of its input: the block buffer is reused, so the result must be copied
+    torch.testing.assert_close(td_rows(x, lambda a: a[...], (), block_elements=block), x)

@@ -143,7 +143,7 @@ class TDModule(nn.Module):
         row: tuple[int, ...] | None = None,
         row_out: RowsOut | None = None,
         step_out: RowsOut | None = None,
-        step_min_elements: int = 0,
+        row_fn: CumFn | None = None,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -169,5 +169,5 @@ class TDModule(nn.Module):
             row=row,
             row_out=row_out,
             step_out=step_out,
-            step_min_elements=step_min_elements,
+            row_fn=row_fn,
         )

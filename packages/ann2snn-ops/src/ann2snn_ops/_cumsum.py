@@ -60,9 +60,11 @@ def cumulative(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     """
     dtype = x.dtype if dtype is None else dtype
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    out[0].copy_(x[0])
-    for t in range(1, x.shape[0]):
-        torch.add(out[t - 1], x[t], out=out[t])
+    outs = out.unbind(0)  # views made in one call each: the loop is dispatch-bound on small steps
+    steps = x.unbind(0)
+    outs[0].copy_(steps[0])
+    for t in range(1, len(steps)):
+        torch.add(outs[t - 1], steps[t], out=outs[t])
     return out
 
 
@@ -107,8 +109,9 @@ def cumulative_exact(
 
 def reverse_cumulative_(g: torch.Tensor) -> torch.Tensor:
     """In place: ``g[t] = sum(g[t:])`` (the adjoint of the cumulative sum), added in ``g``'s dtype."""
-    for t in range(g.shape[0] - 2, -1, -1):
-        g[t].add_(g[t + 1])
+    gs = g.unbind(0)
+    for t in range(len(gs) - 2, -1, -1):
+        gs[t].add_(gs[t + 1])
     return g
 
 
@@ -130,8 +133,9 @@ def difference_into(y_cum: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def difference_(y_cum: torch.Tensor) -> torch.Tensor:
     """In place, from the last step backwards (so each step still sees its unmodified predecessor)."""
-    for t in range(y_cum.shape[0] - 1, 0, -1):
-        y_cum[t].sub_(y_cum[t - 1])
+    ys = y_cum.unbind(0)
+    for t in range(len(ys) - 1, 0, -1):
+        ys[t].sub_(ys[t - 1])
     return y_cum
 
 

@@ -126,25 +126,24 @@ class _TDUnary(torch.autograd.Function):
 
 
 _BLOCK_ELEMENTS = 1 << 16
-"""Elements of one block of rows in :func:`td_rows`: its running sum and two results (768 KiB in float32)
-stay in a core's L2 cache while the time steps go by."""
+"""Elements of one block in :func:`td_rows` (256 KiB in float32): the block's running sums, its result and
+the previous block's result stay in a core's L2 cache between the passes. Measured on ViT shapes, larger
+blocks (fewer calls) lose more to cache misses than they save."""
 
 
 RowsOut = Callable[[torch.Tensor, torch.Tensor], object]
-"""``fn_out(x_cum_block, out)``: the op written into ``out`` (an ``out=`` variant, no allocation)."""
+"""``fn_out(x_cum_block, out)``: the op written into ``out`` (an ``out=`` variant, no allocation); in
+:func:`td_rows` both are contiguous."""
 
 
-def _apply(
-    fn: CumFn,
-    fn_out: RowsOut | None,
-    run: torch.Tensor,
-    slot: torch.Tensor | None,
-    params: tuple[torch.Tensor | None, ...],
-) -> torch.Tensor:
-    if fn_out is None or slot is None:
-        return fn(run, *params)
-    fn_out(run, slot)
-    return slot
+def _block_layout(t_len: int, n_rows: int, width: int, block_elements: int) -> tuple[int, int]:
+    """``(steps, rows)`` of one block: whole steps, several per block, when a step is at most half a block;
+    else one step at a time, cut into near-equal tiles of rows of at most ``block_elements`` elements."""
+    step = n_rows * width
+    if 2 * step <= block_elements:
+        return max(1, min(t_len, block_elements // max(step, 1))), n_rows
+    tiles = -(-step // block_elements)
+    return 1, max(1, -(-n_rows // tiles))
 
 
 def td_rows(
@@ -153,82 +152,134 @@ def td_rows(
     row: tuple[int, ...],
     *params: torch.Tensor | None,
     fn_out: RowsOut | None = None,
+    block_elements: int = _BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd, for ``fn`` acting independently on rows of shape ``row``
-    (the trailing dims; ``fn`` gets ``[n, *row]`` blocks).
+    (the trailing dims; ``fn`` gets contiguous ``[k, n, *row]`` blocks of ``k >= 2`` whole steps of ``n``
+    rows, or ``[n, *row]`` tiles of one step).
 
-    Fused for memory traffic: a block of rows at a time, one time step after the other, the running sum,
-    ``fn``'s result and the previous step's result stay in cache, so ``x`` is read once and the output
-    written once, as the plain op does; the running sum is the same float sum as :func:`cumulative`'s.
-    ``fn_out``, when given, writes the op into two reused result buffers instead of allocating per step.
+    Fused for memory traffic, one cache-sized block at a time (``block_elements``): several whole steps
+    when steps are small, else one step at a time in tiles of rows. The running sums are added step by step
+    into the block (the same float sum as :func:`cumulative`'s, carried from block to block), ``fn`` runs
+    once per block, and the block is differenced straight into the output against the previous block's
+    last result, so ``x`` is read once and the output written once, as the plain op does, with no
+    temporary of the full sequence and few calls (the loop is dispatch-bound on small steps). ``fn_out``,
+    when given, writes the op into two reused result buffers instead of allocating per block.
     """
     t_len = x.shape[0]
     acc = accumulation_dtype(x.dtype)
     xv = x.reshape(t_len, -1, *row)
     n_rows = xv.shape[1]
     out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
-    per_block = max(1, _BLOCK_ELEMENTS // max(math.prod(row), 1))
-    block = (min(per_block, n_rows), *row)
-    running = torch.empty(block, dtype=acc, device=x.device)
-    results = torch.empty((2, *block), dtype=acc, device=x.device) if fn_out is not None else None
-
-    for r0 in range(0, n_rows, per_block):
-        r1 = min(n_rows, r0 + per_block)
-        run = running[: r1 - r0]
-        steps = xv[:, r0:r1].unbind(0)  # views made in one call each: the loop is dispatch-bound
-        outs = out[:, r0:r1].unbind(0)
-        slots = (None, None) if results is None else results[:, : r1 - r0].unbind(0)
-        run.copy_(steps[0])
-        prev = _apply(fn, fn_out, run, slots[0], params)
-        outs[0].copy_(prev)
-        for t in range(1, t_len):
-            run.add_(steps[t])
-            cur = _apply(fn, fn_out, run, slots[t % 2], params)
-            torch.sub(cur, prev, out=outs[t])
-            prev = cur
+    k_steps, k_rows = _block_layout(t_len, n_rows, math.prod(row), block_elements)
+    if k_steps > 1:
+        _td_step_blocks(xv, out, fn, params, fn_out, k_steps, acc)
+    else:
+        _td_row_tiles(xv, out, fn, params, fn_out, k_rows, acc)
     return out.view(x.shape)
 
 
-def td_steps(x: torch.Tensor, fn_out: RowsOut, min_elements: int = 0) -> torch.Tensor:
+def _td_step_blocks(
+    xv: torch.Tensor,
+    out: torch.Tensor,
+    fn: CumFn,
+    params: tuple[torch.Tensor | None, ...],
+    fn_out: RowsOut | None,
+    k: int,
+    acc: torch.dtype,
+) -> None:
+    """:func:`td_rows` in blocks of ``k >= 2`` whole steps."""
+    t_len = xv.shape[0]
+    cum = torch.empty((k, *xv.shape[1:]), dtype=acc, device=xv.device)
+    results = None if fn_out is None else torch.empty((2, *cum.shape), dtype=acc, device=xv.device)
+    sums = cum.unbind(0)  # views made in one call each: the loop is dispatch-bound
+    steps = xv.unbind(0)
+    outs = out.unbind(0)
+    prev: torch.Tensor | None = None  # fn of the running sum of the step before the block
+    for b, t0 in enumerate(range(0, t_len, k)):
+        n = min(k, t_len - t0)
+        if t0 == 0:
+            sums[0].copy_(steps[0])
+        else:  # sums[k - 1] is the previous block's last running sum
+            torch.add(sums[k - 1], steps[t0], out=sums[0])
+        for i in range(1, n):
+            torch.add(sums[i - 1], steps[t0 + i], out=sums[i])
+        block = cum if n == k else cum[:n]
+        if results is None or fn_out is None:
+            y = fn(block, *params)
+            if shares_memory(y, cum):  # the next block overwrites the buffer
+                y = y.clone()
+        else:
+            y = results[b % 2] if n == k else results[b % 2, :n]
+            fn_out(block, y)
+        ys = y.unbind(0)
+        if prev is None:
+            outs[0].copy_(ys[0])
+        else:
+            torch.sub(ys[0], prev, out=outs[t0])
+        if n > 1:
+            torch.sub(y[1:], y[:-1], out=out[t0 + 1 : t0 + n])
+        prev = ys[-1]
+
+
+def _td_row_tiles(
+    xv: torch.Tensor,
+    out: torch.Tensor,
+    fn: CumFn,
+    params: tuple[torch.Tensor | None, ...],
+    fn_out: RowsOut | None,
+    k: int,
+    acc: torch.dtype,
+) -> None:
+    """:func:`td_rows` one step at a time, in tiles of ``k`` rows (one tile: whole steps)."""
+    t_len, n_rows = xv.shape[:2]
+    running = torch.empty((k, *xv.shape[2:]), dtype=acc, device=xv.device)
+    results = None if fn_out is None else torch.empty((2, *running.shape), dtype=acc, device=xv.device)
+    for r0 in range(0, n_rows, k):
+        r1 = min(n_rows, r0 + k)
+        whole = r1 - r0 == k
+        run = running if whole else running[: r1 - r0]
+        slots = None if results is None else (results if whole else results[:, : r1 - r0]).unbind(0)
+        steps = (xv if r1 - r0 == n_rows else xv[:, r0:r1]).unbind(0)
+        outs = (out if r1 - r0 == n_rows else out[:, r0:r1]).unbind(0)
+        run.copy_(steps[0])
+        prev: torch.Tensor | None = None
+        for t in range(t_len):
+            if t:
+                run.add_(steps[t])
+            if slots is None or fn_out is None:
+                y = fn(run, *params)
+                if shares_memory(y, running):
+                    y = y.clone()
+            else:
+                y = slots[t % 2]
+                fn_out(run, y)
+            if prev is None:
+                outs[0].copy_(y)
+            else:
+                torch.sub(y, prev, out=outs[t])
+            prev = y
+
+
+def td_steps(x: torch.Tensor, fn_out: RowsOut) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd for a float32/float64 ``x`` and an op with an ``out=`` form.
 
     Three passes over the sequence, each one kernel per step, and no temporary of the full sequence: the
     running sum is kept in one step-sized buffer (the same float sum as :func:`cumulative`'s), the op
     writes ``f(x_cum[t])`` straight into the output, and the output is differenced in place from the last
     step back. ``fn_out(a, out)`` must accept any strides of ``a`` and write nothing else.
-
-    ``min_elements``: for an op with a high fixed cost per call (GELU's is several microseconds) and
-    ``fn_out(a, a)`` allowed (elementwise ops), the running sums of several steps are written into the
-    output and the op runs once in place on each group of at least ``min_elements`` elements.
     """
     t_len = x.shape[0]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     outs = out.unbind(0)  # views made in one call: the loop is dispatch-bound
     steps = x.unbind(0)
-    step_size = max(outs[0].numel(), 1)
-    group = 1 if min_elements <= 0 else max(1, -(-min_elements // step_size))
-    if group == 1:
-        fn_out(steps[0], outs[0])
-        if t_len > 1:
-            run = torch.add(steps[0], steps[1])
-            fn_out(run, outs[1])
-            for t in range(2, t_len):
-                run.add_(steps[t])
-                fn_out(run, outs[t])
-    else:
-        outs[0].copy_(steps[0])
-        last = outs[0]  # the running sum of the step before the current one
-        kept: torch.Tensor | None = None
-        for t0 in range(0, t_len, group):
-            t1 = min(t_len, t0 + group)
-            for t in range(max(t0, 1), t1):
-                torch.add(last, steps[t], out=outs[t])
-                last = outs[t]
-            if t1 < t_len:  # keep the group's last running sum before the op overwrites it
-                kept = last.clone() if kept is None else kept.copy_(last)
-                last = kept
-            block = out[t0:t1]
-            fn_out(block, block)
+    fn_out(steps[0], outs[0])
+    if t_len > 1:
+        run = torch.add(steps[0], steps[1])
+        fn_out(run, outs[1])
+        for t in range(2, t_len):
+            run.add_(steps[t])
+            fn_out(run, outs[t])
     for t in range(t_len - 1, 0, -1):
         outs[t].sub_(outs[t - 1])
     return out
@@ -243,7 +294,7 @@ def td_unary(
     row: tuple[int, ...] | None = None,
     row_out: RowsOut | None = None,
     step_out: RowsOut | None = None,
-    step_min_elements: int = 0,
+    row_fn: CumFn | None = None,
 ) -> torch.Tensor:
     """Apply ``f`` the TD way: ``diff(fn(cumsum(x), *params))``, accumulating half inputs in float32.
 
@@ -258,9 +309,10 @@ def td_unary(
             instead of two (a fresh CPU buffer costs about a pass over it).
         row: When ``fn`` acts independently on rows of this trailing shape (pointwise ops, norms, a
             last-dim softmax), the no-autograd path runs fused with :func:`td_rows` (``row_out``: its
-            ``fn_out``).
+            ``fn_out``; ``row_fn``: a leaner ``fn`` for it, e.g. the aten op without the functional
+            wrapper's checks).
         step_out: ``fn_out(x_cum_step, out)``, the op written into ``out``: for float32/float64 inputs the
-            no-autograd path runs :func:`td_steps` (``step_min_elements``: its ``min_elements``).
+            no-autograd path runs :func:`td_steps`.
 
     Returns:
         The differential output, in ``x.dtype`` (or ``fn``'s result dtype when ``fn`` changes the dtype,
@@ -271,9 +323,9 @@ def td_unary(
         return out
     with torch.no_grad():
         if step_out is not None and x.dtype in (torch.float32, torch.float64):
-            return td_steps(x, step_out, step_min_elements)
+            return td_steps(x, step_out)
         if row is not None and x.is_floating_point():
-            return td_rows(x, fn, row, *params, fn_out=row_out)
+            return td_rows(x, fn if row_fn is None else row_fn, row, *params, fn_out=row_out)
         acc = accumulation_dtype(x.dtype)
         x_cum = cumulative(x, acc)
         if inplace_fn is not None and x_cum.is_floating_point():

@@ -265,35 +265,27 @@ class TDLayerNorm(TDModule):
             self.bias,
             grad_path=self._grad_path,
             row=self.normalized_shape,
-            row_out=self._row_out(x_seq),
+            row_fn=self._row_fn(x_seq),
         )
 
-    def _row_out(self, x_seq: object) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
-        """``td_rows``'s ``fn_out``: the op on a block of rows written into ``out`` (``native_layer_norm.out``,
-        its per-row statistics in buffers made once per block size), or None where a parameter's dtype is
-        not the accumulation dtype (then ``F.layer_norm`` casts half parameters or raises like torch)."""
+    def _row_fn(self, x_seq: object) -> Callable[..., torch.Tensor] | None:
+        """``td_rows``'s op on a block of rows: ``torch.native_layer_norm`` itself (``F.layer_norm``'s
+        wrapper costs a microsecond per block; ``native_layer_norm.out`` computes into a temporary and
+        copies), or None where a parameter's dtype is not the accumulation dtype (then ``F.layer_norm``
+        casts half parameters or raises like torch)."""
         if not isinstance(x_seq, torch.Tensor):
             return None
         acc = accumulation_dtype(x_seq.dtype)
         if any(p is not None and p.dtype != acc for p in (self.weight, self.bias)):
             return None
-        shape, eps, weight, bias = list(self.normalized_shape), self.eps, self.weight, self.bias
-        stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        shape, eps = list(self.normalized_shape), self.eps
 
-        def row_out(x_cum: torch.Tensor, out: torch.Tensor) -> None:
-            n = x_cum.shape[0]  # [n, *normalized_shape]: the last block of rows may be shorter
-            if n not in stats:
-                rows = (n, *(1 for _ in shape))
-                stats[n] = (
-                    torch.empty(rows, dtype=x_cum.dtype, device=x_cum.device),
-                    torch.empty(rows, dtype=x_cum.dtype, device=x_cum.device),
-                )
-            mean, rstd = stats[n]
-            torch.ops.aten.native_layer_norm.out(
-                x_cum, shape, weight, bias, eps, out0=out, out1=mean, out2=rstd
-            )
+        def row_fn(
+            x_cum: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+        ) -> torch.Tensor:
+            return torch.native_layer_norm(x_cum, shape, weight, bias, eps)[0]
 
-        return row_out
+        return row_fn
 
     def _grad_path(self, x_seq: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _TDLayerNormFn.apply(

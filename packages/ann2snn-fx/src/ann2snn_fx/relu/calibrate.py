@@ -139,26 +139,27 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
         b.activation = name
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the ANN and sums each wanted activation over the batch dimension."""
-
-    def __init__(self, gm: fx.GraphModule, wanted: set[str], sums: dict[str, Any]) -> None:
-        super().__init__(gm)
-        self.wanted = wanted
-        self.sums = sums
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.name in self.wanted:
+def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
+    """Each wanted activation of ``ann_gm`` (a copy of its own: its output is rewritten) summed over the
+    samples of all ``inputs``, in float64. The graph returns the activations, so the ANN runs as compiled
+    code, not node by node."""
+    names = sorted(wanted)
+    nodes = {n.name: n for n in ann_gm.graph.nodes}
+    output = next(n for n in ann_gm.graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[name] for name in names),)  # every node still runs, as before
+    ann_gm.recompile()
+    sums: dict[str, torch.Tensor] = {}
+    for x in inputs:
+        for name, result in zip(names, ann_gm(x)):
             total = result.detach().double().sum(0)
-            previous = self.sums.get(n.name)
+            previous = sums.get(name)
             if previous is not None and previous.shape != total.shape:
                 raise ValueError(
-                    f"calibrate_snn needs calibration batches of one sample shape; activation {n.name!r} had "
+                    f"calibrate_snn needs calibration batches of one sample shape; activation {name!r} had "
                     f"{tuple(previous.shape)} and then {tuple(total.shape)} per sample."
                 )
-            self.sums[n.name] = total if previous is None else previous + total
-        return result
+            sums[name] = total if previous is None else previous + total
+    return sums
 
 
 def _group() -> Any:
@@ -263,10 +264,8 @@ def calibrate_snn(
     count = _reduce(
         torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group
     )
-    ann_sums: dict[str, Any] = {}
     with torch.no_grad():
-        for x in inputs:
-            _Recorder(ann_gm, {b.activation for b in blocks}, ann_sums).run(x)
+        ann_sums = _activation_sums(ann_gm, {b.activation for b in blocks}, inputs)
         ann_means = {k: _reduce(v, group) / count for k, v in ann_sums.items()}
         bar.update(1)
         layers = _LockStep(new, inputs, steps, blocks, method, group, count).run(ann_means, bar)
@@ -320,26 +319,49 @@ class _LockStep:
         }
         self.scalers = {b.scaler1: modules[str(b.scaler1.target)] for b in blocks}
         self.counts: list[dict[fx.Node, torch.Tensor]] = [{} for _ in inputs]
+        # Per batch, each block neuron's final membrane: its next run on that batch starts in it.
+        self.spare_v: list[dict[fx.Node, torch.Tensor]] = [{} for _ in inputs]
 
     def _start(self, b: _Block) -> int:
         return self.index[b.bias_node] if b.bias_node is not None else self.index[b.neuron]
 
-    def _run(self, nodes: list[fx.Node]) -> None:
-        for it, counts in zip(self.runs, self.counts):
+    def _run(self, nodes: list[fx.Node], keep: bool) -> None:
+        """Run ``nodes`` on every batch; block neurons record their spike counts summed over time and
+        samples, and keep their output only with ``keep`` (the block's last run: later nodes read it)."""
+        for it, counts, spares in zip(self.runs, self.counts, self.spare_v):
             for node in nodes:
                 it.static_cache.pop(node, None)
                 it.expanded.pop(node, None)
+                block = self.neurons.get(node)
                 module = self.resets.get(node)
-                if module is not None:
+                spare = spares.pop(node, None)
+                if isinstance(module, IFNode) and spare is not None:
+                    module._reset_into(spare)  # the membrane of this node's previous run on this batch
+                elif module is not None:
                     module.reset()
+                totals = None
+                if block is not None and not keep:
+                    # The neuron emits integer spike counts, summed exactly in float32 (below 2**24): a fused
+                    # neuron sums each step's into the accumulator and keeps no [T*B, ...] output.
+                    x = it.env[block.scaler0]
+                    rows = x.shape[0] * (1 if it.temporal.get(block.scaler0, False) else self.steps)
+                    exact = rows * self.burst[node] < 2**24 and x.dtype != torch.float64
+                    totals = torch.zeros(
+                        x.shape[1:], dtype=torch.float32 if exact else torch.float64, device=x.device
+                    )
+                    it.totals[node] = totals
                 value = it.run_node(node)
                 it.env[node] = value
-                block = self.neurons.get(node)
                 if block is not None:
-                    # The neuron emits integer spike counts, summed exactly in float32 (below 2**24), before its
-                    # output scaler multiplies them in place.
-                    exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
-                    counts[block.scaler1] = value.sum(0, dtype=torch.float32 if exact else torch.float64)
+                    state = getattr(module, "v", None)
+                    if isinstance(state, torch.Tensor):
+                        spares[node] = state
+                    it.totals.pop(node, None)
+                    if value is not None:  # kept, or a neuron with no fused loop (its totals were not used)
+                        exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
+                        totals = value.sum(0, dtype=torch.float32 if exact else torch.float64)
+                    assert totals is not None
+                    counts[block.scaler1] = totals
 
     def _rate_mean(self, b: _Block) -> torch.Tensor:
         """The block's output summed over time and samples, divided by ``time_steps`` and the sample count:
@@ -357,18 +379,19 @@ class _LockStep:
         starts = sorted((self.index[b.scaler1], self._start(b)) for b in self.blocks)
         layers = []
         for i, node in enumerate(self.order):
-            self._run([node])
             block = ends.get(node)
             if block is not None:
+                # The block's output scaler runs once, after the corrections (they read the spike counts).
                 layers.append(self._correct(block, ann_means[block.activation], i))
                 bar.update(1)
+                if block is self.blocks[-1]:
+                    break
+            self._run([node], keep=False)
             keep_from = min((p for s, p in starts if s > i), default=len(self.order))
             for n in self.order[: i + 1]:
                 if self.last_use[n] <= i and self.last_use[n] < keep_from:
                     for it in self.runs:
                         it.env.pop(n, None)
-            if block is not None and block is self.blocks[-1]:
-                break
         return layers
 
     def _correct(self, b: _Block, target: torch.Tensor, i: int) -> CalibratedLayer:
@@ -391,7 +414,7 @@ class _LockStep:
                     value = it.env[b.bias_node]
                     value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
                     it.expanded.pop(b.bias_node, None)
-                self._run(self.order[self._start(b) + 1 : i + 1])
+                self._run(self.order[self._start(b) + 1 : i], keep=self.method == "bias")
                 error = self._rate_mean(b) - target
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
@@ -410,6 +433,6 @@ class _LockStep:
             neuron.set_v_init(
                 (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
             )
-            self._run(self.order[self.index[b.neuron] : i + 1])
+            self._run(self.order[self.index[b.neuron] : i], keep=True)
             error = self._rate_mean(b) - target
         return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))

@@ -10,7 +10,14 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["fire_burst_signed", "fire_burst_signed_", "integrate_and_fire", "integrate_and_fire_sequence"]
+__all__ = [
+    "burst_signed_sequence",
+    "fire_burst_signed",
+    "fire_burst_signed_",
+    "fire_negated_",
+    "integrate_and_fire",
+    "integrate_and_fire_sequence",
+]
 
 
 def integrate_and_fire(
@@ -54,19 +61,35 @@ def integrate_and_fire(
 
 
 def integrate_and_fire_sequence(
-    v: torch.Tensor, x_seq: torch.Tensor, threshold: float, input_scale: float | None = None
+    v: torch.Tensor,
+    x_seq: torch.Tensor,
+    threshold: float,
+    input_scale: float | None = None,
+    totals: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-reset inference over ``[T, N, *]`` (``v`` updated in place), integrating ``input_scale * x``
-    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output."""
-    out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+    when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output.
+
+    With ``totals`` (a ``[*]`` tensor) the spikes are not kept: each step's are written into one ``[N, *]``
+    tensor (returned in place of the spikes) and summed over ``N`` into ``totals``, in place, in its dtype
+    (exact for counts below ``2**24`` in float32).
+    """
+    out = _spike_buffer(x_seq, totals)
     for t in range(x_seq.shape[0]):
+        spikes = out[t] if totals is None else out
         if input_scale is None:
             v.add_(x_seq[t])
         else:
             v.add_(x_seq[t], alpha=input_scale)
-        torch.ge(v, threshold, out=out[t])
-        v.sub_(out[t], alpha=threshold)
+        torch.ge(v, threshold, out=spikes)
+        v.sub_(spikes, alpha=threshold)
+        if totals is not None:
+            totals.add_(spikes.sum(0, dtype=totals.dtype))
     return out, v
+
+
+def _spike_buffer(x_seq: torch.Tensor, totals: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(x_seq if totals is None else x_seq[0], memory_format=torch.contiguous_format)
 
 
 def fire_burst_signed_(
@@ -82,6 +105,43 @@ def fire_burst_signed_(
     ``k θ``; with a ``count`` (the net spikes so far, signed neurons), emits ``-1`` and adds ``θ`` back where
     ``v < 0`` and ``count > 0``, and adds the step's output to ``count``.
     """
+    negative_count = None if count is None else torch.neg(count)
+    fire_negated_(v, out, threshold, burst, negative_count)
+    if count is not None:
+        assert negative_count is not None
+        torch.neg(negative_count, out=count)
+
+
+def fire_negated_(
+    v: torch.Tensor,
+    out: torch.Tensor,
+    threshold: float | torch.Tensor,
+    burst: int,
+    negative_count: torch.Tensor | None,
+) -> None:
+    """:func:`fire_burst_signed_` with the count kept negated (``-count <= 0``, updated in place), as
+    :class:`~ann2snn_fx.snn.neurons.IFNode` holds it: the kernels need ``-count``, not ``count``.
+
+    With ``θ = 1`` (the converter's neurons) the step is ``k = clamp(floor(v), -1, burst)`` raised to
+    ``-count`` (no negative spike while the count is 0), ``v -= k``, ``-count -= k``: ``floor(v) >= 1``
+    means ``v - k >= 0`` exactly, so a step fires positively or negatively, never both, and this is the
+    two-stage rule bit for bit in five kernels. Other thresholds take the two stages.
+    """
+    if (
+        not isinstance(threshold, torch.Tensor)
+        and threshold == 1.0
+        and (negative_count is not None or burst > 1)
+    ):
+        torch.floor(v, out=out)
+        if negative_count is None:
+            out.clamp_(0, burst)
+        else:
+            out.clamp_(-1, burst)
+            torch.maximum(out, negative_count, out=out)
+        v.sub_(out)
+        if negative_count is not None:
+            negative_count.sub_(out)
+        return
     tensor = isinstance(threshold, torch.Tensor)
     if burst == 1:
         torch.ge(v, threshold, out=out)
@@ -96,17 +156,45 @@ def fire_burst_signed_(
         v.sub_(out * threshold)
     else:
         v.sub_(out, alpha=threshold)  # type: ignore[arg-type]
-    if count is not None:
-        # Float comparisons (bool tensors are slow on CPU): 1 where v < 0, then the minimum with the integer
-        # count keeps it only where the count is positive.
-        negative = torch.lt(v, 0, out=torch.empty_like(v))
-        torch.minimum(negative, count, out=negative)
+    if negative_count is not None:
+        # Float comparisons (bool tensors are slow on CPU): max(v, -count) < 0 where v < 0 and count > 0.
+        negative = torch.maximum(v, negative_count)
+        torch.lt(negative, 0, out=negative)
         out.sub_(negative)
         if tensor:
             v.add_(negative * threshold)
         else:
             v.add_(negative, alpha=threshold)  # type: ignore[arg-type]
-        count.add_(out)
+        negative_count.sub_(out)
+
+
+def burst_signed_sequence(
+    v: torch.Tensor,
+    x_seq: torch.Tensor,
+    threshold: float | torch.Tensor,
+    burst: int,
+    signed: bool,
+    negative_count: torch.Tensor | None,
+    input_scale: float | None = None,
+    totals: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Soft-reset inference of a burst and/or signed neuron over ``[T, N, *]`` (``v`` updated in place),
+    integrating ``input_scale * x`` when given: :func:`fire_negated_` at every step.
+
+    ``negative_count`` is a signed neuron's negated net count so far, updated in place (``None``: a fresh
+    neuron, whose first step has no negative rule to apply). Returns ``(out, negative_count)``
+    (``negative_count`` is ``None`` unless ``signed``); ``totals`` as for :func:`integrate_and_fire_sequence`.
+    """
+    out = _spike_buffer(x_seq, totals)
+    for t in range(x_seq.shape[0]):
+        spikes = out[t] if totals is None else out
+        v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
+        fire_negated_(v, spikes, threshold, burst, negative_count)
+        if signed and negative_count is None:
+            negative_count = torch.neg(spikes)  # the count of a fresh neuron starts at its first output
+        if totals is not None:
+            totals.add_(spikes.sum(0, dtype=totals.dtype))
+    return out, negative_count
 
 
 def fire_burst_signed(

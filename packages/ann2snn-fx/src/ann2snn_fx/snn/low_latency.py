@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ann2snn_fx.snn.dynamics import fire_burst_signed, fire_burst_signed_
+from ann2snn_fx.snn.dynamics import fire_burst_signed, fire_negated_
 
 __all__ = ["LowLatencyState"]
 
@@ -24,7 +24,6 @@ class LowLatencyState:
     v_reset: Any
     v_threshold: Any
     v_init: Any
-    count: Any
     burst: int
     signed: bool
     _buffers: dict[str, Any]
@@ -77,22 +76,54 @@ class LowLatencyState:
             self.set_v_init(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
-    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor:
-        count = self.count
-        if not isinstance(count, torch.Tensor) or count.shape != x.shape:
-            return torch.zeros_like(x)
-        return count.to(dtype=x.dtype, device=x.device)
+    @property
+    def count(self) -> float | torch.Tensor:
+        """The net number of spikes emitted since the last reset (``0.0`` before the first input): a copy.
+
+        The neuron keeps it negated (``-count``, what its kernels take) in ``_negative_count``.
+        """
+        negative = self.__dict__.get("_negative_count", 0.0)
+        return torch.neg(negative) if isinstance(negative, torch.Tensor) else 0.0 - negative
+
+    @count.setter
+    def count(self, value: float | torch.Tensor) -> None:
+        self.__dict__["_negative_count"] = (
+            torch.neg(value) if isinstance(value, torch.Tensor) else 0.0 - value
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A neuron pickled before the count was kept negated holds it as "count" (which the property shadows).
+        count = state.pop("count", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        if count is not None and "_negative_count" not in self.__dict__:
+            self.count = count
+
+    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The negated count for an input like ``x`` (``None``: a fresh neuron, all zero)."""
+        negative = self.__dict__.get("_negative_count")
+        if not isinstance(negative, torch.Tensor) or negative.shape != x.shape:
+            return None
+        return negative.to(dtype=x.dtype, device=x.device)
 
     def _burst_signed_step(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        count = self._prepare_count(x) if self.signed else None
+        negative_count = self._prepare_count(x) if self.signed else None
         differentiable = torch.is_grad_enabled() and (x.requires_grad or v.requires_grad)
         if self.training or differentiable:
+            count = (
+                None
+                if not self.signed
+                else (torch.zeros_like(x) if negative_count is None else torch.neg(negative_count))
+            )
             spike, v, count = fire_burst_signed(v + x, self.v_threshold, self.burst, count)
+            if count is not None:
+                self.count = count
         else:
             v.add_(x)
             spike = torch.empty_like(v)
-            fire_burst_signed_(v, spike, self.v_threshold, self.burst, count)
+            fire_negated_(v, spike, self.v_threshold, self.burst, negative_count)
+            if self.signed:
+                self.__dict__["_negative_count"] = (
+                    torch.neg(spike) if negative_count is None else negative_count
+                )
         self.v = v
-        if count is not None:
-            self.count = count
         return spike

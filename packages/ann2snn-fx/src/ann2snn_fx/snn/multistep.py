@@ -214,6 +214,9 @@ class _MultiStepInterpreter(fx.Interpreter):
         self.temporal: dict[fx.Node, bool] = {}
         self.batch: dict[fx.Node, bool] = {}
         self.expanded: dict[fx.Node, Any] = {}
+        #: Accumulators ``[*]`` for the next run of fused neuron nodes: such a run keeps no output (its
+        #: value is ``None``) but sums it over time and batch into the tensor, taken out of this dict.
+        self.totals: dict[fx.Node, torch.Tensor] = {}
 
     def _expand(self, value: torch.Tensor) -> torch.Tensor:
         t = self.time_steps
@@ -283,7 +286,9 @@ class _MultiStepInterpreter(fx.Interpreter):
                 first = self.fused_neurons.get(n)
                 if first is not None and isinstance(module, IFNode) and module._sequence_fast_path_ok(x_seq):
                     scale = _scalar_scaler(self.fetch_attr(str(first.target)))
-                    return module._inference_sequence(x_seq, input_scale=scale).flatten(0, 1)
+                    totals = self.totals.pop(n, None)
+                    out = module._inference_sequence(x_seq, input_scale=scale, totals=totals)
+                    return None if totals is not None else out.flatten(0, 1)
                 if first is not None:
                     x_seq = x_seq * _scalar_scaler(self.fetch_attr(str(first.target)))  # type: ignore[operator]
                 return module.multi_step_forward(x_seq).flatten(0, 1)

@@ -127,7 +127,6 @@ class IFNode(LowLatencyState, SequenceSteps, nn.Module):
     """
 
     v: float | torch.Tensor
-    count: float | torch.Tensor
     burst: int
     signed: bool
     step_mode: str
@@ -193,6 +192,16 @@ class IFNode(LowLatencyState, SequenceSteps, nn.Module):
         self.v = self._initial_v()
         self.count = 0.0
         self.v_seq = None
+
+    def _reset_into(self, buffer: torch.Tensor) -> None:
+        """:meth:`reset`, with the initial potential written into ``buffer`` (a tensor the caller gives up,
+        shaped like the next input): the next run integrates into it instead of a new tensor."""
+        self.reset()
+        if isinstance(self.v_init, torch.Tensor):
+            buffer.copy_(self.v_init.expand_as(buffer))
+        else:
+            buffer.fill_(self._initial_v())
+        self.v = buffer
 
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:
         v = self.v

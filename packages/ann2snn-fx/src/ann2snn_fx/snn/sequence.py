@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ann2snn_fx.snn.dynamics import fire_burst_signed_, integrate_and_fire_sequence
+from ann2snn_fx.snn.dynamics import burst_signed_sequence, integrate_and_fire_sequence
 
 __all__ = ["SequenceSteps"]
 
@@ -26,7 +26,6 @@ class SequenceSteps:
     v_seq: torch.Tensor | None
     burst: int
     signed: bool
-    count: Any
 
     def single_step_forward(
         self, x: torch.Tensor
@@ -36,7 +35,7 @@ class SequenceSteps:
     def _prepare_v(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
         raise NotImplementedError
 
-    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - provided by the neuron
+    def _prepare_count(self, x: torch.Tensor) -> torch.Tensor | None:  # pragma: no cover - the neuron's
         raise NotImplementedError
 
     def _sequence_fast_path_ok(self, x_seq: torch.Tensor) -> bool:
@@ -49,23 +48,32 @@ class SequenceSteps:
             and not isinstance(self.v_threshold, torch.Tensor)
         )
 
-    def _inference_sequence(self, x_seq: torch.Tensor, input_scale: float | None = None) -> torch.Tensor:
+    def _inference_sequence(
+        self, x_seq: torch.Tensor, input_scale: float | None = None, totals: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output, optionally
-        integrating ``input_scale * x`` (a fused input scaler)."""
+        integrating ``input_scale * x`` (a fused input scaler). With ``totals`` (``[*]``) the output is
+        not kept but summed over time and batch into it (see
+        :func:`~ann2snn_fx.snn.dynamics.integrate_and_fire_sequence`)."""
         v = self._prepare_v(x_seq[0])
         if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
             v = v.detach().clone()
         threshold = float(self.v_threshold)
         if self.burst == 1 and not self.signed:
-            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale)
+            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale, totals)
         else:
-            out = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
-            count = self._prepare_count(v) if self.signed else None
-            for t in range(x_seq.shape[0]):
-                v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)
-                fire_burst_signed_(v, out[t], threshold, self.burst, count)
-            if count is not None:
-                self.count = count
+            out, negative_count = burst_signed_sequence(
+                v,
+                x_seq,
+                threshold,
+                self.burst,
+                self.signed,
+                self._prepare_count(v) if self.signed else None,
+                input_scale,
+                totals,
+            )
+            if negative_count is not None:
+                self.__dict__["_negative_count"] = negative_count
         self.v = v
         return out
 

@@ -112,7 +112,10 @@ class SpikeZIPSNN(TDTimeFolded):
     ) -> None:
         first = next(qann.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        super().__init__(_SpikingQANN(copy.deepcopy(qann)), device, time_inputs=time_inputs)
+        # no shape probe: its extra forward on one step's batch would drive the stateful neurons
+        super().__init__(
+            _SpikingQANN(copy.deepcopy(qann)), device, time_inputs=time_inputs, shape_check=False
+        )
         self.settle_steps = None
         self.batch_chunk = _batch_chunk(batch_chunk)
         # a sequence-first attention takes the sequence on the inputs' dim 1: no batch there to slice

@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
 from ann2snn_fx.td.fold_fuse import install_fused_forwards
 from ann2snn_fx.td.fold_mode import _FoldMode
+from ann2snn_fx.td.fold_probe import _RecordingMode, is_plain, shape_mismatches, signature
 from ann2snn_fx.td.layers import make_traceable, sequence_first_layers
 from ann2snn_fx.td.report import TDConversionReport, TDNodeRecord
 
@@ -22,6 +23,8 @@ __all__ = ["TDTimeFolded"]
 Tensor = torch.Tensor
 
 _CURRENT_MODE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_mode", default=None)
+_PROBED_SIGNATURES = 64
+"""The shape probe's verdicts kept per model (one per input signature; the oldest is dropped beyond)."""
 
 
 class _FoldedMultiheadAttention(nn.Module):
@@ -106,6 +109,15 @@ class TDTimeFolded(nn.Module):
     A cast of time-varying data to a lower precision (Llama's RMSNorm computes in float32) rounds every
     step separately, so the equivalence then holds to that precision.
 
+    A reshape with a literal batch size beside ``-1`` (``x.view(2, -1)`` with ``B = 2``) takes the ``T*B``
+    folded samples for ``B``; where ``T`` divides the literal, nothing at dispatch time tells it from a
+    legal reshape. The first forward with a new input signature (argument shapes, dtypes, devices, other
+    values) therefore also runs the model on one step's batch (the ANN itself, ``T = 1``) and compares the
+    shapes op by op: an op whose folded output is not the ANN's with the batch dim scaled by ``T`` is
+    reported (and raises with ``strict=True``), with both shapes. Later forwards with that signature repeat
+    the verdict without running the probe. It is skipped while hooks or another ``TorchFunctionMode`` watch
+    the forward (they would see the extra run), and with ``shape_check=False``.
+
     Dispatch is cached per leaf module (one without submodules: an RMS norm, a hand-written GELU): its first
     call with given input metadata runs op by op as above; if every op of that call converted exactly (one
     time-varying float32/float64 input and output, a TD nonlinearity inside, nothing reported, no in-place
@@ -121,6 +133,7 @@ class TDTimeFolded(nn.Module):
             static; one whose leading dim equals ``B`` is repeated over the ``T`` steps (masks, ids).
         strict: Raise :class:`~ann2snn_fx.TDEquivalenceError` at the end of a forward that met ops
             breaking the cumulative equivalence.
+        shape_check: Run the shape probe on the first forward of each input signature (see above).
 
     Attributes:
         report: The :class:`~ann2snn_fx.TDConversionReport` of the last forward (ops aggregated by kind).
@@ -148,6 +161,7 @@ class TDTimeFolded(nn.Module):
         *,
         time_inputs: Collection[int | str] | None = None,
         strict: bool = False,
+        shape_check: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(ann, nn.Module):
@@ -166,6 +180,8 @@ class TDTimeFolded(nn.Module):
             )
         self.time_inputs = None if time_inputs is None else set(time_inputs)
         self.strict = strict
+        self.shape_check = shape_check
+        self._probed: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
         self.report = TDConversionReport()
         self.training = ann.training
         for name, module in list(self.model.named_modules()):
@@ -195,6 +211,78 @@ class TDTimeFolded(nn.Module):
             return value.is_floating_point()
         return key in self.time_inputs
 
+    def _run(
+        self,
+        mode: _FoldMode,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        time_keys: set[int | str],
+        steps: int,
+        batch: int,
+    ) -> Any:
+        """The wrapped model's forward under ``mode``, on the inputs with time folded into the batch."""
+
+        def fold(key: int | str, value: Any) -> Any:
+            if key in time_keys:
+                return mode.mark(value.flatten(0, 1))
+            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+            return value
+
+        folded_args = [fold(i, v) for i, v in enumerate(args)]
+        folded_kwargs = {k: fold(k, v) for k, v in kwargs.items()}
+        token = _CURRENT_MODE.set(mode)
+        try:
+            with mode:
+                return self.model(*folded_args, **folded_kwargs)
+        finally:
+            _CURRENT_MODE.reset(token)
+
+    def _can_probe(self) -> bool:
+        """Whether the shape probe's extra forward goes unseen: no other ``TorchFunctionMode`` (the folded
+        accounting), no global or module forward hooks (``diagnose_td``, the activity counters)."""
+        hooks = nn.modules.module
+        if torch._C._len_torch_function_stack() or hooks._global_forward_hooks:
+            return False
+        if hooks._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
+
+    def _probe_reference(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], time_keys: set[int | str], batch: int
+    ) -> _RecordingMode | None:
+        """The shape probe's reference: the forward on one step's batch (``T = 1``: the ANN), recorded op by
+        op; its random draws and buffer updates (batch-norm statistics in training mode) are undone. None if
+        that run fails (the folded forward then reports its own errors)."""
+
+        def one_step(key: int | str, value: Any) -> Any:
+            if key in time_keys:
+                return value[:1].clone()
+            return value if is_plain(value) else copy.deepcopy(value)
+
+        mode = _RecordingMode(1)
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        devices = sorted(
+            {
+                t.device.index if t.device.index is not None else torch.cuda.current_device()
+                for t in [*args, *kwargs.values(), *(b for b, _ in buffers)]
+                if isinstance(t, Tensor) and t.device.type == "cuda"
+            }
+        )
+        try:
+            step_args = [one_step(i, v) for i, v in enumerate(args)]
+            step_kwargs = {k: one_step(k, v) for k, v in kwargs.items()}
+            with torch.random.fork_rng(devices=devices):
+                self._run(mode, step_args, step_kwargs, time_keys, 1, batch)
+        except Exception:  # the folded forward raises its own, clearer error
+            return None
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    if not torch.equal(buffer, saved):
+                        buffer.copy_(saved)
+        return mode
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model on time sequences; see the class docstring for shapes."""
         items: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
@@ -216,24 +304,34 @@ class TDTimeFolded(nn.Module):
                     f"TDTimeFolded expects every time input to share [T, B] = {[steps, batch]}, but {key!r} has "
                     f"shape {tuple(value.shape)}."
                 )
-        mode = _FoldMode(steps)
         time_keys = {key for key, _ in times}
-
-        def fold(key: int | str, value: Any) -> Any:
-            if key in time_keys:
-                return mode.mark(value.flatten(0, 1))
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
-                return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
-            return value
-
-        folded_args = [fold(i, v) for i, v in enumerate(args)]
-        folded_kwargs = {k: fold(k, v) for k, v in kwargs.items()}
-        token = _CURRENT_MODE.set(mode)
+        sig = signature(items, self.model.training) if self.shape_check and steps > 1 else None
+        probe = sig is not None and sig not in self._probed and self._can_probe()
+        reference = self._probe_reference(args, kwargs, time_keys, batch) if probe else None
+        mode = _RecordingMode(steps) if probe else _FoldMode(steps)
         try:
-            with mode:
-                out = self.model(*folded_args, **folded_kwargs)
-        finally:
-            _CURRENT_MODE.reset(token)
+            out = self._run(mode, args, kwargs, time_keys, steps, batch)
+        except Exception as error:
+            found = (
+                shape_mismatches(reference, mode, reported=True)
+                if isinstance(mode, _RecordingMode) and reference is not None
+                else []
+            )
+            if not found:
+                raise
+            lines = "\n".join(f"  - {name}: {detail}" for name, detail in found)
+            raise ValueError(
+                f"TDTimeFolded: the forward failed ({type(error).__name__}: {error}) after op(s) whose "
+                f"time-folded shape does not follow the ANN's:\n{lines}"
+            ) from error
+        if sig is not None:
+            if probe:
+                if len(self._probed) >= _PROBED_SIGNATURES:
+                    del self._probed[next(iter(self._probed))]
+                assert isinstance(mode, _RecordingMode)
+                self._probed[sig] = [] if reference is None else shape_mismatches(reference, mode)
+            for issue in self._probed.get(sig, ()):
+                mode.issues[issue] += 1
 
         def unfold(value: Any) -> Any:
             if not isinstance(value, Tensor):

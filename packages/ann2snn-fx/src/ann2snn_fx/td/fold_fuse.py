@@ -88,7 +88,7 @@ class _FusedForward:
         module = self.module
         forward = type(module).forward
         mode = ACTIVE.get()
-        if mode is None or len(args) != 1 or kwargs or mode.watch is not None:
+        if mode is None or not mode.fuse_leaves or len(args) != 1 or kwargs or mode.watch is not None:
             return forward(module, *args, **kwargs)
         x = args[0]
         if not mode.is_time(x) or mode.batch_dim(x) != 0 or x.dtype not in (torch.float32, torch.float64):

@@ -352,6 +352,9 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
             if a.dim() == b.dim() and a.shape[0] == b.shape[0] and _direct_ok(a, b):
                 return _td_nograd(mode, torch.mul, a, b)  # the running sums broadcast in the product
             a, b = torch.broadcast_tensors(a, b)
+        if a.dtype != b.dtype:  # as torch.mul promotes (T5's float64 states times a float32 rsqrt)
+            dtype = torch.result_type(a, b)
+            a, b = a.to(dtype), b.to(dtype)
         return _product(mode, TDMul, torch.mul, a, b)
     return func(*args, **kwargs)
 

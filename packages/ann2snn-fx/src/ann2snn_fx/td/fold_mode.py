@@ -44,6 +44,9 @@ class _FoldMode(TorchFunctionMode):
     routed through the TD operator or identity that keeps ``sum_t y == f(sum_t x)``.
     """
 
+    # whether leaf modules checked once run fused (fold_fuse); the shape probe's recording runs keep every op
+    fuse_leaves = True
+
     def __init__(self, steps: int) -> None:
         super().__init__()
         self.steps = steps
