@@ -231,3 +231,17 @@ def test_the_shape_probe_sees_every_op_of_a_fused_leaf() -> None:
             snn(x, scale)
         assert any("literal batch size" in r.detail for r in snn.report.issues), scale
     assert [plan is not None for plan in _plans(snn).values()] == [True]
+
+
+def test_the_verdicts_kept_per_module_are_bounded() -> None:
+    from ann2snn_fx.td.fold_fuse import _PLANS
+
+    torch.manual_seed(0)
+    ann = Net(RMSNorm(6)).eval()
+    snn = TDTimeFolded(ann, strict=True, shape_check=False)
+    with torch.no_grad():
+        for batch in range(1, _PLANS + 3):
+            _check(snn, ann, torch.randn(2, batch, 6), 1e-5)
+    plans = _plans(snn)
+    assert len(plans) == _PLANS
+    assert next(iter(plans))[0] == (2 * 3, 6)  # batches 1 and 2 were forgotten first

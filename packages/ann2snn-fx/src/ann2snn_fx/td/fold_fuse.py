@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # The fold mode running the current forward (set by the mode itself on entry).
 ACTIVE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_active", default=None)
 
+# Verdicts kept per module (one per input metadata key), the oldest dropped first.
+_PLANS = 64
+
 # Functions that take an ``inplace`` flag (positional or keyword): in place they write back into the input,
 # which the fused call (on a running sum) would not do.
 _INPLACE_FLAG = {
@@ -140,6 +143,8 @@ class _FusedForward:
             and out.dtype == x.dtype
             and {name: id(value) for name, value in vars(module).items()} == attributes
         )
+        if len(self.plans) >= _PLANS:  # inputs of ever new shapes: forget the oldest verdict
+            del self.plans[next(iter(self.plans))]
         self.plans[key] = delta if fusable else None
         return out
 
