@@ -54,6 +54,9 @@ _OPS = [
     lambda m, x: torch.exp(x) + x.pow(3) + F.softplus(x, beta=2.0) + x.clamp(-0.5, 0.5),
     lambda m, x: torch.addmm(m.w, x, m.w.detach().view(5, 1).expand(5, 5)).type(torch.float64),
     lambda m, x: F.conv1d(x.unsqueeze(1), m.w.view(1, 1, 5), m.w[:1], padding=2).squeeze(1),
+    # time tensors (and constants) passed as keywords, also nested in a keyword's list
+    lambda m, x: torch.mul(x, other=x) + torch.cat(tensors=[x, m.w.expand_as(x)], dim=1)[:, 2:7],
+    lambda m, x: F.linear(x, weight=m.w.view(1, 5).expand(5, 5), bias=m.w) + torch.clamp(x, min=-0.5),
 ]
 _UNARY = [
     lambda m, x: F.gelu(x) + F.gelu(x, approximate="tanh"),
@@ -211,3 +214,101 @@ def test_explicit_batch_size_reshape() -> None:
         ValueError, match=r"Tensor\.view\(3, 7\) of a time-varying tensor of shape \(12, 5\).*-1"
     ):
         TDTimeFolded(Fn(lambda m, x: x.view(3, 7)))(torch.randn(4, 3, 5))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_folded_multihead_attention_unfolds_a_shared_input_once(self_attention: bool) -> None:
+    # self-attention (query is key is value) reaches the TD attention as one view: its packed projection
+    # and one running sum; cross-attention keeps three; both equal the ANN on the cumulative input
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kv = x if self_attention else x * 2.0
+            return self.attn(x, kv, kv, need_weights=False)[0]
+
+    ann = Attn().eval()
+    snn = TDTimeFolded(ann, strict=True)
+    seen: list[tuple[torch.Tensor, ...]] = []
+    snn.model.attn.td.register_forward_pre_hook(lambda module, args: seen.append(args[:3]))
+    x = torch.randn(4, 2, 5, 6)
+    out = snn(x)
+    q, k, v = seen[0]
+    assert (q is k and k is v) == self_attention
+    assert k is v
+    reference = ann(x.cumsum(0).flatten(0, 1)).unflatten(0, (4, 2))
+    torch.testing.assert_close(out.cumsum(0), reference, atol=1e-5, rtol=1e-5)
+
+
+class _Constants(nn.Module):
+    """Constants added to a time-varying tensor in every form the fold mode distinguishes (in place into a copy,
+    or rebuilt: a constant that broadcasts the sum to a larger shape or promotes its dtype), and products of
+    time-varying tensors that broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row = nn.Parameter(torch.randn(5))  # same dtype, broadcasts into each step
+        self.grid = nn.Parameter(torch.randn(3, 5))  # x[:, :1] + grid is larger than x[:, :1]
+        self.register_buffer("wide", torch.randn(5, dtype=torch.float64))  # float32 + float64 -> float64
+
+    def forward(self, x: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+        a = x + self.row + 0.5 - 2  # tensor and numbers
+        b = x[:, :1] + self.grid  # [N, 1, 5] + [3, 5] -> [N, 3, 5]
+        c = (x + self.wide).float()
+        d = x + per_sample  # a static per-sample input, repeated over the folded batch
+        e = x * x.mean(-1, keepdim=True)  # [N, 3, 5] * [N, 3, 1]: time * time of one rank, broadcast
+        f = x.sum((1, 2)).unsqueeze(-1) * x.mean(1)  # [N, 1] * [N, 5]
+        g = torch.tanh(x) + F.linear(x, self.grid, self.grid[0, :3].detach()).sum(-1, keepdim=True)
+        return torch.cat([a, b, c, d, e, f.unsqueeze(1), g], dim=1)
+
+
+@pytest.mark.parametrize("autograd", [True, False])
+def test_constants_and_broadcast_products_equal_the_ann(autograd: bool) -> None:
+    torch.manual_seed(0)
+    ann = _Constants()
+    snn = TDTimeFolded(ann, time_inputs={0}, strict=True)
+    x, per_sample = torch.randn(5, 2, 3, 5), torch.randn(2, 3, 5)
+    with torch.set_grad_enabled(autograd):
+        out = snn(x, per_sample)
+        refs = [ann(c, per_sample) for c in x.cumsum(0)]
+    assert out.dtype == torch.float32
+    for t, ref in enumerate(refs):
+        torch.testing.assert_close(out.cumsum(0)[t], ref, atol=1e-5, rtol=1e-5)
+    if autograd:  # the gradients reach the constants through the copies they were added into
+        out.sum().backward()
+        refs[-1].sum().backward()  # the sum of the differences is the last cumulative step
+        torch.testing.assert_close(snn.model.row.grad, ann.row.grad)
+        torch.testing.assert_close(snn.model.grid.grad, ann.grid.grad)
+
+
+@pytest.mark.parametrize("autograd", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_attention_equals_the_ann(autograd: bool, causal: bool) -> None:
+    # enable_gqa=True with 4 query heads on 2 key/value heads: without autograd the running sums are attended
+    # with SDPA's own head repeat, with autograd the TD attention gets repeated heads; both equal the ANN
+    torch.manual_seed(0)
+
+    class Gqa(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Linear(8, 16, bias=False)
+            self.kv = nn.Linear(8, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x).unflatten(-1, (4, 4)).transpose(1, 2)  # [N, 4, L, 4]
+            k, v = self.kv(x).unflatten(-1, (2, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)  # [N, 2, L, 4] each
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            return y.transpose(1, 2).flatten(2)
+
+    ann = Gqa().double()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(5, 2, 6, 8, dtype=torch.float64)
+    with torch.set_grad_enabled(autograd):
+        out = snn(x)
+    for t, c in enumerate(x.cumsum(0)):
+        torch.testing.assert_close(out.cumsum(0)[t], ann(c), atol=1e-9, rtol=1e-9)
+    assert any("TDScaledDotProductAttention" in r.detail for r in snn.report.converted)

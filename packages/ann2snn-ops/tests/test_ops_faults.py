@@ -330,6 +330,27 @@ def test_mul_inference_equals_cumsum_reference_bitwise(case: str) -> None:
     assert torch.equal(y, _diff(a_cum * b_cum))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 5), (4, 2, 9, 48), (32, 2, 16, 48), (5, 20_001), (130, 800)])
+def test_cumulative_exact_equals_torch_cumsum_small_and_large(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """cumulative_exact is one torch.cumsum call up to 100k elements and the float64 step loop above (and with
+    a carry): both equal torch.cumsum bit for bit, also when a float32 input is summed into float64."""
+    from ann2snn_ops._cumsum import _ONE_CALL, cumulative_exact
+
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g) * 1e3 + 1).to(dtype)
+    assert (x.numel() <= _ONE_CALL) == (shape[-1] < 20_001 and shape[0] < 130)
+    assert torch.equal(cumulative_exact(x), torch.cumsum(x, 0))
+    assert torch.equal(
+        cumulative_exact(x.float(), torch.float64), torch.cumsum(x.float(), 0, dtype=torch.float64)
+    )
+    carry = torch.zeros(shape[1:], dtype=torch.float64)
+    head = cumulative_exact(x[:1], carry=carry)
+    assert torch.equal(torch.cat([head, cumulative_exact(x[1:], carry=carry)]), torch.cumsum(x, 0))
+
+
 @pytest.mark.parametrize("steps", [1, 3, 8, 9, 12, 33])
 def test_inference_running_sums_equal_torch_cumsum_on_both_paths(steps: int) -> None:
     """Up to 8 steps the chunked inference path calls torch.cumsum in one shot; longer sequences carry the

@@ -3,8 +3,8 @@
 Two running sums are kept, for two needs:
 
 - :func:`cumulative_exact` equals ``torch.cumsum(x, 0, dtype=dtype)`` bit for bit (torch's CPU kernel adds in
-  float64 and rounds every step; we do the same, one step slice at a time, which on CPU is several times faster
-  than ``torch.cumsum`` along a leading dimension). Attention and the products use it: their outputs amplify
+  float64 and rounds every step; on large CPU tensors we do the same, one step slice at a time, which is several
+  times faster than ``torch.cumsum`` along a leading dimension; small ones take ``torch.cumsum`` itself). Attention and the products use it: their outputs amplify
   the last-bit differences of a float32 running sum (softmax of growing scores, sums of many products), and
   users check them against references built with ``torch.cumsum``.
 - :func:`cumulative` adds in the working dtype, one ``add`` per step: it agrees with ``torch.cumsum`` to float32
@@ -82,6 +82,11 @@ def _accumulate(
         out[t].copy_(run)
 
 
+# Up to this many elements on CPU, :func:`cumulative_exact` is one ``torch.cumsum`` call: the step loop costs a
+# few small ops per step, which outweighs torch's slower leading-dim kernel on small tensors.
+_ONE_CALL = 100_000
+
+
 def cumulative_exact(
     x: torch.Tensor, dtype: torch.dtype | None = None, carry: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -94,6 +99,8 @@ def cumulative_exact(
             dtypes), shape ``x.shape[1:]``; updated in place, so consecutive chunks continue the same sum.
     """
     dtype = x.dtype if dtype is None else dtype
+    if carry is None and x.device.type == "cpu" and x.numel() <= _ONE_CALL:
+        return torch.cumsum(x, 0, dtype=dtype)  # the reference itself: one call beats the loop when small
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     acc = torch.zeros(x.shape[1:], dtype=_wide(dtype), device=x.device) if carry is None else carry
     _accumulate(x, acc, torch.empty_like(acc), out)

@@ -128,10 +128,15 @@ class TDMultiheadAttention(TDModule):
     def _params(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The projections' (weight, bias), cast (differentiably) to the accumulation dtype of half inputs."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        modules = self._modules
         for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            proj: TDLinear = getattr(self, name)
-            bias = None if proj.bias is None else proj.bias.to(dtype)
-            out[name] = (proj.weight.to(dtype), bias)
+            proj: TDLinear = modules[name]  # type: ignore[assignment]
+            # the usual float32/float64 parameters are used as they are (a .to per tensor costs a call)
+            weight: torch.Tensor = proj.weight if proj.weight.dtype == dtype else proj.weight.to(dtype)
+            bias: torch.Tensor | None = proj.bias
+            if bias is not None and bias.dtype != dtype:
+                bias = bias.to(dtype)
+            out[name] = (weight, bias)
         return out
 
     def _attend_cumulative(

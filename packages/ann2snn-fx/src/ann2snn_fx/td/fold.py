@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
+from ann2snn_fx.td.fold_fuse import install_fused_forwards
 from ann2snn_fx.td.fold_mode import _FoldMode
 from ann2snn_fx.td.fold_probe import _RecordingMode, is_plain, shape_mismatches, signature
 from ann2snn_fx.td.layers import make_traceable, sequence_first_layers
@@ -53,10 +54,12 @@ class _FoldedMultiheadAttention(nn.Module):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
             attn_mask = _step_mask(mode, attn_mask, "attn_mask", rows)
         with torch._C.DisableTorchFunction():
+            # one view per distinct input: self-attention (query is key is value) stays recognisable
+            views = {id(t): mode.unfold(t) for t in (query, key, value)}
             out, _ = self.td(
-                mode.unfold(query),
-                mode.unfold(key),
-                mode.unfold(value),
+                views[id(query)],
+                views[id(key)],
+                views[id(value)],
                 key_padding_mask=padding,
                 need_weights=False,
                 attn_mask=attn_mask,
@@ -114,6 +117,13 @@ class TDTimeFolded(nn.Module):
     reported (and raises with ``strict=True``), with both shapes. Later forwards with that signature repeat
     the verdict without running the probe. It is skipped while hooks or another ``TorchFunctionMode`` watch
     the forward (they would see the extra run), and with ``shape_check=False``.
+
+    Dispatch is cached per leaf module (one without submodules: an RMS norm, a hand-written GELU): its first
+    call with given input metadata runs op by op as above; if every op of that call converted exactly (one
+    time-varying float32/float64 input and output, a TD nonlinearity inside, nothing reported, no in-place
+    op, no attribute rebound), later calls with the same metadata (shape, dtype, device, autograd, ``T``,
+    training flag) run it as one TD function, ``diff(forward(cumsum(x)))``, with one running sum instead of
+    one per nonlinearity; the report counts its ops as before.
 
     Args:
         ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
@@ -190,6 +200,9 @@ class TDTimeFolded(nn.Module):
                 wrapper = _FoldedMultiheadAttention(td)
                 wrapper.train(module.training)
                 setattr(parent, attr, wrapper)
+        install_fused_forwards(
+            self.model, (_FoldedMultiheadAttention,)
+        )  # leaf modules run as one TD function once checked (fold_fuse)
 
     def _is_time(self, key: int | str, value: Any) -> bool:
         if not isinstance(value, Tensor):

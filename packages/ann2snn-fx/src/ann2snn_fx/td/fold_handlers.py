@@ -129,7 +129,7 @@ _ONE_CALL_CUMSUM_EXACT = 100_000
 def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
     """Whether ``torch.cumsum`` runs the running sum of ``x`` in one call (any non-CPU device, or at most
     ``limit`` elements)."""
-    return x.device.type != "cpu" or x.numel() <= limit
+    return x.numel() <= limit or not x.is_cpu
 
 
 def _cumulative(steps: Tensor) -> Tensor:
@@ -140,12 +140,22 @@ def _cumulative(steps: Tensor) -> Tensor:
 
 def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:
     """``diff(fn(*cumsums))`` on the unfolded steps without autograd: one pass each (an input passed twice is
-    summed once), the differences written into the first running sum's buffer (dead once ``fn`` ran)."""
+    summed once). Small results are differenced into a copy (two calls); large ones into the first running
+    sum's buffer (dead once ``fn`` ran), which saves the memory of a copy."""
     cums: list[Tensor] = []
     for i, x in enumerate(xs):
-        same = next((j for j in range(i) if xs[j] is x), None)
-        cums.append(cums[same] if same is not None else _cumulative(mode.unfold(x)))
+        for j in range(i):
+            if xs[j] is x:
+                cums.append(cums[j])
+                break
+        else:
+            cums.append(_cumulative(mode.unfold(x)))
     y = fn(*cums)
+    if _small(y):
+        out = y.clone()
+        if y.shape[0] > 1:
+            out[1:].sub_(y[:-1])
+        return out.flatten(0, 1)
     cum = cums[0]
     if y.shape != cum.shape or y.dtype != cum.dtype or any(y.data_ptr() == c.data_ptr() for c in cums):
         out = torch.empty_like(y)
@@ -232,13 +242,15 @@ def _no_dim0(*positions: tuple[int, str, Any], new_dim: bool = False) -> _Handle
     indexes the output, one dim longer, as ``unsqueeze``'s does)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        x = args[0]
-        rank = x.dim() + (1 if new_dim else 0)
+        rank = max(args[0].dim() + (1 if new_dim else 0), 1)
         for index, name, default in positions:
-            value = read_arg(args, kwargs, index, name, default)
-            values = value if isinstance(value, (tuple, list)) else [value]
-            for dim in values:
-                if dim is None or (isinstance(dim, int) and dim % max(rank, 1) == 0):
+            value = kwargs[name] if name in kwargs else args[index] if len(args) > index else default
+            if type(value) is int:  # the usual single dim
+                if value % rank == 0:
+                    raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
+                continue
+            for dim in value if isinstance(value, (tuple, list)) else [value]:
+                if dim is None or (isinstance(dim, int) and dim % rank == 0):
                     raise _Unsupported(f"dim={value!r} mixes the time-folded batch")
         return func(*args, **kwargs)
 
@@ -337,6 +349,8 @@ def _mul(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     if mode.is_time(a) and mode.is_time(b):
         mode.done(func, "-> TDMul")
         if a.shape != b.shape:
+            if a.dim() == b.dim() and a.shape[0] == b.shape[0] and _direct_ok(a, b):
+                return _td_nograd(mode, torch.mul, a, b)  # the running sums broadcast in the product
             a, b = torch.broadcast_tensors(a, b)
         if a.dtype != b.dtype:  # as torch.mul promotes (T5's float64 states times a float32 rsqrt)
             dtype = torch.result_type(a, b)
@@ -453,19 +467,24 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
     """linear/conv: apply the weight to every step, the bias at t = 0 only (as TDLinear/TDConv2d)."""
 
     def handler(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if any(mode.is_time(a) for a in _leaves((args[1:], kwargs), [])):
-            raise _Unsupported("a time-varying weight or bias")
+        for a in (*args[1:], *kwargs.values()):  # weight, bias, stride, ...: tensors are never nested here
+            if isinstance(a, Tensor) and mode.is_time(a):
+                raise _Unsupported("a time-varying weight or bias")
         bias = read_arg(args, kwargs, bias_index, "bias", None)
-        call_args = list(args)
-        if len(call_args) > bias_index:
-            call_args[bias_index] = None
-        rest = {k: v for k, v in kwargs.items() if k != "bias"}
-        out = func(*call_args, **rest)
         if bias is None:
-            return out
+            return func(*args, **kwargs)
+        if "bias" in kwargs:
+            out = func(*args, **{k: v for k, v in kwargs.items() if k != "bias"})
+        else:
+            out = func(*args[:bias_index], None, *args[bias_index + 1 :], **kwargs)
         mode.done(func, "bias added at t = 0 only")
         if channel_dims is not None:
             bias = bias.reshape(-1, *([1] * (out.dim() - 2)))
+        elif (
+            isinstance(bias, Tensor) and bias.dim() == 1 and out.dim() >= 1 and bias.shape[0] == out.shape[-1]
+        ):
+            out[: out.shape[0] // mode.steps].add_(bias)  # a linear layer's bias, on step 0
+            return out
         return mode.add_at_t0_(out, bias)
 
     return handler
@@ -479,12 +498,12 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     dropout_p = read_arg(args, kwargs, 4, "dropout_p", 0.0)
     is_causal = read_arg(args, kwargs, 5, "is_causal", False)
     scale = read_arg(args, kwargs, 6, "scale", None)
+    groups = 1
     if read_arg(args, kwargs, 7, "enable_gqa", False) and k.shape[-3] != q.shape[-3]:
         # grouped-query attention: each key/value head serves q_heads / kv_heads query heads
         if q.shape[-3] % k.shape[-3]:
             raise _Unsupported("enable_gqa=True with query heads not a multiple of key/value heads")
         groups = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     if dropout_p != 0.0:
         raise _Unsupported("attention dropout draws a different mask at every time step")
     if mode.is_time(mask):
@@ -509,10 +528,14 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
                 attn_mask=folded_mask,
                 is_causal=causal,
                 scale=scale,
+                enable_gqa=groups
+                > 1,  # SDPA repeats the running sums' heads (as repeat_interleave, bit for bit)
             )
             return y.unflatten(0, (mode.steps, -1))
 
         return _td_nograd(mode, attend, q, k, v)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     module = _shared(
         (TDScaledDotProductAttention, causal, scale),
         lambda: TDScaledDotProductAttention(is_causal=causal, scale=scale),
@@ -547,9 +570,8 @@ def _masked_fill(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict
 def _pointwise(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """A pointwise function of its first argument; the others must be constants that need no gradient."""
     x, rest = args[0], args[1:]
-    if not mode.is_time(x) or any(
-        mode.is_time(a) or (isinstance(a, Tensor) and a.requires_grad) for a in _leaves((rest, kwargs), [])
-    ):
+    extra = _leaves((rest, kwargs), []) if rest or kwargs else ()
+    if not mode.is_time(x) or any(mode.is_time(a) or a.requires_grad for a in extra):
         raise _Unsupported("a pointwise op whose extra arguments are time-varying or trainable")
     mode.done(func, "-> TDFunction")
     if _plain_ok(x):

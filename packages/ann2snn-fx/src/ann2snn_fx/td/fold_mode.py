@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 from collections import Counter
 from typing import Any
@@ -11,6 +12,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from ann2snn_fx.td.build import read_arg
+from ann2snn_fx.td.fold_fuse import ACTIVE, _Watch
 from ann2snn_fx.td.fold_handlers import Tensor, _leaves, _name, _permutation, _Unsupported
 from ann2snn_fx.td.fold_table import _FACTORIES, _HANDLERS, _META, _NONLINEAR, _SELF_ONLY
 
@@ -22,12 +24,28 @@ def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
+def _fits(step: Any, x: Tensor, steps: int) -> bool:
+    """Whether adding ``step`` (one time step's constant) to a step of ``x`` keeps that step's shape and dtype
+    (a float number, or a tensor of ``x``'s dtype and device broadcasting to the step), so it can be added in
+    place."""
+    if isinstance(step, Tensor):
+        return (
+            step.dtype == x.dtype
+            and step.device == x.device
+            and _broadcasts_to(tuple(step.shape), (x.shape[0] // steps, *x.shape[1:]))
+        )
+    return type(step) in (int, float) and x.is_floating_point()
+
+
 class _FoldMode(TorchFunctionMode):
     """Runs a model's forward on time-folded ``[T*B, ...]`` tensors with TD semantics.
 
     Tensors derived from the time inputs are tracked (by identity); an op that touches one is
     routed through the TD operator or identity that keeps ``sum_t y == f(sum_t x)``.
     """
+
+    # whether leaf modules checked once run fused (fold_fuse); the shape probe's recording runs keep every op
+    fuse_leaves = True
 
     def __init__(self, steps: int) -> None:
         super().__init__()
@@ -36,6 +54,16 @@ class _FoldMode(TorchFunctionMode):
         self._time: dict[int, tuple[weakref.ReferenceType[Tensor], int]] = {}
         self.converted: Counter[tuple[str, str]] = Counter()
         self.issues: Counter[tuple[str, str]] = Counter()
+        self.watch: _Watch | None = None  # a leaf module's checked call (fold_fuse) watches the ops
+        self._active: list[contextvars.Token[_FoldMode | None]] = []
+
+    def __enter__(self) -> _FoldMode:
+        self._active.append(ACTIVE.set(self))
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        ACTIVE.reset(self._active.pop())
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def batch_dim(self, value: Any) -> int | None:
@@ -48,7 +76,10 @@ class _FoldMode(TorchFunctionMode):
         return entry[1]
 
     def is_time(self, value: Any) -> bool:
-        return self.batch_dim(value) is not None
+        if not isinstance(value, Tensor):
+            return False
+        entry = self._time.get(id(value))
+        return entry is not None and entry[0]() is value
 
     def mark(self, value: Any, batch_dim: int = 0) -> Any:
         time = self._time
@@ -71,7 +102,7 @@ class _FoldMode(TorchFunctionMode):
 
     # ---- time axis helpers -------------------------------------------------------------------
     def unfold(self, x: Tensor) -> Tensor:
-        return x.unflatten(0, (self.steps, -1))
+        return torch._C.TensorBase.unflatten(x, 0, (self.steps, -1))  # without Tensor's named-dims wrapper
 
     def step_constant(self, constant: Any, reference: Tensor) -> Any:
         """One time step's worth of a constant: a per-sample constant of the folded batch loses it."""
@@ -83,14 +114,21 @@ class _FoldMode(TorchFunctionMode):
 
     def add_at_t0(self, x: Tensor, constant: Any) -> Tensor:
         """``x`` plus ``constant`` at t = 0 only (the differential form of adding a constant)."""
+        step = self.step_constant(constant, x)
+        if _fits(
+            step, x, self.steps
+        ):  # the sum keeps x's shape and dtype: a copy of x, the constant added to step 0
+            out = x.clone()
+            out[: x.shape[0] // self.steps].add_(step)
+            return out
         steps = self.unfold(x)
-        head = steps[0] + self.step_constant(constant, x)
+        head = steps[0] + step
         tail = steps[1:].expand(self.steps - 1, *head.shape)
         return torch.cat([head.unsqueeze(0), tail], dim=0).flatten(0, 1)
 
     def add_at_t0_(self, fresh: Tensor, constant: Any) -> Tensor:
         """:meth:`add_at_t0` in place, for a tensor this mode just created (no other user sees it)."""
-        head = self.unfold(fresh)[0]
+        head = fresh[: fresh.shape[0] // self.steps]
         step = self.step_constant(constant, fresh)
         if not _broadcasts_to(tuple(getattr(step, "shape", ())), tuple(head.shape)):
             return self.add_at_t0(fresh, constant)
@@ -128,12 +166,20 @@ class _FoldMode(TorchFunctionMode):
                     if entry is not None and entry[0]() is leaf:
                         dims.append(entry[1])
         if kwargs:
-            for leaf in _leaves(kwargs, []):
-                entry = time.get(id(leaf))
-                if entry is not None and entry[0]() is leaf:
-                    dims.append(entry[1])
+            for arg in kwargs.values():  # flat too: mostly flags and dims
+                if isinstance(arg, Tensor):
+                    entry = time.get(id(arg))
+                    if entry is not None and entry[0]() is arg:
+                        dims.append(entry[1])
+                elif isinstance(arg, (tuple, list, dict)):
+                    for leaf in _leaves(arg, []):
+                        entry = time.get(id(leaf))
+                        if entry is not None and entry[0]() is leaf:
+                            dims.append(entry[1])
         if not dims:
             return func(*args, **kwargs)
+        if self.watch is not None:
+            self.watch.saw(func, args, kwargs, func in _HANDLERS or func in _SELF_ONLY or func in _FACTORIES)
         if func in _SELF_ONLY and not self.is_time(args[0] if args else None):
             return func(*args, **kwargs)  # uses only the shape/dtype of its time-varying argument
         if func in _FACTORIES:

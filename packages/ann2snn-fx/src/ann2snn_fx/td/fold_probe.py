@@ -25,6 +25,8 @@ class _RecordingMode(_FoldMode):
     """A :class:`_FoldMode` that also records, per dispatched op, the shapes of its tensor inputs and outputs
     (with the dim holding the time-folded batch of the time-varying ones)."""
 
+    fuse_leaves = False  # both runs record every op (no leaf module run fused, fold_fuse)
+
     def __init__(self, steps: int) -> None:
         super().__init__(steps)
         # per op: the function, its input and output shapes, whether the op itself was reported
