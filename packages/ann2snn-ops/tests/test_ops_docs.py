@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 MODULES = [
+    "ann2snn_ops._cumsum",
     "ann2snn_ops.attention",
     "ann2snn_ops.elementwise",
     "ann2snn_ops.generic",

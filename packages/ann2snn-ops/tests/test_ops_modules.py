@@ -49,6 +49,7 @@ def test_exports() -> None:
         "STBIFNeuron",
         "quantizer_bounds",
         "reset_streaming",
+        "running_sum",
         "set_streaming",
     }
     assert set(ann2snn_ops.__all__) == expected

@@ -7,6 +7,7 @@ difference of the ANN op applied to the cumulative input: ``Y.cumsum(0)[t] == f(
 
 from ann2snn_ops.__about__ import __version__
 from ann2snn_ops._base import TDModule
+from ann2snn_ops._cumsum import running_sum
 from ann2snn_ops.attention import TDMultiheadAttention, TDScaledDotProductAttention
 from ann2snn_ops.elementwise import TDGELU, TDSiLU, TDSoftmax
 from ann2snn_ops.generic import TDFunction
@@ -37,5 +38,6 @@ __all__ = [
     "__version__",
     "quantizer_bounds",
     "reset_streaming",
+    "running_sum",
     "set_streaming",
 ]

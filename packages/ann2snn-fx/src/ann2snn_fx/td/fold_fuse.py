@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ann2snn_fx.td.fold_handlers import Tensor, _running_sum, _small
+from ann2snn_fx.td.fold_handlers import Tensor
+from ann2snn_ops import running_sum
 
 if TYPE_CHECKING:
     from ann2snn_fx.td.fold_mode import _FoldMode
@@ -153,7 +154,7 @@ def _fused(steps: int, forward: Any, module: nn.Module, x: Tensor) -> Tensor:
     """``diff(forward(cumsum(x)))`` on the unfolded steps (torch function disabled)."""
     seq = x.unflatten(0, (steps, -1))
     grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-    cum = torch.cumsum(seq, 0) if grad or _small(seq) else _running_sum(seq)
+    cum = torch.cumsum(seq, 0) if grad else running_sum(seq)
     y = forward(module, cum.flatten(0, 1)).unflatten(0, (steps, -1))
     if steps == 1:
         return y.flatten(0, 1)

@@ -23,6 +23,7 @@ from ann2snn_ops import (
     TDScaledDotProductAttention,
     TDSiLU,
     TDSoftmax,
+    running_sum,
 )
 
 if TYPE_CHECKING:
@@ -108,19 +109,8 @@ def _needs_grad(*tensors: Any) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def _running_sum(steps: Tensor) -> Tensor:
-    """``steps.cumsum(0)``, one ``add`` per step in the working dtype (torch's CPU cumsum along a leading
-    dim is several times slower on large steps; the sum agrees with it to the rounding of the dtype)."""
-    out = torch.empty_like(steps)
-    inputs, outputs = steps.unbind(0), out.unbind(0)
-    outputs[0].copy_(inputs[0])
-    for t in range(1, len(inputs)):
-        torch.add(outputs[t - 1], inputs[t], out=outputs[t])
-    return out
-
-
-# Up to this many elements, ``torch.cumsum`` along the leading dim (one call) beats the per-step loop of
-# :func:`_running_sum` on CPU (3-5x at the sizes of small transformers; about even at the worst strides) ...
+# Up to this many elements, ``torch.cumsum`` along the leading dim (one call) beats a per-step loop on CPU
+# (3-5x at the sizes of small transformers; ann2snn-ops' ``running_sum`` switches at the same size) ...
 _ONE_CALL_CUMSUM = 40_000
 # ... and up to this many, the float64 step loop of the TD products and attention (``cumulative_exact``).
 _ONE_CALL_CUMSUM_EXACT = 100_000
@@ -133,9 +123,9 @@ def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
 
 
 def _cumulative(steps: Tensor) -> Tensor:
-    """The running sum of ``steps`` ``[T, ...]``: ``torch.cumsum`` itself (the reference, bit for bit) where it
-    is fast, else :func:`_running_sum`."""
-    return torch.cumsum(steps, 0) if _small(steps) else _running_sum(steps)
+    """The running sum of ``steps`` ``[T, ...]``: ann2snn-ops' ``running_sum`` (``torch.cumsum`` itself, bit for
+    bit, where it is fast; else one ``add`` per step)."""
+    return running_sum(steps)
 
 
 def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:
