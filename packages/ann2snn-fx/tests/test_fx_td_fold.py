@@ -104,6 +104,15 @@ def test_ops_are_time_equivalent_without_autograd(
         (lambda m, x: F.dropout(x, 0.5, True), "dropout in training mode"),
         (lambda m, x: x.permute(1, 0).sum(-1), "moved off dim 0"),
         (lambda m, x: (x, m.w), "constant output of shape (5,)"),
+        (
+            lambda m, x: F.scaled_dot_product_attention(
+                x[:, None, :, None],
+                x[:, None, :, None],
+                x[:, None, :, None],
+                attn_mask=x[:, None, :, None] > 0,
+            ),
+            "attn_mask computed from the time inputs",
+        ),
     ],
 )
 def test_breaking_ops_are_reported(fn: Callable[..., object], fragment: str) -> None:

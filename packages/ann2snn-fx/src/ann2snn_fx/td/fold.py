@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
 from ann2snn_fx.td.fold_fuse import install_fused_forwards
+from ann2snn_fx.td.fold_handlers import step_mask, time_mask_issue
 from ann2snn_fx.td.fold_mode import _FoldMode
 from ann2snn_fx.td.fold_probe import _RecordingMode, is_plain, shape_mismatches, signature
 from ann2snn_fx.td.layers import make_traceable, sequence_first_layers
@@ -49,10 +50,13 @@ class _FoldedMultiheadAttention(nn.Module):
         is_causal = read_arg((query, key, value, *args), kwargs, 7, "is_causal", False)
         padding = read_arg((query, key, value, *args), kwargs, 3, "key_padding_mask", None)
         batch = query.shape[0] // mode.steps
-        padding = _step_mask(mode, padding, "key_padding_mask", batch)
+        for name, mask in (("key_padding_mask", padding), ("attn_mask", attn_mask)):
+            if mode.is_time(mask):  # reported; step 0 is used
+                mode.issue(nn.MultiheadAttention, time_mask_issue(name))
+        padding = step_mask(mode, padding, batch)
         if isinstance(attn_mask, Tensor):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
-            attn_mask = _step_mask(mode, attn_mask, "attn_mask", rows)
+            attn_mask = step_mask(mode, attn_mask, rows)
         with torch._C.DisableTorchFunction():
             # one view per distinct input: self-attention (query is key is value) stays recognisable
             views = {id(t): mode.unfold(t) for t in (query, key, value)}
@@ -69,25 +73,6 @@ class _FoldedMultiheadAttention(nn.Module):
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
-
-
-def _step_mask(mode: _FoldMode, mask: Any, name: str, rows: int) -> Any:
-    """One step of an attention mask met on the folded batch. ``rows`` is the leading size the TD attention
-    expects (``B`` of a ``[B, S]`` padding mask, ``L`` of an ``[L, S]`` mask, ``B*H`` of a ``[B*H, L, S]``
-    mask); a mask with ``T*rows`` there was repeated over the steps (a static input with the batch as its
-    leading dim, or a mask built from one) and loses the repeat. A mask computed from the time inputs is
-    reported (its steps differ; step 0 is used)."""
-    if not isinstance(mask, Tensor) or mask.dim() == 0:
-        return mask
-    if mode.is_time(mask):
-        mode.issue(
-            nn.MultiheadAttention,
-            f"{name} computed from the time inputs (the TD attention needs a mask constant over time)",
-        )
-    if mode.steps > 1 and mask.shape[0] == mode.steps * rows:
-        with torch._C.DisableTorchFunction():
-            return mode.unfold(mask)[0]
-    return mask
 
 
 class TDTimeFolded(nn.Module):

@@ -480,6 +480,26 @@ def _affine(bias_index: int, channel_dims: int | None) -> _Handler:
     return handler
 
 
+def time_mask_issue(name: str) -> str:
+    """How an attention mask computed from the time inputs is reported (SDPA and multi-head attention)."""
+    return f"{name} computed from the time inputs (the TD attention needs a mask constant over time)"
+
+
+def step_mask(mode: _FoldMode, mask: Any, rows: int) -> Any:
+    """One step of an attention mask met on the folded batch (SDPA and multi-head attention). ``rows`` is the
+    leading size the TD attention expects (``B`` of a ``[B, S]`` padding mask or a ``[B, H, L, S]`` mask,
+    ``B*H`` of a ``[B*H, L, S]`` mask); a mask with ``T*rows`` there was repeated over the steps (a static
+    input with the batch as its leading dim, or a mask built from one) and loses the repeat. Other masks
+    (``[L, S]``, broadcast) are returned as they are. Callers report a mask computed from the time inputs
+    (:func:`time_mask_issue`) first."""
+    if not isinstance(mask, Tensor) or mask.dim() == 0:
+        return mask
+    if mode.steps > 1 and mask.shape[0] == mode.steps * rows:
+        with torch._C.DisableTorchFunction():
+            return mode.unfold(mask)[0]
+    return mask
+
+
 def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     q, k, v = (read_arg(args, kwargs, i, n, None) for i, n in enumerate(("query", "key", "value")))
     if not (mode.is_time(q) and mode.is_time(k) and mode.is_time(v)):
@@ -497,10 +517,10 @@ def _sdpa(mode: _FoldMode, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
     if dropout_p != 0.0:
         raise _Unsupported("attention dropout draws a different mask at every time step")
     if mode.is_time(mask):
-        raise _Unsupported("a time-varying attention mask")
+        raise _Unsupported(time_mask_issue("attn_mask"))
     folded_mask = mask  # as the plain call takes it: per sample of the folded batch, or broadcast
-    if isinstance(mask, Tensor) and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]:
-        mask = mode.unfold(mask)[0]
+    if isinstance(mask, Tensor) and mask.dim() == q.dim():
+        mask = step_mask(mode, mask, q.shape[0] // mode.steps)
     if is_causal and mask is not None:
         # SDPA ignores neither; keep the plain call's semantics by folding causality into the mask
         raise _Unsupported("is_causal=True together with attn_mask")
