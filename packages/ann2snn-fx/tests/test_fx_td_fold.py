@@ -321,3 +321,34 @@ def test_grouped_query_attention_equals_the_ann(autograd: bool, causal: bool) ->
     for t, c in enumerate(x.cumsum(0)):
         torch.testing.assert_close(out.cumsum(0)[t], ann(c), atol=1e-9, rtol=1e-9)
     assert any("TDScaledDotProductAttention" in r.detail for r in snn.report.converted)
+
+
+class _MixedMatmul(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ x.float().transpose(-1, -2)
+
+
+def test_operator_errors_are_the_anns_not_unsupported_operand() -> None:
+    """``a @ b`` of float64 and float32 time tensors: the ANN's own error, not the "unsupported operand
+    type(s)" that Tensor's operators make of a TD operator's TypeError."""
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as ann_error:
+        _MixedMatmul()(x[0])
+    with pytest.raises(RuntimeError) as td_error:
+        TDTimeFolded(_MixedMatmul())(x)
+    assert str(td_error.value) == str(ann_error.value)
+
+
+def test_a_handler_type_error_the_plain_op_does_not_raise_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ann2snn_fx.td import fold_table
+
+    def broken(*args: object) -> None:
+        raise TypeError("the handler's own limit")
+
+    for func in [f for f in fold_table._HANDLERS if getattr(f, "__name__", "") == "matmul"]:
+        monkeypatch.setitem(fold_table._HANDLERS, func, broken)
+    x = torch.randn(3, 2, 4, 5)
+    with pytest.raises(
+        RuntimeError, match=r"TDTimeFolded: .*matmul.* on time-varying tensors failed: the handler's own"
+    ):
+        TDTimeFolded(Fn(lambda m, y: y @ y.transpose(-1, -2)))(x)
