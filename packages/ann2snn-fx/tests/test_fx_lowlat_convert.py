@@ -489,3 +489,44 @@ def test_tuner_output_error_is_the_mse_of_the_snn_mean_against_the_ann() -> None
         expected = float((out[r.time_steps - 1] - reference).double().pow(2).mean())
         assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert result.records[0].output_error > 0
+
+
+def test_tuner_estimates_the_readout_delay_once_per_snn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    data = [(x, ann(x).argmax(1))]
+    steps = (2, 8, 16)
+    calls: list[dict[int, int]] = []
+    real = tuner.charge_steps
+
+    def counting(snn: nn.Module, loader: Any, *args: Any) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            calls.append({t: estimate_readout_delay(snn, loader, t) for t in steps})
+        return real(snn, loader, *args)
+
+    monkeypatch.setattr(tuner, "charge_steps", counting)
+    result = tune_latency(
+        ann,
+        data,
+        data,
+        steps,
+        modes=("max",),
+        strategies=("fixed",),
+        v_inits=(0.0, 0.5),
+        bursts=(1, 2),
+        signed=(False,),
+        calibrations=(None,),
+        progress=False,
+    )
+    # One probe per SNN (4 of them), not one per SNN and T.
+    assert len(calls) == 4
+    expected = sorted((t, d) for c in calls for t, d in c.items() if d)
+    assert expected, "the case must take a delay somewhere"
+    assert any(d == 0 for c in calls for d in c.values()), "and be too short somewhere"
+    assert sorted((r.time_steps, r.skip_steps) for r in result.records if r.skip_steps) == expected

@@ -7,7 +7,6 @@ import itertools
 import numbers
 import os
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,7 +21,7 @@ from ann2snn_fx.relu.converter import Converter
 from ann2snn_fx.relu.factories import NeuronFactory
 from ann2snn_fx.relu.thresholds import ThresholdOptimizer
 from ann2snn_fx.snn.neurons import IFNode, reset_net
-from ann2snn_fx.snn.readout import estimate_readout_delay
+from ann2snn_fx.snn.readout import charge_steps, delay_for
 
 __all__ = ["LatencyRecord", "LatencyResult", "pareto_front", "tune_latency"]
 
@@ -257,8 +256,9 @@ def tune_latency(
     neuron initial potentials ``v_inits``, ``bursts``, ``signed`` spikes, post-conversion ``calibrations``
     (:func:`~ann2snn_fx.calibrate_snn`, run for each ``T``) and, when ``readout_delay``, the delayed readout
     :func:`~ann2snn_fx.estimate_readout_delay` finds for each ``T``. Work is shared: one calibration pass per
-    mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, and one
-    simulation of ``max(time_steps)`` steps per SNN gives every ``T``. Most promising configurations run
+    mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, one
+    simulation of ``max(time_steps)`` steps per SNN gives every ``T``, and one readout-delay probe per SNN
+    serves every ``T`` (the estimate does not depend on ``T``). Most promising configurations run
     first (half-threshold starts, bursts), so a ``time_budget`` (seconds) that stops the search still
     leaves the useful part.
 
@@ -354,6 +354,8 @@ def tune_latency(
         wanted = steps_grid if target is None else (target,)
         raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
         per = len(labels)
+        # The delay estimate does not depend on T: one probe per SNN serves every T.
+        charge = charge_steps(snn, calib) if readout_delay else 0
         common = {
             "mode": mode if strategy != "ltb" else "-",
             "strategy": strategy,
@@ -373,9 +375,7 @@ def tune_latency(
                 )
             )
             if readout_delay:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    delay = estimate_readout_delay(snn, calib, t)
+                delay = delay_for(charge, t, warn=False)
                 if delay:
                     result.records.append(
                         LatencyRecord(
