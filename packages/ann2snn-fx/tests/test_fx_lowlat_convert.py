@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import os
 import pathlib
@@ -530,3 +531,79 @@ def test_tuner_estimates_the_readout_delay_once_per_snn(monkeypatch: pytest.Monk
     assert expected, "the case must take a delay somewhere"
     assert any(d == 0 for c in calls for d in c.values()), "and be too short somewhere"
     assert sorted((r.time_steps, r.skip_steps) for r in result.records if r.skip_steps) == expected
+
+
+def test_tuner_best_ranks_near_ties_by_pooled_agreement_with_the_ann() -> None:
+    # 287 validation and 1150 calibration samples, as in the digits benchmark.
+    lucky = LatencyRecord(
+        1, 100 * 285 / 287, 10.0, "-", "ltb", 0.5, 2, False, None, 0, 3.1, 100 * 1147 / 1150
+    )
+    faithful = LatencyRecord(1, 100 * 284 / 287, 20.0, "max", "min_error", 0.5, 4, False, None, 0, 0.3, 100.0)
+    result = LatencyResult(99.0, [lucky, faithful], validation_samples=287, agreement_samples=1150)
+    # Pooled: (285 + 1147) / 1437 < (284 + 1150) / 1437, so the one validation image is outweighed.
+    assert result.best(1) is faithful
+    # Without the agreement measurement, the higher validation accuracy wins (the previous rule).
+    bare = [dataclasses.replace(r, ann_agreement=float("nan")) for r in (lucky, faithful)]
+    assert LatencyResult(99.0, bare).best(1) == bare[0]
+    # Equal pooled scores fall back to accuracy, then output error.
+    even = dataclasses.replace(faithful, accuracy=lucky.accuracy, ann_agreement=lucky.ann_agreement)
+    tied = LatencyResult(99.0, [lucky, even], validation_samples=287, agreement_samples=1150)
+    assert tied.best(1) is even
+
+
+def test_tuner_measures_ann_agreement_of_the_near_ties_on_the_calibration_data() -> None:
+    torch.manual_seed(1)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    xc, xv = torch.randn(96, 4), torch.randn(50, 4)
+    with torch.no_grad():
+        yv = ann(xv).argmax(1)
+    yv[:3] = (yv[:3] + 1) % 3  # labels the ANN gets wrong: accuracy and agreement differ
+    calib, val = [(xc[:48], torch.zeros(48)), (xc[48:], torch.zeros(48))], [(xv, yv)]
+    grid: dict[str, Any] = {
+        "modes": ("max",),
+        "strategies": ("fixed",),
+        "v_inits": (0.0, 0.5),
+        "bursts": (1, 2),
+        "signed": (False,),
+        "calibrations": (None,),
+        "readout_delay": False,
+        "progress": False,
+    }
+    result = tune_latency(ann, calib, val, (1, 2, 4), tie_break=2, **grid)
+    assert (result.validation_samples, result.agreement_samples) == (50, 96)
+    with torch.no_grad():
+        ann_pred = ann(xc).argmax(1)
+    measured = [r for r in result.records if r.ann_agreement == r.ann_agreement]
+    assert measured
+    for t in (1, 2, 4):
+        at = [r for r in result.records if r.time_steps == t]
+        top = max(r.accuracy for r in at)
+        mine = [r for r in measured if r.time_steps == t]
+        assert 1 <= len(mine) <= 2
+        # Only records within one validation sample (2 points here) of the best are re-run.
+        assert all(r.accuracy >= top - 2.0 - 1e-9 for r in mine)
+        assert max(r.accuracy for r in mine) == top
+    for r in measured:  # the agreement is the rebuilt SNN's on the calibration inputs, against the ANN
+        snn = Converter(
+            calib,
+            progress=False,
+            threshold_optimizer=ThresholdOptimizer("fixed"),
+            neuron_factory=NeuronFactory(v_init=r.v_init, burst=r.burst),
+        ).convert_to_spiking_neurons(ann)
+        out = run_snn(snn, xc, r.time_steps)[-1]
+        assert r.ann_agreement == pytest.approx(float((out.argmax(1) == ann_pred).double().mean() * 100))
+    assert result.front == pareto_front(result.records)
+    assert all(not any(o.dominates(r) for o in result.records) for r in result.front)
+    # tie_break=0: nothing is re-run and best() is the plain validation ranking.
+    off = tune_latency(ann, calib, val, (1, 2, 4), tie_break=0, **grid)
+    assert off.agreement_samples == 0
+    assert all(r.ann_agreement != r.ann_agreement for r in off.records)
+    plain = [dataclasses.replace(r, ann_agreement=float("nan")) for r in result.records]
+    assert [r.accuracy for r in off.records] == [r.accuracy for r in plain]
+    for t in (1, 2, 4):
+        a, b = off.best(t), LatencyResult(0.0, plain).best(t)
+        assert a is not None
+        assert b is not None
+        assert (a.label, a.accuracy, a.output_error) == (b.label, b.accuracy, b.output_error)
+    with pytest.raises(ValueError, match="tie_break must be a non-negative int"):
+        tune_latency(ann, calib, val, (1,), tie_break=-1, **grid)

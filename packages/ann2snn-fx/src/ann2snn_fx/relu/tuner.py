@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import numbers
 import os
@@ -42,6 +43,10 @@ class LatencyRecord:
         output_error: Mean squared difference between the SNN's output (averaged over the read-out steps) and
             the ANN's output on the validation data: a continuous measure of how faithful the conversion is,
             which :meth:`LatencyResult.best` uses to break ties in accuracy (``nan`` when not measured).
+        ann_agreement: Percent of the calibration samples on which the SNN's prediction (over the read-out
+            steps) is the ANN's: measured by :func:`tune_latency` for the records within one validation
+            sample of the best at their ``T`` (at most ``tie_break`` of them), ``nan`` for the others.
+            :meth:`LatencyResult.best` ranks those near-ties by it.
     """
 
     time_steps: int
@@ -55,6 +60,7 @@ class LatencyRecord:
     calibration: str | None = None
     skip_steps: int = 0
     output_error: float = float("nan")
+    ann_agreement: float = float("nan")
 
     @property
     def label(self) -> str:
@@ -109,6 +115,8 @@ class LatencyResult:
         front: The Pareto front of accuracy against T and spike count.
         complete: False when the time budget stopped the search early.
         seconds: Wall time of the search.
+        validation_samples: Samples in the validation data (``accuracy`` is measured on them).
+        agreement_samples: Calibration samples on which ``ann_agreement`` is measured (0: none measured).
     """
 
     ann_accuracy: float
@@ -116,16 +124,33 @@ class LatencyResult:
     front: list[LatencyRecord] = field(default_factory=list)
     complete: bool = True
     seconds: float = 0.0
+    validation_samples: int = 0
+    agreement_samples: int = 0
 
     def best(self, time_steps: int) -> LatencyRecord | None:
         """The most accurate record at exactly ``time_steps``.
 
-        Ties in accuracy (common on a small validation split, where one image is a fraction of a point) go
-        to the record whose output is closest to the ANN's (lowest ``output_error``, unmeasured last), then
-        to the fewest spikes.
+        On a small validation split one image is a fraction of a point, so accuracies within one sample of
+        each other are not told apart reliably. When :func:`tune_latency` re-ran those near-ties on the
+        calibration data (records with an ``ann_agreement``), they are ranked by the pooled score: validation
+        samples classified correctly plus calibration samples on which the SNN agrees with the ANN, over all
+        those samples (``validation_samples`` and ``agreement_samples``). Otherwise, or on equal scores, the
+        higher accuracy wins, then the output closest to the ANN's (lowest ``output_error``, unmeasured
+        last), then the fewest spikes.
         """
         at = [r for r in self.records if r.time_steps == time_steps]
-        return min(at, key=_rank) if at else None
+        if not at:
+            return None
+        checked = [r for r in at if r.ann_agreement == r.ann_agreement]
+        if checked and self.agreement_samples > 0:
+            n_val, n_agree = self.validation_samples, self.agreement_samples
+
+            def pooled(r: LatencyRecord) -> tuple[float, ...]:
+                score = (r.accuracy * n_val + r.ann_agreement * n_agree) / (n_val + n_agree)
+                return (-round(score, 9), *_rank(r))
+
+            return min(checked, key=pooled)
+        return min(at, key=_rank)
 
     def markdown(self) -> str:
         """The front as a markdown table."""
@@ -246,6 +271,7 @@ def tune_latency(
     signed: Sequence[bool] = (False, True),
     calibrations: Sequence[str | None] = (None, "both"),
     readout_delay: bool = True,
+    tie_break: int = 8,
     time_budget: float | None = None,
     num_batches: int | None = None,
     progress: bool = True,
@@ -269,6 +295,12 @@ def tune_latency(
         time_steps: The ``T`` values to evaluate.
         modes, strategies, v_inits, bursts, signed, calibrations: The options to cross.
         readout_delay: Also evaluate the estimated delayed readout for each ``T``.
+        tie_break: At each ``T``, re-run up to this many of the records within one validation sample of the
+            best (most accurate, then lowest ``output_error``, first) on the calibration data and record
+            their ``ann_agreement`` with the ANN's predictions, which :meth:`LatencyResult.best` ranks them
+            by: a validation split of a few hundred images cannot tell such configurations apart, the
+            pooled samples can. Selection stays off the test data. ``0`` turns it off (and keeps no SNN in
+            memory; otherwise up to ``tie_break`` SNNs per ``T`` are kept until the end).
         time_budget: Stop starting new configurations after this many seconds (``None``: no limit).
         num_batches: Calibration batches to use (``None``: all).
         progress: Show a progress bar.
@@ -308,6 +340,8 @@ def tune_latency(
             raise ValueError(
                 f"strategies must be among 'fixed', 'min_error', 'per_channel', 'ltb', but got {s!r}."
             )
+    if isinstance(tie_break, bool) or not isinstance(tie_break, numbers.Integral) or tie_break < 0:
+        raise ValueError(f"tie_break must be a non-negative int, but got {tie_break!r}.")
     if time_budget is not None and (
         isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real) or time_budget <= 0
     ):
@@ -323,7 +357,8 @@ def tune_latency(
         reference = torch.cat([ann(x) for x, _ in val])
     labels_all = torch.cat([y for _, y in val])
     ann_acc = float((reference.argmax(-1) == labels_all).double().mean() * 100)
-    result = LatencyResult(ann_accuracy=ann_acc)
+    result = LatencyResult(ann_accuracy=ann_acc, validation_samples=int(labels_all.numel()))
+    near = _NearTies(result.records, int(tie_break), 100.0 / max(int(labels_all.numel()), 1))
     t_max = max(steps_grid)
     plan = _plan(grids[0], grids[1], grids[2], grids[3], grids[4], steps_grid)
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
@@ -374,6 +409,7 @@ def tune_latency(
                     **common,
                 )
             )
+            near.consider(snn)
             if readout_delay:
                 delay = delay_for(charge, t, warn=False)
                 if delay:
@@ -387,6 +423,7 @@ def tune_latency(
                             **common,
                         )
                     )
+                    near.consider(snn)
             for method in grids[5]:
                 if method is None:
                     continue
@@ -402,10 +439,51 @@ def tune_latency(
                         **common,
                     )
                 )
+                near.consider(fixed)
     bar.close()
+    if near.pools:
+        inputs = [
+            stages.to_model(stages.batch_input(d), device, None)
+            for d in (calib if num_batches is None else calib[: int(num_batches)])
+        ]
+        with torch.no_grad():
+            agreement_data = [(x, ann(x).argmax(-1)) for x in inputs]
+        result.agreement_samples = sum(int(p.numel()) for _, p in agreement_data)
+        for index, snn in near.candidates():
+            if time_budget is not None and time.perf_counter() - start > time_budget:
+                result.complete = False
+                break
+            r = result.records[index]
+            raw_a, labels_a, _ = _evaluate(snn, agreement_data, r.time_steps)
+            agreement = _accuracy(raw_a, labels_a, r.time_steps, r.skip_steps)
+            result.records[index] = dataclasses.replace(r, ann_agreement=agreement)
+        near.pools.clear()
     result.front = pareto_front(result.records)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _NearTies:
+    """Per ``T``, the SNNs of the (at most ``keep``) best records within ``slack`` points of the best."""
+
+    def __init__(self, records: list[LatencyRecord], keep: int, slack: float) -> None:
+        self.records, self.keep, self.slack = records, keep, slack * (1 + 1e-9)
+        self.pools: dict[int, list[tuple[int, nn.Module]]] = {}
+
+    def consider(self, snn: nn.Module) -> None:
+        """Offer the last record (built by ``snn``)."""
+        if self.keep == 0:
+            return
+        index = len(self.records) - 1
+        t = self.records[index].time_steps
+        pool = self.pools.setdefault(t, [])
+        pool.append((index, snn))
+        top = max(self.records[i].accuracy for i, _ in pool)
+        kept = [p for p in pool if self.records[p[0]].accuracy >= top - self.slack]
+        pool[:] = sorted(kept, key=lambda p: _rank(self.records[p[0]]))[: self.keep]
+
+    def candidates(self) -> list[tuple[int, nn.Module]]:
+        return [p for t in sorted(self.pools) for p in self.pools[t]]
 
 
 def _plan(
