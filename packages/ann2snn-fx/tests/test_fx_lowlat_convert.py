@@ -607,3 +607,59 @@ def test_tuner_measures_ann_agreement_of_the_near_ties_on_the_calibration_data()
         assert (a.label, a.accuracy, a.output_error) == (b.label, b.accuracy, b.output_error)
     with pytest.raises(ValueError, match="tie_break must be a non-negative int"):
         tune_latency(ann, calib, val, (1,), tie_break=-1, **grid)
+
+
+def test_tuner_records_match_each_configuration_rebuilt_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(2)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    xc, xv = torch.randn(64, 4), torch.randn(48, 4)
+    with torch.no_grad():
+        yv, reference = ann(xv).argmax(1), ann(xv)
+    yv[:4] = (yv[:4] + 1) % 3
+    calib, val = [(xc, torch.zeros(64))], [(xv, yv)]
+    calls = []
+    real = tuner.calibrate_snn
+    monkeypatch.setattr(tuner, "calibrate_snn", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    result = tune_latency(
+        ann,
+        calib,
+        val,
+        (1, 2),
+        modes=("max", "99.9%"),
+        strategies=("fixed", "min_error"),
+        v_inits=(0.5,),
+        bursts=(1, 2),
+        signed=(False, True),
+        calibrations=(None, "both"),
+        readout_delay=False,
+        tie_break=0,
+        progress=False,
+    )
+    # fixed: 2 modes x 2 bursts x 2 signed x 2 T; min_error: the same, one T each -> 32 plain + 32 calibrated.
+    assert len(result.records) == 64
+    assert sum(r.calibration is not None for r in result.records) == 32
+    # Identical SNNs are simulated and calibrated once: min_error gives the same thresholds from either mode,
+    # and a signed neuron behaves like a plain one in its first step.
+    assert len(calls) < 32
+    assert len({(r.time_steps, r.label) for r in result.records}) == 64
+    for r in result.records:
+        optimizer = (
+            ThresholdOptimizer("min_error", time_steps=r.time_steps * r.burst, v_init=r.v_init)
+            if r.strategy == "min_error"
+            else ThresholdOptimizer(r.strategy)
+        )
+        snn = Converter(
+            calib,
+            mode=r.mode,
+            progress=False,
+            threshold_optimizer=optimizer,
+            neuron_factory=NeuronFactory(v_init=r.v_init, burst=r.burst, signed=r.signed),
+        ).convert_to_spiking_neurons(ann)
+        if r.calibration:
+            snn = calibrate_snn(snn, ann, calib, r.time_steps, r.calibration, progress=False)
+        out = run_snn(snn, xv, r.time_steps)[-1]
+        assert r.accuracy == pytest.approx(float((out.argmax(1) == yv).double().mean() * 100)), r.label
+        expected = float((out - reference).double().pow(2).mean())
+        assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9), r.label

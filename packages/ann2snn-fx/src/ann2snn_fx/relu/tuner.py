@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import numbers
 import os
@@ -284,9 +285,12 @@ def tune_latency(
     :func:`~ann2snn_fx.estimate_readout_delay` finds for each ``T``. Work is shared: one calibration pass per
     mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, one
     simulation of ``max(time_steps)`` steps per SNN gives every ``T``, and one readout-delay probe per SNN
-    serves every ``T`` (the estimate does not depend on ``T``). Most promising configurations run
-    first (half-threshold starts, bursts), so a ``time_budget`` (seconds) that stops the search still
-    leaves the useful part.
+    serves every ``T`` (the estimate does not depend on ``T``). Configurations that build an identical SNN
+    (``"min_error"`` finds the same thresholds from either mode; a signed neuron emits no negative spike in
+    its first step, so at ``T = 1`` it is a plain one) are simulated and calibrated once and share their
+    records. Every uncalibrated SNN runs first, most promising first (half-threshold starts, bursts); then
+    the post-conversion calibrations, the costly part, in the order of their uncalibrated record's rank at
+    that ``T``; so a ``time_budget`` (seconds) that stops the search still leaves the useful part.
 
     Args:
         ann: A classifier (left untouched).
@@ -301,7 +305,8 @@ def tune_latency(
             by: a validation split of a few hundred images cannot tell such configurations apart, the
             pooled samples can. Selection stays off the test data. ``0`` turns it off (and keeps no SNN in
             memory; otherwise up to ``tie_break`` SNNs per ``T`` are kept until the end).
-        time_budget: Stop starting new configurations after this many seconds (``None``: no limit).
+        time_budget: Stop starting new configurations, calibrations and tie-break re-runs after this many
+            seconds (``None``: no limit).
         num_batches: Calibration batches to use (``None``: all).
         progress: Show a progress bar.
 
@@ -363,41 +368,35 @@ def tune_latency(
     plan = _plan(grids[0], grids[1], grids[2], grids[3], grids[4], steps_grid)
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bases: dict[Any, tuple[Converter, fx.GraphModule]] = {}
-    bar = tqdm(plan, desc="tuning latency", disable=disabled, leave=False)
-    for mode, strategy, v_init, burst, sign, target in bar:
+    methods = [m for m in grids[5] if m is not None]
+    seen: dict[str, list[int]] = {}  # SNN fingerprint -> its records (plain and delayed readout)
+    twins: dict[str, list[dict[str, Any]]] = {}  # fingerprint -> the options of the plan entries it serves
+    copies: dict[int, list[int]] = {}  # record -> records of identical SNNs (filled from it)
+    jobs: list[tuple[int, int, str, tuple[Any, ...], str]] = []
+    bar = tqdm(total=len(plan), desc="tuning latency", disable=disabled, leave=False)
+    out_of_time = False
+    for entry in plan:
         if time_budget is not None and time.perf_counter() - start > time_budget:
-            result.complete = False
+            out_of_time = True
             break
-        key = ("ltb",) if strategy == "ltb" else (mode, strategy == "per_channel")
-        if key not in bases:
-            bases[key] = _calibrated(ann, calib, mode, strategy, num_batches)
-        converter, base = bases[key]
-        optimizer = (
-            ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
-            if strategy == "min_error"
-            else ThresholdOptimizer(strategy)
-        )
-        snn = copy.deepcopy(base)
-        stages.replace(
-            snn,
-            converter.rules,
-            NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
-            optimizer,
-        )
-        stages.remove_leftover_hooks(snn)
-        snn.eval()
+        bar.update(1)
+        target = entry[5]
         wanted = steps_grid if target is None else (target,)
+        snn = _build(ann, calib, bases, entry, num_batches)
+        common = _options(entry)
+        fingerprint = _fingerprint(snn, signed_matters=max(wanted) > 1)
+        if fingerprint in seen:  # an identical SNN (e.g. min_error from either mode): same records
+            for i in seen[fingerprint]:
+                result.records.append(dataclasses.replace(result.records[i], **common))
+                copies.setdefault(i, []).append(len(result.records) - 1)
+            twins[fingerprint].append(common)
+            continue
         raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
         per = len(labels)
         # The delay estimate does not depend on T: one probe per SNN serves every T.
         charge = charge_steps(snn, calib) if readout_delay else 0
-        common = {
-            "mode": mode if strategy != "ltb" else "-",
-            "strategy": strategy,
-            "v_init": float(v_init),
-            "burst": int(burst),
-            "signed": bool(sign),
-        }
+        own = seen[fingerprint] = []
+        twins[fingerprint] = []
         for t in wanted:
             count = float(spikes[:t].sum()) / per
             result.records.append(
@@ -409,7 +408,9 @@ def tune_latency(
                     **common,
                 )
             )
+            own.append(len(result.records) - 1)
             near.consider(snn)
+            jobs += [(own[-1], t, method, entry, fingerprint) for method in methods]
             if readout_delay:
                 delay = delay_for(charge, t, warn=False)
                 if delay:
@@ -423,24 +424,44 @@ def tune_latency(
                             **common,
                         )
                     )
+                    own.append(len(result.records) - 1)
                     near.consider(snn)
-            for method in grids[5]:
-                if method is None:
-                    continue
-                fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
-                raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
-                result.records.append(
-                    LatencyRecord(
-                        t,
-                        _accuracy(raw_c, labels_c, t),
-                        float(spikes_c.sum()) / per,
-                        calibration=method,
-                        output_error=_output_error(raw_c, reference, t),
-                        **common,
-                    )
-                )
-                near.consider(fixed)
+    # Post-conversion calibration, the costly part, most promising first: by the rank of the uncalibrated
+    # record at its T (so a time budget leaves out the configurations least likely to win).
+    place: dict[int, int] = {}
+    for t in steps_grid:
+        parents = sorted({j[0] for j in jobs if j[1] == t}, key=lambda i: _rank(result.records[i]))
+        place.update((i, k) for k, i in enumerate(parents))
+    jobs.sort(key=lambda j: (place[j[0]], steps_grid.index(j[1])))
+    bar.total = len(plan) + len(jobs)
+    bar.refresh()
+    built: tuple[str, nn.Module] | None = None
+    for _parent, t, method, entry, fingerprint in jobs:
+        if out_of_time or (time_budget is not None and time.perf_counter() - start > time_budget):
+            out_of_time = True
+            break
+        bar.update(1)
+        if built is None or built[0] != fingerprint:
+            built = (fingerprint, _build(ann, calib, bases, entry, num_batches))
+        fixed = calibrate_snn(built[1], ann, calib, t, method, num_batches=num_batches, progress=False)
+        raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
+        record = LatencyRecord(
+            t,
+            _accuracy(raw_c, labels_c, t),
+            float(spikes_c.sum()) / len(labels_c),
+            calibration=method,
+            output_error=_output_error(raw_c, reference, t),
+            **_options(entry),
+        )
+        result.records.append(record)
+        near.consider(fixed)
+        index = len(result.records) - 1
+        for common in twins[fingerprint]:
+            result.records.append(dataclasses.replace(record, **common))
+            copies.setdefault(index, []).append(len(result.records) - 1)
     bar.close()
+    if out_of_time:
+        result.complete = False
     if near.pools:
         inputs = [
             stages.to_model(stages.batch_input(d), device, None)
@@ -456,11 +477,78 @@ def tune_latency(
             r = result.records[index]
             raw_a, labels_a, _ = _evaluate(snn, agreement_data, r.time_steps)
             agreement = _accuracy(raw_a, labels_a, r.time_steps, r.skip_steps)
-            result.records[index] = dataclasses.replace(r, ann_agreement=agreement)
+            for i in (index, *copies.get(index, ())):
+                result.records[i] = dataclasses.replace(result.records[i], ann_agreement=agreement)
         near.pools.clear()
     result.front = pareto_front(result.records)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _options(entry: tuple[Any, ...]) -> dict[str, Any]:
+    """The record fields of a plan entry ``(mode, strategy, v_init, burst, signed, T)``."""
+    mode, strategy, v_init, burst, sign, _target = entry
+    return {
+        "mode": mode if strategy != "ltb" else "-",
+        "strategy": strategy,
+        "v_init": float(v_init),
+        "burst": int(burst),
+        "signed": bool(sign),
+    }
+
+
+def _build(
+    ann: nn.Module,
+    calib: list[Any],
+    bases: dict[Any, tuple[Converter, fx.GraphModule]],
+    entry: tuple[Any, ...],
+    num_batches: int | None,
+) -> fx.GraphModule:
+    """The SNN of a plan entry, from the calibrated graph of its mode (calibrated once, kept in ``bases``)."""
+    mode, strategy, v_init, burst, sign, target = entry
+    key = ("ltb",) if strategy == "ltb" else (mode, strategy == "per_channel")
+    if key not in bases:
+        bases[key] = _calibrated(ann, calib, mode, strategy, num_batches)
+    converter, base = bases[key]
+    optimizer = (
+        ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
+        if strategy == "min_error"
+        else ThresholdOptimizer(strategy)
+    )
+    snn = copy.deepcopy(base)
+    stages.replace(
+        snn,
+        converter.rules,
+        NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
+        optimizer,
+    )
+    stages.remove_leftover_hooks(snn)
+    return snn.eval()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return repr((flat.dtype, tuple(tensor.shape))).encode() + flat.view(torch.uint8).numpy().tobytes()
+
+
+def _fingerprint(snn: fx.GraphModule, *, signed_matters: bool) -> str:
+    """A digest of what an SNN computes: its code, parameters and buffers, and each neuron's options
+    (``signed`` only when ``signed_matters``: a signed neuron emits no negative spike in its first step)."""
+    digest = hashlib.sha256(snn.code.encode())
+    for name, tensor in snn.state_dict().items():
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensor))
+    for name, module in snn.named_modules():
+        if isinstance(module, IFNode):
+            options = []
+            for attr in ("v_threshold", "v_reset", "v_init", "burst", "step_mode"):
+                value = getattr(module, attr, None)
+                options.append(
+                    _tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode()
+                )
+            options.append(repr(bool(getattr(module, "signed", False)) and signed_matters).encode())
+            digest.update(name.encode() + b"|" + b"|".join(options))
+    return digest.hexdigest()
 
 
 class _NearTies:
