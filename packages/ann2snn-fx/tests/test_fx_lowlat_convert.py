@@ -663,3 +663,46 @@ def test_tuner_records_match_each_configuration_rebuilt_alone(monkeypatch: pytes
         assert r.accuracy == pytest.approx(float((out.argmax(1) == yv).double().mean() * 100)), r.label
         expected = float((out - reference).double().pow(2).mean())
         assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9), r.label
+
+
+def test_tuner_time_budget_calibrates_the_most_promising_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(3)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    data = [(x, ann(x).argmax(1))]
+    grid: dict[str, Any] = {
+        "modes": ("max", "99.9%"),
+        "strategies": ("fixed",),
+        "v_inits": (0.0, 0.5),
+        "bursts": (1, 2),
+        "signed": (False,),
+        "calibrations": (None, "both"),
+        "readout_delay": False,
+        "tie_break": 0,
+        "progress": False,
+    }
+    free = tune_latency(ann, data, data, (1, 2), **grid)
+    steps: list[int] = []
+    real = tuner.calibrate_snn
+
+    def recording(snn: Any, a: Any, loader: Any, t: int, *args: Any, **kwargs: Any) -> Any:
+        steps.append(t)
+        return real(snn, a, loader, t, *args, **kwargs)
+
+    monkeypatch.setattr(tuner, "calibrate_snn", recording)
+    budget = tune_latency(ann, data, data, (1, 2), time_budget=1e6, **grid)
+    # The same records (in another order): 8 SNNs x 2 T, each plain and calibrated.
+    key = lambda r: (r.time_steps, r.label, r.accuracy, r.output_error, r.spikes_per_sample)  # noqa: E731
+    assert sorted(map(key, budget.records)) == sorted(map(key, free.records))
+    assert steps == [1, 2] * 8
+    # Calibrations ran after every plain record, by the plain record's rank at each T, interleaving the T.
+    done = [r for r in budget.records if r.calibration]
+    assert all(r.calibration for r in budget.records[len(budget.records) - len(done) :])
+    ranked = {
+        t: sorted((r for r in free.records if r.time_steps == t and not r.calibration), key=tuner._rank)
+        for t in (1, 2)
+    }
+    expected = [(t, ranked[t][k].label + ", calibrate_snn(both)") for k in range(8) for t in (1, 2)]
+    assert [(r.time_steps, r.label) for r in done] == expected

@@ -288,9 +288,10 @@ def tune_latency(
     serves every ``T`` (the estimate does not depend on ``T``). Configurations that build an identical SNN
     (``"min_error"`` finds the same thresholds from either mode; a signed neuron emits no negative spike in
     its first step, so at ``T = 1`` it is a plain one) are simulated and calibrated once and share their
-    records. Every uncalibrated SNN runs first, most promising first (half-threshold starts, bursts); then
-    the post-conversion calibrations, the costly part, in the order of their uncalibrated record's rank at
-    that ``T``; so a ``time_budget`` (seconds) that stops the search still leaves the useful part.
+    records. Most promising configurations run first (half-threshold starts, bursts); under a
+    ``time_budget`` (seconds) every uncalibrated SNN runs first and then the post-conversion calibrations,
+    the costly part, in the order of their uncalibrated record's rank at that ``T``, so a budget that stops
+    the search still leaves the useful part.
 
     Args:
         ann: A classifier (left untouched).
@@ -369,12 +370,34 @@ def tune_latency(
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bases: dict[Any, tuple[Converter, fx.GraphModule]] = {}
     methods = [m for m in grids[5] if m is not None]
-    seen: dict[str, list[int]] = {}  # SNN fingerprint -> its records (plain and delayed readout)
+    seen: dict[str, list[int]] = {}  # SNN fingerprint -> its records
     twins: dict[str, list[dict[str, Any]]] = {}  # fingerprint -> the options of the plan entries it serves
     copies: dict[int, list[int]] = {}  # record -> records of identical SNNs (filled from it)
     jobs: list[tuple[int, int, str, tuple[Any, ...], str]] = []
     bar = tqdm(total=len(plan), desc="tuning latency", disable=disabled, leave=False)
     out_of_time = False
+
+    def calibrated(
+        snn: fx.GraphModule, t: int, method: str, entry: tuple[Any, ...], fingerprint: str
+    ) -> None:
+        fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
+        raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
+        record = LatencyRecord(
+            t,
+            _accuracy(raw_c, labels_c, t),
+            float(spikes_c.sum()) / len(labels_c),
+            calibration=method,
+            output_error=_output_error(raw_c, reference, t),
+            **_options(entry),
+        )
+        result.records.append(record)
+        near.consider(fixed)
+        index = len(result.records) - 1
+        seen[fingerprint].append(index)
+        for common in twins[fingerprint]:
+            result.records.append(dataclasses.replace(record, **common))
+            copies.setdefault(index, []).append(len(result.records) - 1)
+
     for entry in plan:
         if time_budget is not None and time.perf_counter() - start > time_budget:
             out_of_time = True
@@ -426,16 +449,20 @@ def tune_latency(
                     )
                     own.append(len(result.records) - 1)
                     near.consider(snn)
-    # Post-conversion calibration, the costly part, most promising first: by the rank of the uncalibrated
-    # record at its T (so a time budget leaves out the configurations least likely to win).
+        if time_budget is None:  # no budget to ration: calibrate now, from the SNN at hand
+            for _parent, t, method, _entry, _fp in jobs:
+                calibrated(snn, t, method, entry, fingerprint)
+            jobs.clear()
+    # Under a time budget, the post-conversion calibrations (the costly part) run last, most promising first:
+    # by the rank of the uncalibrated record at its T, so the budget leaves out those least likely to win.
     place: dict[int, int] = {}
     for t in steps_grid:
-        parents = sorted({j[0] for j in jobs if j[1] == t}, key=lambda i: _rank(result.records[i]))
+        parents = sorted({j[0] for j in jobs if j[1] == t}, key=lambda i: (_rank(result.records[i]), i))
         place.update((i, k) for k, i in enumerate(parents))
     jobs.sort(key=lambda j: (place[j[0]], steps_grid.index(j[1])))
     bar.total = len(plan) + len(jobs)
     bar.refresh()
-    built: tuple[str, nn.Module] | None = None
+    built: tuple[str, fx.GraphModule] | None = None
     for _parent, t, method, entry, fingerprint in jobs:
         if out_of_time or (time_budget is not None and time.perf_counter() - start > time_budget):
             out_of_time = True
@@ -443,22 +470,7 @@ def tune_latency(
         bar.update(1)
         if built is None or built[0] != fingerprint:
             built = (fingerprint, _build(ann, calib, bases, entry, num_batches))
-        fixed = calibrate_snn(built[1], ann, calib, t, method, num_batches=num_batches, progress=False)
-        raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
-        record = LatencyRecord(
-            t,
-            _accuracy(raw_c, labels_c, t),
-            float(spikes_c.sum()) / len(labels_c),
-            calibration=method,
-            output_error=_output_error(raw_c, reference, t),
-            **_options(entry),
-        )
-        result.records.append(record)
-        near.consider(fixed)
-        index = len(result.records) - 1
-        for common in twins[fingerprint]:
-            result.records.append(dataclasses.replace(record, **common))
-            copies.setdefault(index, []).append(len(result.records) - 1)
+        calibrated(built[1], t, method, entry, fingerprint)
     bar.close()
     if out_of_time:
         result.complete = False
