@@ -482,15 +482,21 @@ def tune_latency(
         with torch.no_grad():
             agreement_data = [(x, ann(x).argmax(-1)) for x in inputs]
         result.agreement_samples = sum(int(p.numel()) for _, p in agreement_data)
+        # One run per SNN serves its near-ties at every T (the running mean after t steps of a longer run).
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
         for index, snn in near.candidates():
+            groups.setdefault(id(snn), (snn, []))[1].append(index)
+        for snn, indices in groups.values():
             if time_budget is not None and time.perf_counter() - start > time_budget:
                 result.complete = False
                 break
-            r = result.records[index]
-            raw_a, labels_a, _ = _evaluate(snn, agreement_data, r.time_steps)
-            agreement = _accuracy(raw_a, labels_a, r.time_steps, r.skip_steps)
-            for i in (index, *copies.get(index, ())):
-                result.records[i] = dataclasses.replace(result.records[i], ann_agreement=agreement)
+            longest = max(result.records[i].time_steps for i in indices)
+            raw_a, labels_a, _ = _evaluate(snn, agreement_data, longest)
+            for index in indices:
+                r = result.records[index]
+                agreement = _accuracy(raw_a, labels_a, r.time_steps, r.skip_steps)
+                for i in (index, *copies.get(index, ())):
+                    result.records[i] = dataclasses.replace(result.records[i], ann_agreement=agreement)
         near.pools.clear()
     result.front = pareto_front(result.records)
     result.seconds = time.perf_counter() - start
