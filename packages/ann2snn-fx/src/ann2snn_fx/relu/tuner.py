@@ -129,7 +129,7 @@ class LatencyResult:
     agreement_samples: int = 0
 
     def best(self, time_steps: int) -> LatencyRecord | None:
-        """The most accurate record at exactly ``time_steps``.
+        """The record to pick at exactly ``time_steps``: the most accurate, near-ties decided as follows.
 
         On a small validation split one image is a fraction of a point, so accuracies within one sample of
         each other are not told apart reliably. When :func:`tune_latency` re-ran those near-ties on the
@@ -137,7 +137,8 @@ class LatencyResult:
         samples classified correctly plus calibration samples on which the SNN agrees with the ANN, over all
         those samples (``validation_samples`` and ``agreement_samples``). Otherwise, or on equal scores, the
         higher accuracy wins, then the output closest to the ANN's (lowest ``output_error``, unmeasured
-        last), then the fewest spikes.
+        last), then the fewest spikes. The pick may thus be one validation sample below a record of the
+        ``front`` (which ranks by validation accuracy alone).
         """
         at = [r for r in self.records if r.time_steps == time_steps]
         if not at:
