@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import os
 import pathlib
@@ -560,3 +561,219 @@ def test_tuner_output_error_is_the_mse_of_the_snn_mean_against_the_ann() -> None
         expected = float((out[r.time_steps - 1] - reference).double().pow(2).mean())
         assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9)
     assert result.records[0].output_error > 0
+
+
+def test_tuner_estimates_the_readout_delay_once_per_snn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(0)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    data = [(x, ann(x).argmax(1))]
+    steps = (2, 8, 16)
+    calls: list[dict[int, int]] = []
+    real = tuner.charge_steps
+
+    def counting(snn: nn.Module, loader: Any, *args: Any) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            calls.append({t: estimate_readout_delay(snn, loader, t) for t in steps})
+        return real(snn, loader, *args)
+
+    monkeypatch.setattr(tuner, "charge_steps", counting)
+    result = tune_latency(
+        ann,
+        data,
+        data,
+        steps,
+        modes=("max",),
+        strategies=("fixed",),
+        v_inits=(0.0, 0.5),
+        bursts=(1, 2),
+        signed=(False,),
+        calibrations=(None,),
+        progress=False,
+    )
+    # One probe per SNN (4 of them), not one per SNN and T.
+    assert len(calls) == 4
+    expected = sorted((t, d) for c in calls for t, d in c.items() if d)
+    assert expected, "the case must take a delay somewhere"
+    assert any(d == 0 for c in calls for d in c.values()), "and be too short somewhere"
+    assert sorted((r.time_steps, r.skip_steps) for r in result.records if r.skip_steps) == expected
+
+
+def test_tuner_best_ranks_near_ties_by_pooled_agreement_with_the_ann() -> None:
+    # 287 validation and 1150 calibration samples, as in the digits benchmark.
+    lucky = LatencyRecord(
+        1, 100 * 285 / 287, 10.0, "-", "ltb", 0.5, 2, False, None, 0, 3.1, 100 * 1147 / 1150
+    )
+    faithful = LatencyRecord(1, 100 * 284 / 287, 20.0, "max", "min_error", 0.5, 4, False, None, 0, 0.3, 100.0)
+    result = LatencyResult(99.0, [lucky, faithful], validation_samples=287, agreement_samples=1150)
+    # Pooled: (285 + 1147) / 1437 < (284 + 1150) / 1437, so the one validation image is outweighed.
+    assert result.best(1) is faithful
+    # Without the agreement measurement, the higher validation accuracy wins (the previous rule).
+    bare = [dataclasses.replace(r, ann_agreement=float("nan")) for r in (lucky, faithful)]
+    assert LatencyResult(99.0, bare).best(1) == bare[0]
+    # Equal pooled scores fall back to accuracy, then output error.
+    even = dataclasses.replace(faithful, accuracy=lucky.accuracy, ann_agreement=lucky.ann_agreement)
+    tied = LatencyResult(99.0, [lucky, even], validation_samples=287, agreement_samples=1150)
+    assert tied.best(1) is even
+
+
+def test_tuner_measures_ann_agreement_of_the_near_ties_on_the_calibration_data() -> None:
+    torch.manual_seed(1)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    xc, xv = torch.randn(96, 4), torch.randn(50, 4)
+    with torch.no_grad():
+        yv = ann(xv).argmax(1)
+    yv[:3] = (yv[:3] + 1) % 3  # labels the ANN gets wrong: accuracy and agreement differ
+    calib, val = [(xc[:48], torch.zeros(48)), (xc[48:], torch.zeros(48))], [(xv, yv)]
+    grid: dict[str, Any] = {
+        "modes": ("max",),
+        "strategies": ("fixed",),
+        "v_inits": (0.0, 0.5),
+        "bursts": (1, 2),
+        "signed": (False,),
+        "calibrations": (None,),
+        "readout_delay": False,
+        "progress": False,
+    }
+    result = tune_latency(ann, calib, val, (1, 2, 4), tie_break=2, **grid)
+    assert (result.validation_samples, result.agreement_samples) == (50, 96)
+    with torch.no_grad():
+        ann_pred = ann(xc).argmax(1)
+    measured = [r for r in result.records if r.ann_agreement == r.ann_agreement]
+    assert measured
+    for t in (1, 2, 4):
+        at = [r for r in result.records if r.time_steps == t]
+        top = max(r.accuracy for r in at)
+        mine = [r for r in measured if r.time_steps == t]
+        assert 1 <= len(mine) <= 2
+        # Only records within one validation sample (2 points here) of the best are re-run.
+        assert all(r.accuracy >= top - 2.0 - 1e-9 for r in mine)
+        assert max(r.accuracy for r in mine) == top
+    for r in measured:  # the agreement is the rebuilt SNN's on the calibration inputs, against the ANN
+        snn = Converter(
+            calib,
+            progress=False,
+            threshold_optimizer=ThresholdOptimizer("fixed"),
+            neuron_factory=NeuronFactory(v_init=r.v_init, burst=r.burst),
+        ).convert_to_spiking_neurons(ann)
+        out = run_snn(snn, xc, r.time_steps)[-1]
+        assert r.ann_agreement == pytest.approx(float((out.argmax(1) == ann_pred).double().mean() * 100))
+    assert result.front == pareto_front(result.records)
+    assert all(not any(o.dominates(r) for o in result.records) for r in result.front)
+    # tie_break=0: nothing is re-run and best() is the plain validation ranking.
+    off = tune_latency(ann, calib, val, (1, 2, 4), tie_break=0, **grid)
+    assert off.agreement_samples == 0
+    assert all(r.ann_agreement != r.ann_agreement for r in off.records)
+    plain = [dataclasses.replace(r, ann_agreement=float("nan")) for r in result.records]
+    assert [r.accuracy for r in off.records] == [r.accuracy for r in plain]
+    for t in (1, 2, 4):
+        a, b = off.best(t), LatencyResult(0.0, plain).best(t)
+        assert a is not None
+        assert b is not None
+        assert (a.label, a.accuracy, a.output_error) == (b.label, b.accuracy, b.output_error)
+    with pytest.raises(ValueError, match="tie_break must be a non-negative int"):
+        tune_latency(ann, calib, val, (1,), tie_break=-1, **grid)
+
+
+def test_tuner_records_match_each_configuration_rebuilt_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(2)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    xc, xv = torch.randn(64, 4), torch.randn(48, 4)
+    with torch.no_grad():
+        yv, reference = ann(xv).argmax(1), ann(xv)
+    yv[:4] = (yv[:4] + 1) % 3
+    calib, val = [(xc, torch.zeros(64))], [(xv, yv)]
+    calls = []
+    real = tuner.calibrate_snn
+    monkeypatch.setattr(tuner, "calibrate_snn", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    result = tune_latency(
+        ann,
+        calib,
+        val,
+        (1, 2),
+        modes=("max", "99.9%"),
+        strategies=("fixed", "min_error"),
+        v_inits=(0.5,),
+        bursts=(1, 2),
+        signed=(False, True),
+        calibrations=(None, "both"),
+        readout_delay=False,
+        tie_break=0,
+        progress=False,
+    )
+    # fixed: 2 modes x 2 bursts x 2 signed x 2 T; min_error: the same, one T each -> 32 plain + 32 calibrated.
+    assert len(result.records) == 64
+    assert sum(r.calibration is not None for r in result.records) == 32
+    # Identical SNNs are simulated and calibrated once: min_error gives the same thresholds from either mode,
+    # and a signed neuron behaves like a plain one in its first step.
+    assert len(calls) < 32
+    assert len({(r.time_steps, r.label) for r in result.records}) == 64
+    for r in result.records:
+        optimizer = (
+            ThresholdOptimizer("min_error", time_steps=r.time_steps * r.burst, v_init=r.v_init)
+            if r.strategy == "min_error"
+            else ThresholdOptimizer(r.strategy)
+        )
+        snn = Converter(
+            calib,
+            mode=r.mode,
+            progress=False,
+            threshold_optimizer=optimizer,
+            neuron_factory=NeuronFactory(v_init=r.v_init, burst=r.burst, signed=r.signed),
+        ).convert_to_spiking_neurons(ann)
+        if r.calibration:
+            snn = calibrate_snn(snn, ann, calib, r.time_steps, r.calibration, progress=False)
+        out = run_snn(snn, xv, r.time_steps)[-1]
+        assert r.accuracy == pytest.approx(float((out.argmax(1) == yv).double().mean() * 100)), r.label
+        expected = float((out - reference).double().pow(2).mean())
+        assert r.output_error == pytest.approx(expected, rel=1e-5, abs=1e-9), r.label
+
+
+def test_tuner_time_budget_calibrates_the_most_promising_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ann2snn_fx.relu.tuner as tuner
+
+    torch.manual_seed(3)
+    ann = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    data = [(x, ann(x).argmax(1))]
+    grid: dict[str, Any] = {
+        "modes": ("max", "99.9%"),
+        "strategies": ("fixed",),
+        "v_inits": (0.0, 0.5),
+        "bursts": (1, 2),
+        "signed": (False,),
+        "calibrations": (None, "both"),
+        "readout_delay": False,
+        "tie_break": 0,
+        "progress": False,
+    }
+    free = tune_latency(ann, data, data, (1, 2), **grid)
+    steps: list[int] = []
+    real = tuner.calibrate_snn
+
+    def recording(snn: Any, a: Any, loader: Any, t: int, *args: Any, **kwargs: Any) -> Any:
+        steps.append(t)
+        return real(snn, a, loader, t, *args, **kwargs)
+
+    monkeypatch.setattr(tuner, "calibrate_snn", recording)
+    budget = tune_latency(ann, data, data, (1, 2), time_budget=1e6, **grid)
+    # The same records (in another order): 8 SNNs x 2 T, each plain and calibrated.
+    key = lambda r: (r.time_steps, r.label, r.accuracy, r.output_error, r.spikes_per_sample)  # noqa: E731
+    assert sorted(map(key, budget.records)) == sorted(map(key, free.records))
+    assert steps == [1, 2] * 8
+    # Calibrations ran after every plain record, by the plain record's rank at each T, interleaving the T.
+    done = [r for r in budget.records if r.calibration]
+    assert all(r.calibration for r in budget.records[len(budget.records) - len(done) :])
+    ranked = {
+        t: sorted((r for r in free.records if r.time_steps == t and not r.calibration), key=tuner._rank)
+        for t in (1, 2)
+    }
+    expected = [(t, ranked[t][k].label + ", calibrate_snn(both)") for k in range(8) for t in (1, 2)]
+    assert [(r.time_steps, r.label) for r in done] == expected

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import itertools
 import numbers
 import os
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from ann2snn_fx.relu.converter import Converter
 from ann2snn_fx.relu.factories import NeuronFactory
 from ann2snn_fx.relu.thresholds import ThresholdOptimizer
 from ann2snn_fx.snn.neurons import IFNode, reset_net
-from ann2snn_fx.snn.readout import estimate_readout_delay
+from ann2snn_fx.snn.readout import charge_steps, delay_for
 
 __all__ = ["LatencyRecord", "LatencyResult", "pareto_front", "tune_latency"]
 
@@ -43,6 +44,10 @@ class LatencyRecord:
         output_error: Mean squared difference between the SNN's output (averaged over the read-out steps) and
             the ANN's output on the validation data: a continuous measure of how faithful the conversion is,
             which :meth:`LatencyResult.best` uses to break ties in accuracy (``nan`` when not measured).
+        ann_agreement: Percent of the calibration samples on which the SNN's prediction (over the read-out
+            steps) is the ANN's: measured by :func:`tune_latency` for the records within one validation
+            sample of the best at their ``T`` (at most ``tie_break`` of them), ``nan`` for the others.
+            :meth:`LatencyResult.best` ranks those near-ties by it.
     """
 
     time_steps: int
@@ -56,6 +61,7 @@ class LatencyRecord:
     calibration: str | None = None
     skip_steps: int = 0
     output_error: float = float("nan")
+    ann_agreement: float = float("nan")
 
     @property
     def label(self) -> str:
@@ -110,6 +116,8 @@ class LatencyResult:
         front: The Pareto front of accuracy against T and spike count.
         complete: False when the time budget stopped the search early.
         seconds: Wall time of the search.
+        validation_samples: Samples in the validation data (``accuracy`` is measured on them).
+        agreement_samples: Calibration samples on which ``ann_agreement`` is measured (0: none measured).
     """
 
     ann_accuracy: float
@@ -117,16 +125,34 @@ class LatencyResult:
     front: list[LatencyRecord] = field(default_factory=list)
     complete: bool = True
     seconds: float = 0.0
+    validation_samples: int = 0
+    agreement_samples: int = 0
 
     def best(self, time_steps: int) -> LatencyRecord | None:
-        """The most accurate record at exactly ``time_steps``.
+        """The record to pick at exactly ``time_steps``: the most accurate, near-ties decided as follows.
 
-        Ties in accuracy (common on a small validation split, where one image is a fraction of a point) go
-        to the record whose output is closest to the ANN's (lowest ``output_error``, unmeasured last), then
-        to the fewest spikes.
+        On a small validation split one image is a fraction of a point, so accuracies within one sample of
+        each other are not told apart reliably. When :func:`tune_latency` re-ran those near-ties on the
+        calibration data (records with an ``ann_agreement``), they are ranked by the pooled score: validation
+        samples classified correctly plus calibration samples on which the SNN agrees with the ANN, over all
+        those samples (``validation_samples`` and ``agreement_samples``). Otherwise, or on equal scores, the
+        higher accuracy wins, then the output closest to the ANN's (lowest ``output_error``, unmeasured
+        last), then the fewest spikes. The pick may thus be one validation sample below a record of the
+        ``front`` (which ranks by validation accuracy alone).
         """
         at = [r for r in self.records if r.time_steps == time_steps]
-        return min(at, key=_rank) if at else None
+        if not at:
+            return None
+        checked = [r for r in at if r.ann_agreement == r.ann_agreement]
+        if checked and self.agreement_samples > 0:
+            n_val, n_agree = self.validation_samples, self.agreement_samples
+
+            def pooled(r: LatencyRecord) -> tuple[float, ...]:
+                score = (r.accuracy * n_val + r.ann_agreement * n_agree) / (n_val + n_agree)
+                return (-round(score, 9), *_rank(r))
+
+            return min(checked, key=pooled)
+        return min(at, key=_rank)
 
     def markdown(self) -> str:
         """The front as a markdown table."""
@@ -247,6 +273,7 @@ def tune_latency(
     signed: Sequence[bool] = (False, True),
     calibrations: Sequence[str | None] = (None, "both"),
     readout_delay: bool = True,
+    tie_break: int = 8,
     time_budget: float | None = None,
     num_batches: int | None = None,
     progress: bool = True,
@@ -257,10 +284,15 @@ def tune_latency(
     neuron initial potentials ``v_inits``, ``bursts``, ``signed`` spikes, post-conversion ``calibrations``
     (:func:`~ann2snn_fx.calibrate_snn`, run for each ``T``) and, when ``readout_delay``, the delayed readout
     :func:`~ann2snn_fx.estimate_readout_delay` finds for each ``T``. Work is shared: one calibration pass per
-    mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, and one
-    simulation of ``max(time_steps)`` steps per SNN gives every ``T``. Most promising configurations run
-    first (half-threshold starts, bursts), so a ``time_budget`` (seconds) that stops the search still
-    leaves the useful part.
+    mode (histograms serve ``"fixed"`` and ``"min_error"`` for every ``T``) plus one for LTB, one
+    simulation of ``max(time_steps)`` steps per SNN gives every ``T``, and one readout-delay probe per SNN
+    serves every ``T`` (the estimate does not depend on ``T``). Configurations that build an identical SNN
+    (``"min_error"`` finds the same thresholds from either mode; a signed neuron emits no negative spike in
+    its first step, so at ``T = 1`` it is a plain one) are simulated and calibrated once and share their
+    records. Most promising configurations run first (half-threshold starts, bursts); under a
+    ``time_budget`` (seconds) every uncalibrated SNN runs first and then the post-conversion calibrations,
+    the costly part, in the order of their uncalibrated record's rank at that ``T``, so a budget that stops
+    the search still leaves the useful part.
 
     Args:
         ann: A classifier (left untouched).
@@ -269,7 +301,14 @@ def tune_latency(
         time_steps: The ``T`` values to evaluate.
         modes, strategies, v_inits, bursts, signed, calibrations: The options to cross.
         readout_delay: Also evaluate the estimated delayed readout for each ``T``.
-        time_budget: Stop starting new configurations after this many seconds (``None``: no limit).
+        tie_break: At each ``T``, re-run up to this many of the records within one validation sample of the
+            best (most accurate, then lowest ``output_error``, first) on the calibration data and record
+            their ``ann_agreement`` with the ANN's predictions, which :meth:`LatencyResult.best` ranks them
+            by: a validation split of a few hundred images cannot tell such configurations apart, the
+            pooled samples can. Selection stays off the test data. ``0`` turns it off (and keeps no SNN in
+            memory; otherwise up to ``tie_break`` SNNs per ``T`` are kept until the end).
+        time_budget: Stop starting new configurations, calibrations and tie-break re-runs after this many
+            seconds (``None``: no limit).
         num_batches: Calibration batches to use (``None``: all).
         progress: Show a progress bar.
 
@@ -308,6 +347,8 @@ def tune_latency(
             raise ValueError(
                 f"strategies must be among 'fixed', 'min_error', 'per_channel', 'ltb', but got {s!r}."
             )
+    if isinstance(tie_break, bool) or not isinstance(tie_break, numbers.Integral) or tie_break < 0:
+        raise ValueError(f"tie_break must be a non-negative int, but got {tie_break!r}.")
     if time_budget is not None and (
         isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real) or time_budget <= 0
     ):
@@ -323,44 +364,63 @@ def tune_latency(
         reference = torch.cat([ann(x) for x, _ in val])
     labels_all = torch.cat([y for _, y in val])
     ann_acc = float((reference.argmax(-1) == labels_all).double().mean() * 100)
-    result = LatencyResult(ann_accuracy=ann_acc)
+    result = LatencyResult(ann_accuracy=ann_acc, validation_samples=int(labels_all.numel()))
+    near = _NearTies(result.records, int(tie_break), 100.0 / max(int(labels_all.numel()), 1))
     t_max = max(steps_grid)
     plan = _plan(grids[0], grids[1], grids[2], grids[3], grids[4], steps_grid)
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bases: dict[Any, tuple[Converter, fx.GraphModule]] = {}
-    bar = tqdm(plan, desc="tuning latency", disable=disabled, leave=False)
-    for mode, strategy, v_init, burst, sign, target in bar:
+    methods = [m for m in grids[5] if m is not None]
+    seen: dict[str, list[int]] = {}  # SNN fingerprint -> its records
+    twins: dict[str, list[dict[str, Any]]] = {}  # fingerprint -> the options of the plan entries it serves
+    copies: dict[int, list[int]] = {}  # record -> records of identical SNNs (filled from it)
+    jobs: list[tuple[int, int, str, tuple[Any, ...], str]] = []
+    bar = tqdm(total=len(plan), desc="tuning latency", disable=disabled, leave=False)
+    out_of_time = False
+
+    def calibrated(
+        snn: fx.GraphModule, t: int, method: str, entry: tuple[Any, ...], fingerprint: str
+    ) -> None:
+        fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
+        raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
+        record = LatencyRecord(
+            t,
+            _accuracy(raw_c, labels_c, t),
+            float(spikes_c.sum()) / len(labels_c),
+            calibration=method,
+            output_error=_output_error(raw_c, reference, t),
+            **_options(entry),
+        )
+        result.records.append(record)
+        near.consider(fixed)
+        index = len(result.records) - 1
+        seen[fingerprint].append(index)
+        for common in twins[fingerprint]:
+            result.records.append(dataclasses.replace(record, **common))
+            copies.setdefault(index, []).append(len(result.records) - 1)
+
+    for entry in plan:
         if time_budget is not None and time.perf_counter() - start > time_budget:
-            result.complete = False
+            out_of_time = True
             break
-        key = ("ltb",) if strategy == "ltb" else (mode, strategy == "per_channel")
-        if key not in bases:
-            bases[key] = _calibrated(ann, calib, mode, strategy, num_batches)
-        converter, base = bases[key]
-        optimizer = (
-            ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
-            if strategy == "min_error"
-            else ThresholdOptimizer(strategy)
-        )
-        snn = copy.deepcopy(base)
-        stages.replace(
-            snn,
-            converter.rules,
-            NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
-            optimizer,
-        )
-        stages.remove_leftover_hooks(snn)
-        snn.eval()
+        bar.update(1)
+        target = entry[5]
         wanted = steps_grid if target is None else (target,)
+        snn = _build(ann, calib, bases, entry, num_batches)
+        common = _options(entry)
+        fingerprint = _fingerprint(snn, signed_matters=max(wanted) > 1)
+        if fingerprint in seen:  # an identical SNN (e.g. min_error from either mode): same records
+            for i in seen[fingerprint]:
+                result.records.append(dataclasses.replace(result.records[i], **common))
+                copies.setdefault(i, []).append(len(result.records) - 1)
+            twins[fingerprint].append(common)
+            continue
         raw, labels, spikes = _evaluate(snn, val, t_max if target is None else target)
         per = len(labels)
-        common = {
-            "mode": mode if strategy != "ltb" else "-",
-            "strategy": strategy,
-            "v_init": float(v_init),
-            "burst": int(burst),
-            "signed": bool(sign),
-        }
+        # The delay estimate does not depend on T: one probe per SNN serves every T.
+        charge = charge_steps(snn, calib) if readout_delay else 0
+        own = seen[fingerprint] = []
+        twins[fingerprint] = []
         for t in wanted:
             count = float(spikes[:t].sum()) / per
             result.records.append(
@@ -372,10 +432,11 @@ def tune_latency(
                     **common,
                 )
             )
+            own.append(len(result.records) - 1)
+            near.consider(snn)
+            jobs += [(own[-1], t, method, entry, fingerprint) for method in methods]
             if readout_delay:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    delay = estimate_readout_delay(snn, calib, t)
+                delay = delay_for(charge, t, warn=False)
                 if delay:
                     result.records.append(
                         LatencyRecord(
@@ -387,25 +448,149 @@ def tune_latency(
                             **common,
                         )
                     )
-            for method in grids[5]:
-                if method is None:
-                    continue
-                fixed = calibrate_snn(snn, ann, calib, t, method, num_batches=num_batches, progress=False)
-                raw_c, labels_c, spikes_c = _evaluate(fixed, val, t)
-                result.records.append(
-                    LatencyRecord(
-                        t,
-                        _accuracy(raw_c, labels_c, t),
-                        float(spikes_c.sum()) / per,
-                        calibration=method,
-                        output_error=_output_error(raw_c, reference, t),
-                        **common,
-                    )
-                )
+                    own.append(len(result.records) - 1)
+                    near.consider(snn)
+        if time_budget is None:  # no budget to ration: calibrate now, from the SNN at hand
+            for _parent, t, method, _entry, _fp in jobs:
+                calibrated(snn, t, method, entry, fingerprint)
+            jobs.clear()
+    # Under a time budget, the post-conversion calibrations (the costly part) run last, most promising first:
+    # by the rank of the uncalibrated record at its T, so the budget leaves out those least likely to win.
+    place: dict[int, int] = {}
+    for t in steps_grid:
+        parents = sorted({j[0] for j in jobs if j[1] == t}, key=lambda i: (_rank(result.records[i]), i))
+        place.update((i, k) for k, i in enumerate(parents))
+    jobs.sort(key=lambda j: (place[j[0]], steps_grid.index(j[1])))
+    bar.total = len(plan) + len(jobs)
+    bar.refresh()
+    built: tuple[str, fx.GraphModule] | None = None
+    for _parent, t, method, entry, fingerprint in jobs:
+        if out_of_time or (time_budget is not None and time.perf_counter() - start > time_budget):
+            out_of_time = True
+            break
+        bar.update(1)
+        if built is None or built[0] != fingerprint:
+            built = (fingerprint, _build(ann, calib, bases, entry, num_batches))
+        calibrated(built[1], t, method, entry, fingerprint)
     bar.close()
+    if out_of_time:
+        result.complete = False
+    if near.pools:
+        inputs = [
+            stages.to_model(stages.batch_input(d), device, None)
+            for d in (calib if num_batches is None else calib[: int(num_batches)])
+        ]
+        with torch.no_grad():
+            agreement_data = [(x, ann(x).argmax(-1)) for x in inputs]
+        result.agreement_samples = sum(int(p.numel()) for _, p in agreement_data)
+        # One run per SNN serves its near-ties at every T (the running mean after t steps of a longer run).
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for index, snn in near.candidates():
+            groups.setdefault(id(snn), (snn, []))[1].append(index)
+        for snn, indices in groups.values():
+            if time_budget is not None and time.perf_counter() - start > time_budget:
+                result.complete = False
+                break
+            longest = max(result.records[i].time_steps for i in indices)
+            raw_a, labels_a, _ = _evaluate(snn, agreement_data, longest)
+            for index in indices:
+                r = result.records[index]
+                agreement = _accuracy(raw_a, labels_a, r.time_steps, r.skip_steps)
+                for i in (index, *copies.get(index, ())):
+                    result.records[i] = dataclasses.replace(result.records[i], ann_agreement=agreement)
+        near.pools.clear()
     result.front = pareto_front(result.records)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _options(entry: tuple[Any, ...]) -> dict[str, Any]:
+    """The record fields of a plan entry ``(mode, strategy, v_init, burst, signed, T)``."""
+    mode, strategy, v_init, burst, sign, _target = entry
+    return {
+        "mode": mode if strategy != "ltb" else "-",
+        "strategy": strategy,
+        "v_init": float(v_init),
+        "burst": int(burst),
+        "signed": bool(sign),
+    }
+
+
+def _build(
+    ann: nn.Module,
+    calib: list[Any],
+    bases: dict[Any, tuple[Converter, fx.GraphModule]],
+    entry: tuple[Any, ...],
+    num_batches: int | None,
+) -> fx.GraphModule:
+    """The SNN of a plan entry, from the calibrated graph of its mode (calibrated once, kept in ``bases``)."""
+    mode, strategy, v_init, burst, sign, target = entry
+    key = ("ltb",) if strategy == "ltb" else (mode, strategy == "per_channel")
+    if key not in bases:
+        bases[key] = _calibrated(ann, calib, mode, strategy, num_batches)
+    converter, base = bases[key]
+    optimizer = (
+        ThresholdOptimizer("min_error", time_steps=int(target) * int(burst), v_init=float(v_init))
+        if strategy == "min_error"
+        else ThresholdOptimizer(strategy)
+    )
+    snn = copy.deepcopy(base)
+    stages.replace(
+        snn,
+        converter.rules,
+        NeuronFactory(v_init=float(v_init), burst=int(burst), signed=bool(sign)),
+        optimizer,
+    )
+    stages.remove_leftover_hooks(snn)
+    return snn.eval()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return repr((flat.dtype, tuple(tensor.shape))).encode() + flat.view(torch.uint8).numpy().tobytes()
+
+
+def _fingerprint(snn: fx.GraphModule, *, signed_matters: bool) -> str:
+    """A digest of what an SNN computes: its code, parameters and buffers, and each neuron's options
+    (``signed`` only when ``signed_matters``: a signed neuron emits no negative spike in its first step)."""
+    digest = hashlib.sha256(snn.code.encode())
+    for name, tensor in snn.state_dict().items():
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensor))
+    for name, module in snn.named_modules():
+        if isinstance(module, IFNode):
+            options = []
+            for attr in ("v_threshold", "v_reset", "v_init", "burst", "step_mode"):
+                value = getattr(module, attr, None)
+                options.append(
+                    _tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode()
+                )
+            options.append(repr(bool(getattr(module, "signed", False)) and signed_matters).encode())
+            digest.update(name.encode() + b"|" + b"|".join(options))
+    return digest.hexdigest()
+
+
+class _NearTies:
+    """Per ``T``, the SNNs of the (at most ``keep``) best records within ``slack`` points of the best."""
+
+    def __init__(self, records: list[LatencyRecord], keep: int, slack: float) -> None:
+        self.records, self.keep, self.slack = records, keep, slack * (1 + 1e-9)
+        self.pools: dict[int, list[tuple[int, nn.Module]]] = {}
+
+    def consider(self, snn: nn.Module) -> None:
+        """Offer the last record (built by ``snn``)."""
+        if self.keep == 0:
+            return
+        index = len(self.records) - 1
+        t = self.records[index].time_steps
+        pool = self.pools.setdefault(t, [])
+        pool.append((index, snn))
+        top = max(self.records[i].accuracy for i, _ in pool)
+        kept = [p for p in pool if self.records[p[0]].accuracy >= top - self.slack]
+        pool[:] = sorted(kept, key=lambda p: _rank(self.records[p[0]]))[: self.keep]
+
+    def candidates(self) -> list[tuple[int, nn.Module]]:
+        return [p for t in sorted(self.pools) for p in self.pools[t]]
 
 
 def _plan(

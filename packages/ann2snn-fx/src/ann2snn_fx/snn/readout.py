@@ -71,6 +71,13 @@ def estimate_readout_delay(
             raise ValueError(f"{name} must be a positive int, but got {value!r}.")
     if not isinstance(snn, nn.Module):
         raise TypeError(f"snn must be an nn.Module, but got {type(snn).__name__}.")
+    return delay_for(charge_steps(snn, dataloader, int(num_batches)), int(time_steps), int(min_readout))
+
+
+def charge_steps(snn: nn.Module, dataloader: Iterable[Any], num_batches: int = 1) -> float:
+    """The raw estimate behind :func:`estimate_readout_delay`: the ceiling of the summed per-layer charge times
+    (``0`` without neurons, ``inf`` when it is not finite). It does not depend on ``time_steps``, so one
+    estimate serves every ``T`` (:func:`delay_for` turns it into the delay for one ``T``)."""
     neurons = [m for m in snn.modules() if isinstance(m, IFNode)]
     if not neurons:
         return 0
@@ -102,15 +109,24 @@ def estimate_readout_delay(
     if seen == 0:
         raise ValueError("The dataloader yielded no batch; estimate_readout_delay needs data.")
     delay = sum(sum(r) / len(r) for r in ratios.values() if r)
-    raw = math.ceil(delay) if math.isfinite(delay) else int(time_steps)
+    return math.ceil(delay) if math.isfinite(delay) else math.inf
+
+
+def delay_for(raw: float, time_steps: int, min_readout: int = 4, *, warn: bool = True) -> int:
+    """The delay :func:`estimate_readout_delay` returns for ``time_steps`` given :func:`charge_steps`'s
+    ``raw`` estimate: ``0`` when ``raw`` is 0 or leaves fewer than ``min_readout`` steps (with a
+    ``UserWarning`` when ``warn``), else ``min(raw, time_steps - 1)``."""
     if raw == 0:
         return 0
-    if raw + int(min_readout) > time_steps:
-        message = (
-            f"estimate_readout_delay: time_steps={time_steps} is too short for the estimated delay of {raw} "
-            f"step(s) plus {min_readout} readout steps; returning 0 (no delayed readout)."
-        )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        logger.info(message)
+    if not math.isfinite(raw):
+        raw = time_steps
+    if raw + min_readout > time_steps:
+        if warn:
+            message = (
+                f"estimate_readout_delay: time_steps={time_steps} is too short for the estimated delay of "
+                f"{int(raw)} step(s) plus {min_readout} readout steps; returning 0 (no delayed readout)."
+            )
+            warnings.warn(message, UserWarning, stacklevel=3)
+            logger.info(message)
         return 0
-    return min(raw, int(time_steps) - 1)
+    return min(int(raw), time_steps - 1)
