@@ -203,7 +203,9 @@ class _FoldMode(TorchFunctionMode):
             # says only "unsupported operand type(s)": raise the plain op's own error where it has one (what
             # the ANN raises), else this one under a type the operators pass on
             func(*args, **kwargs)
-            raise RuntimeError(f"TDTimeFolded: {_name(func)} on time-varying tensors failed: {error}") from error
+            raise RuntimeError(
+                f"TDTimeFolded: {_name(func)} on time-varying tensors failed: {error}"
+            ) from error
 
     def displaced(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Ops on a tensor whose folded batch was moved off dim 0 (``qkv.permute(2, 0, 3, 1, 4)``).
