@@ -103,12 +103,16 @@ class TDTimeFolded(nn.Module):
     the verdict without running the probe. It is skipped while hooks or another ``TorchFunctionMode`` watch
     the forward (they would see the extra run), and with ``shape_check=False``.
 
-    Dispatch is cached per leaf module (one without submodules: an RMS norm, a hand-written GELU): its first
-    call with given input metadata runs op by op as above; if every op of that call converted exactly (one
-    time-varying float32/float64 input and output, a TD nonlinearity inside, nothing reported, no in-place
-    op, no attribute rebound), later calls with the same metadata (shape, dtype, device, autograd, ``T``,
-    training flag) run it as one TD function, ``diff(forward(cumsum(x)))``, with one running sum instead of
-    one per nonlinearity; the report counts its ops as before.
+    Dispatch is cached per module, outermost first (the whole model, a layer, an MLP block, an RMS norm):
+    a module's first call with given arguments (shapes, dtypes, devices, which are time-varying, the plain
+    values of the others), autograd, ``T`` and training flags runs op by op as above; if every op of that
+    call converted exactly (a TD nonlinearity inside, nothing reported, no in-place op, no attribute
+    rebound, float32/float64 time-varying inputs and every output tensor time-varying, no hooks on its inner
+    modules), later calls with the same key run it as one TD function, ``diff(forward(cumsum(x), static))``,
+    with one running sum per input instead of one per nonlinearity, its inner modules not called; the
+    report counts its ops as before. A module taking another object (a key/value cache) stays op by op.
+    Hooks on inner modules or global module hooks keep a module op by op (they would miss its inner calls),
+    and nothing fuses while another ``TorchFunctionMode`` watches.
 
     Args:
         ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
