@@ -437,16 +437,40 @@ def test_a_module_with_a_hook_inside_is_not_fused_and_the_hook_sees_every_call()
     assert _plans(snn, "block") == {}
 
 
-def test_nn_transformer_encoder_with_padding_mask_equals_the_ann_over_repeated_calls() -> None:
+@pytest.mark.parametrize("autograd", [False, True])
+@pytest.mark.parametrize("masks", ["padding", "causal"])
+def test_nn_transformer_encoder_fuses_whole_and_equals_the_ann(masks: str, autograd: bool) -> None:
+    # the folded nn.MultiheadAttention inside a fused call: the TD operator on the cumulative inputs
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)  # dropout 0.1, inactive in eval
     ann = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    snn = TDTimeFolded(ann, strict=True)
-    x = torch.randn(4, 2, 5, 16)
+    snn = TDTimeFolded(ann, strict=True, time_inputs={0})  # (a float causal mask is static)
+    x = torch.randn(4, 2, 5, 16, requires_grad=autograd)
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, -2:] = True
-    with torch.no_grad():
-        for _ in range(4):
-            out = snn(x, src_key_padding_mask=pad)
-            ref = torch.stack([ann(c, src_key_padding_mask=pad) for c in x.cumsum(0)])
-            torch.testing.assert_close(out.cumsum(0), ref, atol=1e-4, rtol=1e-4)
+    kwargs = (
+        {"src_key_padding_mask": pad}
+        if masks == "padding"
+        else {"mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True}
+    )
+    outs, grads = [], []
+    for _ in range(4):  # probed, checked, fused, fused
+        with torch.set_grad_enabled(autograd):
+            out = snn(x, **kwargs)
+            with torch.no_grad():
+                ref = torch.stack([ann(c, **kwargs) for c in x.detach().cumsum(0)])
+        torch.testing.assert_close(out.cumsum(0), ref, atol=1e-4, rtol=1e-4)
+        outs.append(out.detach())
+        if autograd:
+            x.grad = None
+            snn.zero_grad()
+            (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in snn.parameters() if p.grad is not None)])
+    assert _fused_names(snn) == [""]
+    assert any("TDMultiheadAttention" in r.detail for r in snn.report.converted)
+    for out in outs[2:]:
+        torch.testing.assert_close(out, outs[1], atol=1e-5, rtol=1e-5)
+    for grad in grads[2:]:
+        assert len(grad) == len(grads[1])
+        for got, want in zip(grad, grads[1], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
-from ann2snn_fx.td.fold_fuse import install_fused_forwards
+from ann2snn_fx.td.fold_fuse import FUSED, install_fused_forwards
 from ann2snn_fx.td.fold_handlers import step_mask, time_mask_issue
 from ann2snn_fx.td.fold_mode import _FoldMode
 from ann2snn_fx.td.fold_probe import _RecordingMode, is_plain, shape_mismatches, signature
@@ -44,6 +44,10 @@ class _FoldedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         mode = _CURRENT_MODE.get()
         check_mha_call_args((query, key, value, *args), kwargs)
+        if (
+            FUSED.get()
+        ):  # in a fused module's call (fold_fuse): cumulative inputs, the folded batch as one step
+            return self._cumulative(query, key, value, args, kwargs)
         if mode is None or not all(mode.is_time(t) for t in (query, key, value)):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
         attn_mask = read_arg((query, key, value, *args), kwargs, 5, "attn_mask", None)
@@ -73,6 +77,24 @@ class _FoldedMultiheadAttention(nn.Module):
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
+
+    def _cumulative(
+        self, query: Tensor, key: Tensor, value: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, None]:
+        """The attention on cumulative ``[T*B, ...]`` inputs (the ANN's): the TD operator on one step; the
+        masks, repeated over the folded batch, as they are."""
+        full = (query, key, value, *args)
+        views = {id(t): t.unsqueeze(0) for t in (query, key, value)}
+        out, _ = self.td(
+            views[id(query)],
+            views[id(key)],
+            views[id(value)],
+            key_padding_mask=read_arg(full, kwargs, 3, "key_padding_mask", None),
+            need_weights=False,
+            attn_mask=read_arg(full, kwargs, 5, "attn_mask", None),
+            is_causal=read_arg(full, kwargs, 7, "is_causal", False),
+        )
+        return out[0], None
 
 
 class TDTimeFolded(nn.Module):

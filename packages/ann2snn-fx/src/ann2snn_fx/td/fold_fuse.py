@@ -17,9 +17,10 @@ The cache key: every argument's position or keyword and, for a tensor, shape, dt
 call stays op by op; static tensors such as masks pass as they are), for ``None``, a bool, int, float,
 string or a tuple of those, its value (it can change control flow); any other argument (a key/value cache
 object) keeps the call op by op. Also whether autograd records, the number of steps and the training flags
-(of every inner module). A module holding the folded attention (which needs the mode) is not fused; nor is
-one whose inner modules have hooks, nor a non-leaf one while global module hooks are set (they would miss the calls
-a fused call skips). A leaf (no submodules) fuses only with one positional time input.
+(of every inner module). A module whose inner modules have hooks is not fused, nor a non-leaf one while
+global module hooks are set (they would miss the calls a fused call skips). A leaf (no submodules) fuses
+only with one positional time input. The folded ``nn.MultiheadAttention`` inside a fused call runs its TD
+operator on the cumulative inputs as one step (the ANN's attention).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 # The fold mode running the current forward (set by the mode itself on entry).
 ACTIVE: contextvars.ContextVar[_FoldMode | None] = contextvars.ContextVar("td_fold_active", default=None)
+# Whether a fused call runs (its inner modules see plain cumulative tensors, the mode off).
+FUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("td_fold_fused", default=False)
 
 # Verdicts kept per module (one per input metadata key), the oldest dropped first.
 _PLANS = 64
@@ -143,7 +146,7 @@ class _FusedForward:
         module = self.module
         forward = type(module).forward
         mode = ACTIVE.get()
-        if mode is None or not mode.fuse_leaves or mode.watch is not None:
+        if mode is None or not mode.fuse_leaves or mode.watch is not None or FUSED.get():
             return forward(module, *args, **kwargs)
         if torch._C._len_torch_function_stack() != 1:
             return forward(module, *args, **kwargs)  # another mode watches the ops (an op count)
@@ -256,7 +259,11 @@ def _fused(
         seq = value.unflatten(0, (steps, -1))
         return (torch.cumsum(seq, 0) if grad else running_sum(seq)).flatten(0, 1)
 
-    out = forward(module, *[cum(a) for a in args], **{k: cum(v) for k, v in kwargs.items()})
+    token = FUSED.set(True)
+    try:
+        out = forward(module, *[cum(a) for a in args], **{k: cum(v) for k, v in kwargs.items()})
+    finally:
+        FUSED.reset(token)
     if steps == 1:
         return out
 
@@ -277,13 +284,11 @@ def _fused(
 
 def install_fused_forwards(model: nn.Module, skip: tuple[type, ...] = ()) -> None:
     """Give every module of ``model`` (the root too) the fused forward, except modules of the types in
-    ``skip`` (the folded attention, which runs its TD operator without the mode), those inside them and
-    those holding one (a fused call would run it without the mode)."""
+    ``skip`` (the folded attention, which runs its TD operator without the mode; in a fused call, on the
+    cumulative inputs as one step) and those inside them."""
     skipped = {id(m) for outer in model.modules() if isinstance(outer, skip) for m in outer.modules()}
     for module in model.modules():
         # (a forward the user set on the instance stays theirs)
         if id(module) in skipped or "forward" in vars(module):
-            continue
-        if any(isinstance(m, skip) for m in module.modules()):
             continue
         module.forward = _FusedForward(module)  # type: ignore[method-assign]
