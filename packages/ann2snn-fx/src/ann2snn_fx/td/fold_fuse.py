@@ -111,17 +111,21 @@ def _plain_key(value: Any) -> Any:
     return _UNFUSABLE
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
-    """Whether hooks would see the module calls a fused call skips (global or per-module hooks)."""
+def _inner_flags(module: nn.Module) -> tuple[bool, ...] | None:
+    """The training flags of ``module`` and every module inside it (part of the cache key), or None where
+    hooks would see the module calls a fused call skips (global module hooks, or hooks on any of them)."""
     hooks = nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
-        return True
+        return None
     if hooks._global_backward_pre_hooks:
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for m in modules
-    )
+        return None
+    todo, flags = [module], []
+    for m in todo:  # breadth first, growing while walked (cheaper than Module.modules())
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
+        flags.append(m.training)
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return tuple(flags)
 
 
 def _state(modules: list[nn.Module]) -> list[tuple[int, str, int]]:
@@ -145,8 +149,10 @@ class _FusedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module
         forward = type(module).forward
+        if FUSED.get():  # inside a fused call: plain tensors, the mode off
+            return forward(module, *args, **kwargs)
         mode = ACTIVE.get()
-        if mode is None or not mode.fuse_leaves or mode.watch is not None or FUSED.get():
+        if mode is None or not mode.fuse_leaves or mode.watch is not None:
             return forward(module, *args, **kwargs)
         if torch._C._len_torch_function_stack() != 1:
             return forward(module, *args, **kwargs)  # another mode watches the ops (an op count)
@@ -170,10 +176,10 @@ class _FusedForward:
         if not times or any(t.shape[0] != times[0].shape[0] for t in times):
             return forward(module, *args, **kwargs)
         if not self.leaf:
-            modules = list(module.modules())
-            if _hooked(modules):  # hooks on the inner modules (or global ones) would miss their calls
+            flags = _inner_flags(module)
+            if flags is None:  # hooks on the inner modules (or global ones) would miss their calls
                 return forward(module, *args, **kwargs)
-            key.append(tuple(m.training for m in modules))
+            key.append(flags)
         plan_key = tuple(key)
         if plan_key not in self.plans:
             return self._checked(mode, plan_key, forward, args, kwargs, times[0].shape[0])
