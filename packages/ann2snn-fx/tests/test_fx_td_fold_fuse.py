@@ -474,3 +474,32 @@ def test_nn_transformer_encoder_fuses_whole_and_equals_the_ann(masks: str, autog
         assert len(grad) == len(grads[1])
         for got, want in zip(grad, grads[1], strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class MaskedAttention(nn.Module):
+    """An nn.MultiheadAttention given a per-sample 3-D mask ``[B*H, L, S]`` (one step's, not repeated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h, _ = self.attn(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)
+        return self.norm(h + x)
+
+
+def test_a_fused_call_applies_one_steps_attention_mask_at_every_step() -> None:
+    torch.manual_seed(0)
+    ann = MaskedAttention().eval()
+    snn = TDTimeFolded(ann, strict=True, time_inputs={0})
+    x = torch.randn(4, 2, 5, 8)
+    mask = torch.randn(2 * 2, 5, 5)  # [B*H, L, S]: not the batch as leading dim, so not repeated
+    pad = torch.zeros(2, 5)  # additive, as the mask (a [B, S] static input: repeated over the steps)
+    pad[0, -1] = float("-inf")
+    with torch.no_grad():
+        for _ in range(4):  # probed, checked, fused, fused
+            out = snn(x, mask, pad)
+            ref = torch.stack([ann(c, mask, pad) for c in x.cumsum(0)])
+            torch.testing.assert_close(out.cumsum(0), ref, atol=1e-5, rtol=1e-5)
+    assert _fused_names(snn) == [""]

@@ -81,20 +81,37 @@ class _FoldedMultiheadAttention(nn.Module):
     def _cumulative(
         self, query: Tensor, key: Tensor, value: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Tensor, None]:
-        """The attention on cumulative ``[T*B, ...]`` inputs (the ANN's): the TD operator on one step; the
-        masks, repeated over the folded batch, as they are."""
+        """The attention on cumulative ``[T*B, ...]`` inputs (the ANN's): the TD operator on one step. Masks
+        repeated over the folded batch are used as they are; one step's (``[B, S]``, ``[B*H, L, S]``, which
+        the op-by-op call applies at every step) is repeated over the steps."""
+        mode = _CURRENT_MODE.get()
+        steps = 1 if mode is None else mode.steps
+        batch = query.shape[0] // steps
         full = (query, key, value, *args)
+        padding = read_arg(full, kwargs, 3, "key_padding_mask", None)
+        attn_mask = read_arg(full, kwargs, 5, "attn_mask", None)
+        padding = _every_step(padding, batch, steps)
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+            attn_mask = _every_step(attn_mask, batch * (self.num_heads or 1), steps)
         views = {id(t): t.unsqueeze(0) for t in (query, key, value)}
         out, _ = self.td(
             views[id(query)],
             views[id(key)],
             views[id(value)],
-            key_padding_mask=read_arg(full, kwargs, 3, "key_padding_mask", None),
+            key_padding_mask=padding,
             need_weights=False,
-            attn_mask=read_arg(full, kwargs, 5, "attn_mask", None),
+            attn_mask=attn_mask,
             is_causal=read_arg(full, kwargs, 7, "is_causal", False),
         )
         return out[0], None
+
+
+def _every_step(mask: Any, rows: int, steps: int) -> Any:
+    """A mask with one step's ``rows`` as its leading dim, repeated over the ``steps`` of the folded batch;
+    any other value as it is."""
+    if isinstance(mask, Tensor) and mask.dim() >= 1 and steps > 1 and mask.shape[0] == rows:
+        return mask.unsqueeze(0).expand(steps, *mask.shape).flatten(0, 1)
+    return mask
 
 
 class TDTimeFolded(nn.Module):
