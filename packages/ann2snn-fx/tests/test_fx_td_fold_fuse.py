@@ -503,3 +503,25 @@ def test_a_fused_call_applies_one_steps_attention_mask_at_every_step() -> None:
             ref = torch.stack([ann(c, mask, pad) for c in x.cumsum(0)])
             torch.testing.assert_close(out.cumsum(0), ref, atol=1e-5, rtol=1e-5)
     assert _fused_names(snn) == [""]
+
+
+class BatchIndex(nn.Module):
+    """Adds a tensor built from the folded batch's size (it differs between the steps of the folded batch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(x.shape[0], dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return torch.tanh(x) * 2.0 + index
+
+
+def test_a_static_tensor_that_differs_between_steps_keeps_a_module_op_by_op() -> None:
+    # op by op, a constant on the folded batch is taken as repeated over the steps (its first step used,
+    # the ANN's value); a fused call would add each step's rows instead
+    torch.manual_seed(0)
+    ann = Net(BatchIndex()).eval()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(4, 2, 6)
+    with torch.no_grad():
+        for _ in range(4):  # the ANN on each step's cumulative input (not on the folded batch: other indices)
+            ref = torch.stack([ann(c) for c in x.cumsum(0)])
+            torch.testing.assert_close(snn(x).cumsum(0), ref, atol=1e-5, rtol=1e-5)
+    assert _fused_names(snn) == []

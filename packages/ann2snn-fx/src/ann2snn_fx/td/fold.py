@@ -57,6 +57,8 @@ class _FoldedMultiheadAttention(nn.Module):
         for name, mask in (("key_padding_mask", padding), ("attn_mask", attn_mask)):
             if mode.is_time(mask):  # reported; step 0 is used
                 mode.issue(nn.MultiheadAttention, time_mask_issue(name))
+        if mode.watch is not None:  # a module's checked call (fold_fuse): masks that differ between steps
+            mode.watch.constants([padding, attn_mask], per_sample=True)
         padding = step_mask(mode, padding, batch)
         if isinstance(attn_mask, Tensor):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from ann2snn_fx.td.fold_handlers import Tensor
+from ann2snn_fx.td.fold_handlers import Tensor, _leaves
 from ann2snn_ops import running_sum
 
 if TYPE_CHECKING:
@@ -86,7 +86,9 @@ def _in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 class _Watch:
     """What the fold mode saw during a module's checked call."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: _FoldMode, folded: int) -> None:
+        self.mode = mode
+        self.folded = folded
         self.ops = 0
         self.clean = True
 
@@ -94,6 +96,32 @@ class _Watch:
         self.ops += 1
         if not handled or _in_place(func, args, kwargs):
             self.clean = False
+        elif self.clean:
+            self.constants((args, kwargs))
+
+    def constants(self, values: Any, per_sample: bool = False) -> None:
+        """Marks the call unclean where a static tensor met with the time-varying ones has the folded batch
+        as its leading dim and differs between steps (``torch.arange(x.shape[0])``): the op-by-op call uses
+        its first step at every step (a static input repeated over the steps), a fused call each step's.
+        Parameters, and tensors of fewer dims than the time-varying ones (weights), are not per-sample
+        unless ``per_sample``."""
+        mode = self.mode
+        if mode.steps == 1:
+            return
+        leaves = _leaves(values, [])
+        rank = 0 if per_sample else max((t.dim() for t in leaves if mode.is_time(t)), default=0)
+        for leaf in leaves:
+            if (
+                leaf.dim() >= max(rank, 1)
+                and leaf.shape[0] == self.folded
+                and not isinstance(leaf, nn.Parameter)
+                and not mode.is_time(leaf)
+            ):
+                with torch._C.DisableTorchFunction():
+                    seq = leaf.unflatten(0, (mode.steps, -1))
+                    if not torch.equal(seq, seq[:1].expand_as(seq)):
+                        self.clean = False
+                        return
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -206,7 +234,7 @@ class _FusedForward:
         modules = list(module.modules())
         issues, converted = sum(mode.issues.values()), Counter(mode.converted)
         state = _state(modules)
-        watch = mode.watch = _Watch()
+        watch = mode.watch = _Watch(mode, folded)
         try:
             out = forward(module, *args, **kwargs)
         finally:
