@@ -45,7 +45,7 @@ def _check(snn: TDTimeFolded, ann: nn.Module, x: torch.Tensor, tol: float) -> to
     return out
 
 
-def _plans(snn: TDTimeFolded, name: str = "norm") -> dict[tuple[object, ...], object]:
+def _plans(snn: TDTimeFolded, name: str = "") -> dict[tuple[object, ...], object]:
     forward = vars(snn.model.get_submodule(name)).get("forward")
     assert isinstance(forward, _FusedForward)
     return forward.plans
@@ -69,8 +69,10 @@ def test_checked_then_fused_calls_equal_the_ann_and_report_the_same(autograd: bo
         second = _check(snn, ann, x, 1e-5)  # fused: diff(norm(cumsum(x)))
     assert [(r.op, r.detail) for r in snn.report.converted] == report
     torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-5)
-    # the leaf linear layers keep their own forward (nothing to fuse in one op)
-    assert "forward" not in vars(snn.model.fc)
+    # the whole model fused (outermost first): its inner modules were run op by op in its checked call,
+    # never checked themselves, and not called since
+    assert _plans(snn, "norm") == {}
+    assert _plans(snn, "fc") == {}
     if autograd:  # gradients reach the fused module's weight as they reach the ANN's
         second.sum().backward()
         ann(x.cumsum(0)[-1]).sum().backward()  # the differences sum to the last cumulative step
@@ -230,7 +232,8 @@ def test_the_shape_probe_sees_every_op_of_a_fused_leaf() -> None:
         with torch.no_grad():
             snn(x, scale)
         assert any("literal batch size" in r.detail for r in snn.report.issues), scale
-    assert [plan is not None for plan in _plans(snn).values()] == [True]
+    assert [plan is not None for plan in _plans(snn, "norm").values()] == [True]
+    assert [plan is not None for plan in _plans(snn).values()] == [False]  # its output is [2, ...]
 
 
 def test_the_verdicts_kept_per_module_are_bounded() -> None:
@@ -244,4 +247,281 @@ def test_the_verdicts_kept_per_module_are_bounded() -> None:
             _check(snn, ann, torch.randn(2, batch, 6), 1e-5)
     plans = _plans(snn)
     assert len(plans) == _PLANS
-    assert next(iter(plans))[0] == (2 * 3, 6)  # batches 1 and 2 were forgotten first
+    assert next(iter(plans))[3][1] == (2 * 3, 6)  # batches 1 and 2 were forgotten first
+
+
+# ---- non-leaf modules: a whole layer, a whole model, run as one TD function --------------------------------
+
+
+def _fused_names(snn: TDTimeFolded) -> list[str]:
+    """The modules with a fusing verdict (outermost first in the model's order)."""
+    return [
+        name
+        for name, m in snn.model.named_modules()
+        if isinstance(vars(m).get("forward"), _FusedForward)
+        and any(plan is not None for plan in vars(m)["forward"].plans.values())
+    ]
+
+
+def _hf_model(name: str) -> tuple[nn.Module, int]:
+    if name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=32,
+        )
+        return transformers.BertModel(config).eval(), 32
+    if name == "llama":
+        return _hf("llama"), 32
+    return _hf("gpt2"), 32
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_whole_hugging_face_models_fuse_and_equal_the_op_by_op_run_and_the_ann(
+    name: str, autograd: bool
+) -> None:
+    torch.manual_seed(0)
+    model, width = _hf_model(name)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding (a decoder) / padding (BERT)
+    snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
+    x = torch.randn(4, 2, 6, width, dtype=dtype, requires_grad=autograd)
+    outs, reports, grads = [], [], []
+    # probed, checked (op by op: the reference for the fused calls), fused, fused
+    for _ in range(4):
+        with torch.set_grad_enabled(autograd):
+            out = snn(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+            refs = [
+                model(inputs_embeds=c, attention_mask=mask, use_cache=False).last_hidden_state
+                for c in x.detach().cumsum(0)
+            ]
+        for t, ref in enumerate(refs):
+            torch.testing.assert_close(out.cumsum(0)[t], ref, atol=tol, rtol=tol)
+        outs.append(out.detach())
+        reports.append(sorted((r.op, r.detail) for r in snn.report.converted))
+        if autograd:
+            x.grad = None
+            snn.zero_grad()
+            (out * torch.linspace(0, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in snn.parameters() if p.grad is not None)])
+    assert _fused_names(snn) == [""]  # the whole model, outermost first; its layers never checked alone
+    for out, report in zip(outs[2:], reports[2:], strict=True):
+        torch.testing.assert_close(out, outs[1], atol=tol, rtol=tol)
+        assert report == reports[1]
+    for grad in grads[2:]:  # gradients of the fused calls equal the op-by-op call's
+        assert len(grad) == len(grads[1])
+        for got, want in zip(grad, grads[1], strict=True):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_a_model_holding_a_cache_object_fuses_its_inner_modules_only() -> None:
+    # use_cache=True: the output holds a DynamicCache and the layers take it: neither fuses; the norms do
+    torch.manual_seed(0)
+    model = _hf("llama")
+    snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
+    x = torch.randn(3, 2, 5, 32)
+    with torch.no_grad():
+        for _ in range(4):
+            out = snn(inputs_embeds=x, use_cache=True).last_hidden_state
+            for t, c in enumerate(x.cumsum(0)):
+                ref = model(inputs_embeds=c, use_cache=True).last_hidden_state
+                torch.testing.assert_close(out.cumsum(0)[t], ref, atol=1e-4, rtol=1e-4)
+    names = _fused_names(snn)
+    assert "" not in names
+    assert not any(n.endswith("layers.0") or n.endswith("layers.1") for n in names)
+    assert any(n.endswith("mlp") for n in names)  # the MLP blocks (no cache argument) fuse
+
+
+class Block(nn.Module):
+    """A non-leaf module with a time input, a static mask, a plain flag changing control flow and a tuple
+    output."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = RMSNorm(width)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, *, squash: bool = True, scale: float = 1.0
+    ) -> tuple[torch.Tensor, None]:
+        h = self.fc(x) * scale
+        h = torch.tanh(h) if squash else torch.sigmoid(h)
+        return self.norm(h.masked_fill(mask, 0.0)) + x, None
+
+
+class Outer(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.out = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, squash: bool = True) -> torch.Tensor:
+        h, _ = self.block(x, mask, squash=squash, scale=0.5)
+        return self.out(h)
+
+
+def _outer_refs(ann: nn.Module, x: torch.Tensor, mask: torch.Tensor, squash: bool) -> torch.Tensor:
+    return torch.stack([ann(c, mask, squash) for c in x.cumsum(0)])
+
+
+def test_a_plain_argument_that_changes_control_flow_gets_its_own_entry() -> None:
+    torch.manual_seed(0)
+    ann = Outer(Block()).eval()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(4, 2, 5, 6)
+    mask = torch.rand(2, 5, 1) < 0.3
+    with torch.no_grad():
+        for squash in (True, False, True, False, True, False):
+            for _ in range(3):
+                out = snn(x, mask, squash)
+                torch.testing.assert_close(
+                    out.cumsum(0), _outer_refs(ann, x, mask, squash), atol=1e-5, rtol=1e-5
+                )
+    plans = _plans(snn)
+    assert len(plans) == 2
+    assert all(plan is not None for plan in plans.values())
+    flags = {key: next(part[1] for part in key[3:] if part[0] == 2) for key in plans}  # argument 2: squash
+    assert sorted(flags.values()) == [(bool, False), (bool, True)]  # the flag is in the key
+    # each plan counts the nonlinearities of its own branch, as the op-by-op call did
+    for key, plan in plans.items():
+        assert (("torch.sigmoid", "-> TDFunction") in plan) is (flags[key] == (bool, False))
+
+
+class StaticOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.block(x, mask)[0], mask.float() * 2.0  # a static tensor output
+
+
+def test_a_module_with_a_static_tensor_output_is_not_fused() -> None:
+    torch.manual_seed(0)
+    ann = StaticOut().eval()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(4, 2, 5, 6)
+    mask = (torch.rand(2, 5, 1) < 0.3).unsqueeze(0).expand(4, 2, 5, 1).flatten(0, 1)  # folded already
+    with torch.no_grad():
+        for _ in range(4):
+            out, static = snn(x, mask)
+            refs = [ann(c, mask[:2]) for c in x.cumsum(0)]
+            torch.testing.assert_close(out.cumsum(0), torch.stack([r[0] for r in refs]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(static.cumsum(0), torch.stack([r[1] for r in refs]))
+    assert list(_plans(snn).values()) == [None]
+    assert [plan is not None for plan in _plans(snn, "block").values()] == [True]  # the block inside fuses
+
+
+def test_a_module_with_a_hook_inside_is_not_fused_and_the_hook_sees_every_call() -> None:
+    torch.manual_seed(0)
+    ann = Outer(Block()).eval()
+    snn = TDTimeFolded(ann, strict=True)
+    calls = []
+    snn.model.block.norm.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    x = torch.randn(4, 2, 5, 6)
+    mask = torch.rand(2, 5, 1) < 0.3
+    with torch.no_grad():
+        for _ in range(4):
+            out = snn(x, mask)
+            torch.testing.assert_close(out.cumsum(0), _outer_refs(ann, x, mask, True), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4  # (the shape probe is skipped while hooks watch)
+    # neither the model nor the block; the hooked leaf itself may (its hook sees the same call and output)
+    assert _fused_names(snn) == ["block.norm"]
+    assert _plans(snn) == {}
+    assert _plans(snn, "block") == {}
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+@pytest.mark.parametrize("masks", ["padding", "causal"])
+def test_nn_transformer_encoder_fuses_whole_and_equals_the_ann(masks: str, autograd: bool) -> None:
+    # the folded nn.MultiheadAttention inside a fused call: the TD operator on the cumulative inputs
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)  # dropout 0.1, inactive in eval
+    ann = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    snn = TDTimeFolded(ann, strict=True, time_inputs={0})  # (a float causal mask is static)
+    x = torch.randn(4, 2, 5, 16, requires_grad=autograd)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+    kwargs = (
+        {"src_key_padding_mask": pad}
+        if masks == "padding"
+        else {"mask": nn.Transformer.generate_square_subsequent_mask(5), "is_causal": True}
+    )
+    outs, grads = [], []
+    for _ in range(4):  # probed, checked, fused, fused
+        with torch.set_grad_enabled(autograd):
+            out = snn(x, **kwargs)
+            with torch.no_grad():
+                ref = torch.stack([ann(c, **kwargs) for c in x.detach().cumsum(0)])
+        torch.testing.assert_close(out.cumsum(0), ref, atol=1e-4, rtol=1e-4)
+        outs.append(out.detach())
+        if autograd:
+            x.grad = None
+            snn.zero_grad()
+            (out * torch.linspace(0, 1, out.numel()).view_as(out)).sum().backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in snn.parameters() if p.grad is not None)])
+    assert _fused_names(snn) == [""]
+    assert any("TDMultiheadAttention" in r.detail for r in snn.report.converted)
+    for out in outs[2:]:
+        torch.testing.assert_close(out, outs[1], atol=1e-5, rtol=1e-5)
+    for grad in grads[2:]:
+        assert len(grad) == len(grads[1])
+        for got, want in zip(grad, grads[1], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+class MaskedAttention(nn.Module):
+    """An nn.MultiheadAttention given a per-sample 3-D mask ``[B*H, L, S]`` (one step's, not repeated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        h, _ = self.attn(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)
+        return self.norm(h + x)
+
+
+def test_a_fused_call_applies_one_steps_attention_mask_at_every_step() -> None:
+    torch.manual_seed(0)
+    ann = MaskedAttention().eval()
+    snn = TDTimeFolded(ann, strict=True, time_inputs={0})
+    x = torch.randn(4, 2, 5, 8)
+    mask = torch.randn(2 * 2, 5, 5)  # [B*H, L, S]: not the batch as leading dim, so not repeated
+    pad = torch.zeros(2, 5)  # additive, as the mask (a [B, S] static input: repeated over the steps)
+    pad[0, -1] = float("-inf")
+    with torch.no_grad():
+        for _ in range(4):  # probed, checked, fused, fused
+            out = snn(x, mask, pad)
+            ref = torch.stack([ann(c, mask, pad) for c in x.cumsum(0)])
+            torch.testing.assert_close(out.cumsum(0), ref, atol=1e-5, rtol=1e-5)
+    assert _fused_names(snn) == [""]
+
+
+class BatchIndex(nn.Module):
+    """Adds a tensor built from the folded batch's size (it differs between the steps of the folded batch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(x.shape[0], dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return torch.tanh(x) * 2.0 + index
+
+
+def test_a_static_tensor_that_differs_between_steps_keeps_a_module_op_by_op() -> None:
+    # op by op, a constant on the folded batch is taken as repeated over the steps (its first step used,
+    # the ANN's value); a fused call would add each step's rows instead
+    torch.manual_seed(0)
+    ann = Net(BatchIndex()).eval()
+    snn = TDTimeFolded(ann, strict=True)
+    x = torch.randn(4, 2, 6)
+    with torch.no_grad():
+        for _ in range(4):  # the ANN on each step's cumulative input (not on the folded batch: other indices)
+            ref = torch.stack([ann(c) for c in x.cumsum(0)])
+            torch.testing.assert_close(snn(x).cumsum(0), ref, atol=1e-5, rtol=1e-5)
+    assert _fused_names(snn) == []

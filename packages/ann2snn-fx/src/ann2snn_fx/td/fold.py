@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
-from ann2snn_fx.td.fold_fuse import install_fused_forwards
+from ann2snn_fx.td.fold_fuse import FUSED, install_fused_forwards
 from ann2snn_fx.td.fold_handlers import step_mask, time_mask_issue
 from ann2snn_fx.td.fold_mode import _FoldMode
 from ann2snn_fx.td.fold_probe import _RecordingMode, is_plain, shape_mismatches, signature
@@ -44,6 +44,10 @@ class _FoldedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         mode = _CURRENT_MODE.get()
         check_mha_call_args((query, key, value, *args), kwargs)
+        if (
+            FUSED.get()
+        ):  # in a fused module's call (fold_fuse): cumulative inputs, the folded batch as one step
+            return self._cumulative(query, key, value, args, kwargs)
         if mode is None or not all(mode.is_time(t) for t in (query, key, value)):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
         attn_mask = read_arg((query, key, value, *args), kwargs, 5, "attn_mask", None)
@@ -53,6 +57,8 @@ class _FoldedMultiheadAttention(nn.Module):
         for name, mask in (("key_padding_mask", padding), ("attn_mask", attn_mask)):
             if mode.is_time(mask):  # reported; step 0 is used
                 mode.issue(nn.MultiheadAttention, time_mask_issue(name))
+        if mode.watch is not None:  # a module's checked call (fold_fuse): masks that differ between steps
+            mode.watch.constants([padding, attn_mask], per_sample=True)
         padding = step_mask(mode, padding, batch)
         if isinstance(attn_mask, Tensor):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
@@ -73,6 +79,41 @@ class _FoldedMultiheadAttention(nn.Module):
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
+
+    def _cumulative(
+        self, query: Tensor, key: Tensor, value: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Tensor, None]:
+        """The attention on cumulative ``[T*B, ...]`` inputs (the ANN's): the TD operator on one step. Masks
+        repeated over the folded batch are used as they are; one step's (``[B, S]``, ``[B*H, L, S]``, which
+        the op-by-op call applies at every step) is repeated over the steps."""
+        mode = _CURRENT_MODE.get()
+        steps = 1 if mode is None else mode.steps
+        batch = query.shape[0] // steps
+        full = (query, key, value, *args)
+        padding = read_arg(full, kwargs, 3, "key_padding_mask", None)
+        attn_mask = read_arg(full, kwargs, 5, "attn_mask", None)
+        padding = _every_step(padding, batch, steps)
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+            attn_mask = _every_step(attn_mask, batch * (self.num_heads or 1), steps)
+        views = {id(t): t.unsqueeze(0) for t in (query, key, value)}
+        out, _ = self.td(
+            views[id(query)],
+            views[id(key)],
+            views[id(value)],
+            key_padding_mask=padding,
+            need_weights=False,
+            attn_mask=attn_mask,
+            is_causal=read_arg(full, kwargs, 7, "is_causal", False),
+        )
+        return out[0], None
+
+
+def _every_step(mask: Any, rows: int, steps: int) -> Any:
+    """A mask with one step's ``rows`` as its leading dim, repeated over the ``steps`` of the folded batch;
+    any other value as it is."""
+    if isinstance(mask, Tensor) and mask.dim() >= 1 and steps > 1 and mask.shape[0] == rows:
+        return mask.unsqueeze(0).expand(steps, *mask.shape).flatten(0, 1)
+    return mask
 
 
 class TDTimeFolded(nn.Module):
@@ -103,12 +144,16 @@ class TDTimeFolded(nn.Module):
     the verdict without running the probe. It is skipped while hooks or another ``TorchFunctionMode`` watch
     the forward (they would see the extra run), and with ``shape_check=False``.
 
-    Dispatch is cached per leaf module (one without submodules: an RMS norm, a hand-written GELU): its first
-    call with given input metadata runs op by op as above; if every op of that call converted exactly (one
-    time-varying float32/float64 input and output, a TD nonlinearity inside, nothing reported, no in-place
-    op, no attribute rebound), later calls with the same metadata (shape, dtype, device, autograd, ``T``,
-    training flag) run it as one TD function, ``diff(forward(cumsum(x)))``, with one running sum instead of
-    one per nonlinearity; the report counts its ops as before.
+    Dispatch is cached per module, outermost first (the whole model, a layer, an MLP block, an RMS norm):
+    a module's first call with given arguments (shapes, dtypes, devices, which are time-varying, the plain
+    values of the others), autograd, ``T`` and training flags runs op by op as above; if every op of that
+    call converted exactly (a TD nonlinearity inside, nothing reported, no in-place op, no attribute
+    rebound, float32/float64 time-varying inputs and every output tensor time-varying, no hooks on its inner
+    modules), later calls with the same key run it as one TD function, ``diff(forward(cumsum(x), static))``,
+    with one running sum per input instead of one per nonlinearity, its inner modules not called; the
+    report counts its ops as before. A module taking another object (a key/value cache) stays op by op.
+    Hooks on inner modules or global module hooks keep a module op by op (they would miss its inner calls),
+    and nothing fuses while another ``TorchFunctionMode`` watches.
 
     Args:
         ann: The model. It is deep-copied; the caller's model is never modified, moved or re-moded.
