@@ -290,8 +290,8 @@ def main() -> None:
     lines = [
         "## ann2snn-fx: low-latency ReLU -> IF conversion",
         "",
-        f"Measured on CPU with {torch.get_num_threads()} torch thread(s), medians of interleaved repeats, on a shared "
-        "machine (figures under load).",
+        f"Measured on CPU with {torch.get_num_threads()} torch thread(s), medians of interleaved repeats, on a "
+        "machine other sessions may share: read the times as ratios measured side by side.",
         "",
     ]
     if args.section in ("all", "cost"):
