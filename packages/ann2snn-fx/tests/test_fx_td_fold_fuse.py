@@ -168,6 +168,17 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf(name: str) -> nn.Module:
+    """A randomly initialised Hugging Face model of hidden size 32."""
+    if name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=32,
+        )
+        return transformers.BertModel(config).eval()
     if name == "llama":  # RMSNorm in float32, the fused leaf; grouped-query attention
         config = transformers.LlamaConfig(
             vocab_size=64,
@@ -263,29 +274,13 @@ def _fused_names(snn: TDTimeFolded) -> list[str]:
     ]
 
 
-def _hf_model(name: str) -> tuple[nn.Module, int]:
-    if name == "bert":
-        config = transformers.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=32,
-        )
-        return transformers.BertModel(config).eval(), 32
-    if name == "llama":
-        return _hf("llama"), 32
-    return _hf("gpt2"), 32
-
-
 @pytest.mark.parametrize("autograd", [False, True])
 @pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
 def test_whole_hugging_face_models_fuse_and_equal_the_op_by_op_run_and_the_ann(
     name: str, autograd: bool
 ) -> None:
     torch.manual_seed(0)
-    model, width = _hf_model(name)
+    model, width = _hf(name), 32
     dtype = next(model.parameters()).dtype
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     mask = torch.ones(2, 6, dtype=torch.long)

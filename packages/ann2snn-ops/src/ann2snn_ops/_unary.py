@@ -179,6 +179,23 @@ def td_rows(
     return out.view(x.shape)
 
 
+def _block_result(
+    block: torch.Tensor,
+    fn: CumFn,
+    params: tuple[torch.Tensor | None, ...],
+    fn_out: RowsOut | None,
+    slot: torch.Tensor | None,
+    buffer: torch.Tensor,
+) -> torch.Tensor:
+    """``fn`` of one block of running sums: written into ``slot`` by ``fn_out`` where both are given, else a
+    new tensor (a copy where it is a view of ``buffer``, which the next block overwrites)."""
+    if slot is None or fn_out is None:
+        y = fn(block, *params)
+        return y.clone() if shares_memory(y, buffer) else y
+    fn_out(block, slot)
+    return slot
+
+
 def _td_step_blocks(
     xv: torch.Tensor,
     out: torch.Tensor,
@@ -205,13 +222,8 @@ def _td_step_blocks(
         for i in range(1, n):
             torch.add(sums[i - 1], steps[t0 + i], out=sums[i])
         block = cum if n == k else cum[:n]
-        if results is None or fn_out is None:
-            y = fn(block, *params)
-            if shares_memory(y, cum):  # the next block overwrites the buffer
-                y = y.clone()
-        else:
-            y = results[b % 2] if n == k else results[b % 2, :n]
-            fn_out(block, y)
+        slot = None if results is None else results[b % 2] if n == k else results[b % 2, :n]
+        y = _block_result(block, fn, params, fn_out, slot, cum)
         ys = y.unbind(0)
         if prev is None:
             outs[0].copy_(ys[0])
@@ -247,13 +259,7 @@ def _td_row_tiles(
         for t in range(t_len):
             if t:
                 run.add_(steps[t])
-            if slots is None or fn_out is None:
-                y = fn(run, *params)
-                if shares_memory(y, running):
-                    y = y.clone()
-            else:
-                y = slots[t % 2]
-                fn_out(run, y)
+            y = _block_result(run, fn, params, fn_out, None if slots is None else slots[t % 2], running)
             if prev is None:
                 outs[0].copy_(y)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 from collections.abc import Collection
 from typing import Any
 
@@ -44,9 +45,8 @@ class _FoldedMultiheadAttention(nn.Module):
     ) -> tuple[Tensor, None]:
         mode = _CURRENT_MODE.get()
         check_mha_call_args((query, key, value, *args), kwargs)
-        if (
-            FUSED.get()
-        ):  # in a fused module's call (fold_fuse): cumulative inputs, the folded batch as one step
+        # in a fused module's call (fold_fuse): cumulative inputs, the folded batch as one step
+        if FUSED.get():
             return self._cumulative(query, key, value, args, kwargs)
         if mode is None or not all(mode.is_time(t) for t in (query, key, value)):
             raise ValueError("TDTimeFolded: multi-head attention needs time-varying query, key and value.")
@@ -64,18 +64,7 @@ class _FoldedMultiheadAttention(nn.Module):
             rows = batch * (self.num_heads or 1) if attn_mask.dim() == 3 else query.shape[1]
             attn_mask = step_mask(mode, attn_mask, rows)
         with torch._C.DisableTorchFunction():
-            # one view per distinct input: self-attention (query is key is value) stays recognisable
-            views = {id(t): mode.unfold(t) for t in (query, key, value)}
-            out, _ = self.td(
-                views[id(query)],
-                views[id(key)],
-                views[id(value)],
-                key_padding_mask=padding,
-                need_weights=False,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-            )
-            out = out.flatten(0, 1)
+            out = self._attend(mode.unfold, query, key, value, padding, attn_mask, is_causal).flatten(0, 1)
         mode.done(nn.MultiheadAttention, "-> TDMultiheadAttention")
         mode.mark(out)
         return out, None
@@ -95,7 +84,23 @@ class _FoldedMultiheadAttention(nn.Module):
         padding = _every_step(padding, batch, steps)
         if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
             attn_mask = _every_step(attn_mask, batch * (self.num_heads or 1), steps)
-        views = {id(t): t.unsqueeze(0) for t in (query, key, value)}
+        is_causal = read_arg(full, kwargs, 7, "is_causal", False)
+        one_step = functools.partial(torch.unsqueeze, dim=0)
+        return self._attend(one_step, query, key, value, padding, attn_mask, is_causal)[0], None
+
+    def _attend(
+        self,
+        unfold: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        padding: Any,
+        attn_mask: Any,
+        is_causal: Any,
+    ) -> Tensor:
+        """The TD attention on ``unfold`` of the inputs ``[T, ...]``: one view per distinct input, so that a
+        self-attention (query is key is value) stays recognisable."""
+        views = {id(t): unfold(t) for t in (query, key, value)}
         out, _ = self.td(
             views[id(query)],
             views[id(key)],
@@ -103,9 +108,9 @@ class _FoldedMultiheadAttention(nn.Module):
             key_padding_mask=padding,
             need_weights=False,
             attn_mask=attn_mask,
-            is_causal=read_arg(full, kwargs, 7, "is_causal", False),
+            is_causal=is_causal,
         )
-        return out[0], None
+        return out  # type: ignore[no-any-return]
 
 
 def _every_step(mask: Any, rows: int, steps: int) -> Any:

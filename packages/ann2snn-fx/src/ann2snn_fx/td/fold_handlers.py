@@ -122,12 +122,6 @@ def _small(x: Tensor, limit: int = _ONE_CALL_CUMSUM) -> bool:
     return x.numel() <= limit or not x.is_cpu
 
 
-def _cumulative(steps: Tensor) -> Tensor:
-    """The running sum of ``steps`` ``[T, ...]``: ann2snn-ops' ``running_sum`` (``torch.cumsum`` itself, bit for
-    bit, where it is fast; else one ``add`` per step)."""
-    return running_sum(steps)
-
-
 def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tensor:
     """``diff(fn(*cumsums))`` on the unfolded steps without autograd: one pass each (an input passed twice is
     summed once). Small results are differenced into a copy (two calls); large ones into the first running
@@ -139,7 +133,7 @@ def _td_nograd(mode: _FoldMode, fn: Callable[..., Tensor], *xs: Tensor) -> Tenso
                 cums.append(cums[j])
                 break
         else:
-            cums.append(_cumulative(mode.unfold(x)))
+            cums.append(running_sum(mode.unfold(x)))  # torch.cumsum itself where it is fast
     y = fn(*cums)
     if _small(y):
         out = y.clone()

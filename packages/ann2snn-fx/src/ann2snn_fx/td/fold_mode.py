@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +36,21 @@ def _fits(step: Any, x: Tensor, steps: int) -> bool:
             and _broadcasts_to(tuple(step.shape), (x.shape[0] // steps, *x.shape[1:]))
         )
     return type(step) in (int, float) and x.is_floating_point()
+
+
+def _time_dims(time: Mapping[int, tuple[Any, int]], values: Iterable[Any], dims: list[int]) -> None:
+    """Append to ``dims`` the folded-batch dim of every time-varying tensor among ``values`` (tensors, or
+    tuples/lists/dicts of them). A flat walk first: most calls take tensors and numbers."""
+    for value in values:
+        if isinstance(value, Tensor):
+            entry = time.get(id(value))
+            if entry is not None and entry[0]() is value:
+                dims.append(entry[1])
+        elif isinstance(value, (tuple, list, dict)):
+            for leaf in _leaves(value, []):
+                entry = time.get(id(leaf))
+                if entry is not None and entry[0]() is leaf:
+                    dims.append(entry[1])
 
 
 class _FoldMode(TorchFunctionMode):
@@ -153,29 +169,10 @@ class _FoldMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _META:  # shape, dtype, device, size(): nothing to track (the most frequent calls)
             return func(*args, **kwargs)
-        time = self._time
-        dims = []
-        for arg in args:  # a flat walk first: most calls take tensors and numbers
-            if isinstance(arg, Tensor):
-                entry = time.get(id(arg))
-                if entry is not None and entry[0]() is arg:
-                    dims.append(entry[1])
-            elif isinstance(arg, (tuple, list, dict)):
-                for leaf in _leaves(arg, []):
-                    entry = time.get(id(leaf))
-                    if entry is not None and entry[0]() is leaf:
-                        dims.append(entry[1])
-        if kwargs:
-            for arg in kwargs.values():  # flat too: mostly flags and dims
-                if isinstance(arg, Tensor):
-                    entry = time.get(id(arg))
-                    if entry is not None and entry[0]() is arg:
-                        dims.append(entry[1])
-                elif isinstance(arg, (tuple, list, dict)):
-                    for leaf in _leaves(arg, []):
-                        entry = time.get(id(leaf))
-                        if entry is not None and entry[0]() is leaf:
-                            dims.append(entry[1])
+        dims: list[int] = []
+        _time_dims(self._time, args, dims)
+        if kwargs:  # mostly flags and dims
+            _time_dims(self._time, kwargs.values(), dims)
         if not dims:
             return func(*args, **kwargs)
         if self.watch is not None:
