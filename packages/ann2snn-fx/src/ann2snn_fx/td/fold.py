@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
+from ann2snn_fx.td.fold_cache import cache_layers, layer_tensors
 from ann2snn_fx.td.fold_fuse import FUSED, install_fused_forwards
 from ann2snn_fx.td.fold_handlers import step_mask, time_mask_issue
 from ann2snn_fx.td.fold_mode import _FoldMode
@@ -119,6 +120,23 @@ def _every_step(mask: Any, rows: int, steps: int) -> Any:
     if isinstance(mask, Tensor) and mask.dim() >= 1 and steps > 1 and mask.shape[0] == rows:
         return mask.unsqueeze(0).expand(steps, *mask.shape).flatten(0, 1)
     return mask
+
+
+def _mark_cache(mode: _FoldMode, key: int | str, layers: list[Any], steps: int, batch: int) -> None:
+    """A key/value cache passed in (a known class, fold_cache) holds the TD-form keys and values a previous
+    forward with the same ``[T, B]`` returned, ``[T*B, ...]``: they are time-varying (the new keys and
+    values are appended to them). Refuses one of another leading size (an ANN's cache, another T or B)."""
+    for index, layer in enumerate(layers):
+        for tensor in layer_tensors(layer) or ():
+            if tensor.dim() < 1 or tensor.shape[0] != steps * batch or not tensor.is_floating_point():
+                raise ValueError(
+                    f"TDTimeFolded: the key/value cache {key!r} holds, in layer {index}, a "
+                    f"{str(tensor.dtype).removeprefix('torch.')} tensor of shape {tuple(tensor.shape)}, but "
+                    f"expected the floating-point TD-form keys and values of a TDTimeFolded forward with the same "
+                    f"[T, B] = {[steps, batch]} (leading dim T*B = {steps * batch}); pass the cache such a forward "
+                    "returned, or none."
+                )
+            mode.mark(tensor)
 
 
 class TDTimeFolded(nn.Module):
@@ -260,8 +278,13 @@ class TDTimeFolded(nn.Module):
         def fold(key: int | str, value: Any) -> Any:
             if key in time_keys:
                 return mode.mark(value.flatten(0, 1))
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
-                return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+            if isinstance(value, Tensor):
+                if value.dim() >= 1 and value.shape[0] == batch:
+                    return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+                return value
+            layers = cache_layers(value)
+            if layers is not None:
+                _mark_cache(mode, key, layers, steps, batch)
             return value
 
         folded_args = [fold(i, v) for i, v in enumerate(args)]
