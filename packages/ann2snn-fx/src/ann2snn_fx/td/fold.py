@@ -174,7 +174,14 @@ class TDTimeFolded(nn.Module):
     rebound, float32/float64 time-varying inputs and every output tensor time-varying, no hooks on its inner
     modules), later calls with the same key run it as one TD function, ``diff(forward(cumsum(x), static))``,
     with one running sum per input instead of one per nonlinearity, its inner modules not called; the
-    report counts its ops as before. A module taking another object (a key/value cache) stays op by op.
+    report counts its ops as before. A transformers ``DynamicCache`` (Llama, GPT-2, Mistral, Qwen2 with
+    ``use_cache=True``) takes part: its TD-form keys and values are summed before and differenced after the
+    fused call. A module taking another object (another cache class) stays op by op.
+
+    The key/value cache a decoder returns holds TD-form ``[T*B, ...]`` keys and values (their running sum over
+    the steps is the ANN's on the cumulative input); passed back in (the next tokens, same ``[T, B]``), they are
+    time-varying inputs. A cache of those classes holding tensors of another leading size (the ANN's own,
+    another ``T`` or ``B``) is refused with ``ValueError``.
     Hooks on inner modules or global module hooks keep a module op by op (they would miss its inner calls),
     and nothing fuses while another ``TorchFunctionMode`` watches.
 

@@ -15,8 +15,13 @@ their own checked calls at the next call.
 The cache key: every argument's position or keyword and, for a tensor, shape, dtype, device,
 ``requires_grad`` and whether it is time-varying (float32/float64 with the folded batch at dim 0, else the
 call stays op by op; static tensors such as masks pass as they are), for ``None``, a bool, int, float,
-string or a tuple of those, its value (it can change control flow); any other argument (a key/value cache
-object) keeps the call op by op. Also whether autograd records, the number of steps and the training flags
+string or a tuple of those, its value (it can change control flow); for a transformers key/value cache of
+the known classes (fold_cache) whose tensors are all time-varying, its class and per layer its plain state
+and tensor metadata; any other argument (another cache class, a module) keeps the call op by op. An output
+may hold such a cache (``use_cache=True``) if the forward made it (no module held it before) or took it as
+an argument, with only time-varying tensors: the fused call sums a cache argument's keys and values in place
+before the forward and differences those of every cache it returned or updated after (the TD form the op-by-op
+call leaves there; tensors it left alone get their given values back). Also whether autograd records, the number of steps and the training flags
 (of every inner module). A module whose inner modules have hooks is not fused, nor a non-leaf one while
 global module hooks are set (they would miss the calls a fused call skips). A leaf (no submodules) fuses
 only with one positional time input. The folded ``nn.MultiheadAttention`` inside a fused call runs its TD
