@@ -65,7 +65,7 @@ def run(quick: bool) -> str:
 
 
 def _hugging_face(transformers: Any, family: str, hidden: int, layers: int, heads: int) -> nn.Module:
-    """A randomly initialised BERT or Llama (grouped-query attention: half as many key/value heads)."""
+    """A randomly initialised BERT, GPT-2 or Llama (grouped-query attention: half as many key/value heads)."""
     torch.manual_seed(0)
     if family == "BERT":
         config = transformers.BertConfig(
@@ -77,6 +77,11 @@ def _hugging_face(transformers: Any, family: str, hidden: int, layers: int, head
             max_position_embeddings=32,
         )
         return transformers.BertModel(config).eval()  # type: ignore[no-any-return]
+    if family == "GPT-2":
+        gpt2 = transformers.GPT2Config(
+            vocab_size=64, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=4 * hidden, n_positions=32
+        )
+        return transformers.GPT2Model(gpt2).eval()  # type: ignore[no-any-return]
     config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=hidden,
@@ -93,8 +98,8 @@ _NO_CACHE = "Llama, use_cache=False"
 
 
 def run_hugging_face(quick: bool) -> str:
-    """BERT and Llama through ``TDTimeFolded`` against the ANN on ``[T*B]``, both hidden sizes."""
-    title = "## ann2snn-fx: TD-converted Hugging Face BERT and Llama (TDTimeFolded)"
+    """BERT, Llama and GPT-2 through ``TDTimeFolded`` against the ANN on ``[T*B]``, both hidden sizes."""
+    title = "## ann2snn-fx: TD-converted Hugging Face BERT, Llama and GPT-2 (TDTimeFolded)"
     try:
         import transformers
     except ImportError as error:
@@ -102,9 +107,11 @@ def run_hugging_face(quick: bool) -> str:
         print(f"bench_fx_td: Hugging Face rows {reason}")
         return f"{title}\n\n{reason.capitalize()}.\n"
     hiddens, layers, heads, tokens, batch = HF_SIZES
-    # Llama's default use_cache=True builds a DynamicCache every forward: the cache object keeps its decoder
-    # layers op by op in the folded path (only modules without it fuse), so both calls are measured
-    families, hiddens = (("BERT",), hiddens[:1]) if quick else (("BERT", "Llama", _NO_CACHE), hiddens)
+    # Llama's default use_cache=True builds a DynamicCache every forward and returns it: the fused call sums and
+    # differences its keys and values; both calls are measured
+    families, hiddens = (
+        (("BERT",), hiddens[:1]) if quick else (("BERT", "Llama", _NO_CACHE, "GPT-2"), hiddens)
+    )
     # millisecond calls on a shared machine: each sample times `calls` forwards, more repeats
     steps_list, repeats, calls = ((2,), 1, 1) if quick else ((4, 16, 32), 15, 5)
     rows = []
@@ -142,8 +149,9 @@ def run_hugging_face(quick: bool) -> str:
         f"data folded to `[T*B, ...]` (the floor; float32, CPU, {torch.get_num_threads()} thread(s), median "
         f"of {repeats} interleaved samples of {calls} calls; transformers {transformers.__version__}). These sizes are where per-op Python dispatch "
         "of the folded path dominates; after a checked first call, modules that converted exactly run as one "
-        "TD function each (the whole model where it can). Llama's default `use_cache=True` returns a key/value "
-        "cache object, which keeps its decoder layers op by op; `use_cache=False` lets the whole model fuse. Last column: max abs error of the cumulative `last_hidden_state` "
+        "TD function each (the whole model where it can). Llama's and GPT-2's default `use_cache=True` returns a key/value "
+        "cache, whose TD-form keys and values the fused call makes from the cumulative ones; `use_cache=False` "
+        "returns none. Last column: max abs error of the cumulative `last_hidden_state` "
         "against the ANN on the cumulative input.",
         "",
         "| model | hidden | T | ANN on [T*B] (ms) | folded / ANN | max error |",

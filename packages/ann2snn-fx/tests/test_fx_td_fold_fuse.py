@@ -190,6 +190,18 @@ def _hf(name: str) -> nn.Module:
             max_position_embeddings=32,
         )
         return transformers.LlamaModel(config).eval()
+    if name == "mistral":  # a sliding window shorter than the tokens: DynamicSlidingWindowLayer caches
+        config = transformers.MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            sliding_window=3,
+        )
+        return transformers.MistralModel(config).eval()
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
     return transformers.GPT2Model(config).double().eval()  # its tanh-GELU module: pow, tanh, products
 
@@ -315,22 +327,126 @@ def test_whole_hugging_face_models_fuse_and_equal_the_op_by_op_run_and_the_ann(
             torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
-def test_a_model_holding_a_cache_object_fuses_its_inner_modules_only() -> None:
-    # use_cache=True: the output holds a DynamicCache and the layers take it: neither fuses; the norms do
+def _kv(cache: object) -> list[torch.Tensor]:
+    """The key and value tensors of a transformers cache, layer by layer."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]  # type: ignore[attr-defined]
+
+
+def _cumulative(td: torch.Tensor, steps: int) -> torch.Tensor:
+    """The running sum over the steps of a folded [T*B, ...] TD tensor, folded again."""
+    return td.unflatten(0, (steps, -1)).cumsum(0).flatten(0, 1)
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_decoders_returning_their_key_value_cache_fuse_whole_and_equal_op_by_op_and_the_ann(
+    name: str, autograd: bool
+) -> None:
+    # use_cache=True (the default): the DynamicCache made in the forward is passed to every layer and
+    # returned; the whole model fuses and its cache holds the TD-form keys and values of the op-by-op run
+    torch.manual_seed(0)
+    model = _hf(name)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
+    steps = 3
+    x = torch.randn(steps, 2, 5, 32, dtype=dtype, requires_grad=autograd)
+    with torch.no_grad():
+        ref = model(
+            inputs_embeds=x.detach().cumsum(0).flatten(0, 1), use_cache=True
+        )  # per sample: every step
+    outs, caches, grads = [], [], []
+    for _ in range(4):  # probed, checked (op by op: the reference for the fused calls), fused, fused
+        with torch.set_grad_enabled(autograd):
+            out = snn(inputs_embeds=x, use_cache=True)
+        hidden, kv = out.last_hidden_state, _kv(out.cache)
+        assert len(kv) == 4
+        assert all(t.shape[0] == steps * 2 for t in kv)
+        torch.testing.assert_close(hidden.cumsum(0).flatten(0, 1), ref.last_hidden_state, atol=tol, rtol=tol)
+        for got, want in zip(kv, _kv(ref.cache), strict=True):
+            torch.testing.assert_close(_cumulative(got, steps), want, atol=tol, rtol=tol)
+        outs.append(hidden.detach())
+        caches.append([t.detach() for t in kv])
+        if autograd:
+            x.grad = None
+            snn.zero_grad()
+            (hidden.sum() + sum(t.sum() for t in kv)).backward()
+            grads.append([x.grad.clone(), *(p.grad.clone() for p in snn.parameters() if p.grad is not None)])
+    assert _fused_names(snn) == [""]  # the whole model; its layers never checked alone, not called since
+    assert not any(_plans(snn, n) for n, m in snn.model.named_modules() if n.endswith((".0", ".1")))
+    for out, kv in zip(outs[2:], caches[2:], strict=True):
+        torch.testing.assert_close(out, outs[1], atol=tol, rtol=tol)
+        for got, want in zip(kv, caches[1], strict=True):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for grad in grads[2:]:  # gradients through the fused call's cache equal the op-by-op call's
+        assert len(grad) == len(grads[1])
+        for got, want in zip(grad, grads[1], strict=True):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_a_cache_passed_back_continues_the_sequence_exactly_and_fuses(name: str) -> None:
+    # the next tokens with the cache the previous forward returned (TD form, [T*B, ...]): the past keys and
+    # values are time-varying, so the result is the ANN's with its own cache on the cumulative inputs
+    torch.manual_seed(0)
+    model = _hf(name)
+    snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
+    steps = 3
+    first, second = torch.randn(steps, 2, 5, 32), torch.randn(steps, 2, 2, 32)
+    with torch.no_grad():
+        ref = model(inputs_embeds=first.cumsum(0).flatten(0, 1))
+        ref = model(inputs_embeds=second.cumsum(0).flatten(0, 1), cache=ref.cache)
+        for _ in range(4):
+            cache = snn(inputs_embeds=first).cache
+            out = snn(inputs_embeds=second, cache=cache)
+            assert out.cache is cache  # updated in place, as the ANN does
+            assert all(t.shape[0] == steps * 2 for t in _kv(cache))
+            torch.testing.assert_close(
+                out.last_hidden_state.cumsum(0).flatten(0, 1), ref.last_hidden_state, atol=1e-4, rtol=1e-4
+            )
+            for got, want in zip(_kv(cache), _kv(ref.cache), strict=True):
+                torch.testing.assert_close(_cumulative(got, steps), want, atol=1e-4, rtol=1e-4)
+    plans = _plans(snn)
+    assert len(plans) == 2
+    assert all(plan is not None for plan in plans.values())
+
+
+def test_a_cache_not_from_the_folded_path_is_refused() -> None:
+    # the ANN's own cache holds [B, ...] keys: not a TD sequence of this [T, B]
+    torch.manual_seed(0)
+    model = _hf("llama")
+    snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
+    with torch.no_grad():
+        cache = model(inputs_embeds=torch.randn(2, 5, 32)).cache
+        with pytest.raises(ValueError, match=r"cache 'cache' holds, in layer 0, a float32 tensor of shape"):
+            snn(inputs_embeds=torch.randn(3, 2, 1, 32), cache=cache)
+
+
+def test_a_cache_of_an_unknown_class_keeps_its_users_op_by_op() -> None:
+    # a cache class the folded path does not know (here a subclass): the model and its layers, which take
+    # it, stay op by op (exact); the MLP blocks, which do not, fuse
+    from transformers.cache_utils import DynamicCache
+
+    class OwnCache(DynamicCache):
+        pass
+
     torch.manual_seed(0)
     model = _hf("llama")
     snn = TDTimeFolded(model, time_inputs={"inputs_embeds"}, strict=True)
     x = torch.randn(3, 2, 5, 32)
     with torch.no_grad():
+        ref = model(inputs_embeds=x.cumsum(0).flatten(0, 1), cache=OwnCache())
         for _ in range(4):
-            out = snn(inputs_embeds=x, use_cache=True).last_hidden_state
-            for t, c in enumerate(x.cumsum(0)):
-                ref = model(inputs_embeds=c, use_cache=True).last_hidden_state
-                torch.testing.assert_close(out.cumsum(0)[t], ref, atol=1e-4, rtol=1e-4)
+            out = snn(inputs_embeds=x, cache=OwnCache())
+            torch.testing.assert_close(
+                out.last_hidden_state.cumsum(0).flatten(0, 1), ref.last_hidden_state, atol=1e-4, rtol=1e-4
+            )
+            for got, want in zip(_kv(out.cache), _kv(ref.cache), strict=True):
+                torch.testing.assert_close(_cumulative(got, 3), want, atol=1e-4, rtol=1e-4)
     names = _fused_names(snn)
     assert "" not in names
-    assert not any(n.endswith("layers.0") or n.endswith("layers.1") for n in names)
-    assert any(n.endswith("mlp") for n in names)  # the MLP blocks (no cache argument) fuse
+    assert not any(n.endswith(("layers.0", "layers.1")) for n in names)
+    assert any(n.endswith("mlp") for n in names)
 
 
 class Block(nn.Module):

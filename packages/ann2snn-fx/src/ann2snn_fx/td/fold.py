@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ann2snn_fx.td.build import build_td_module, check_mha_call_args, read_arg
+from ann2snn_fx.td.fold_cache import cache_layers, layer_tensors
 from ann2snn_fx.td.fold_fuse import FUSED, install_fused_forwards
 from ann2snn_fx.td.fold_handlers import step_mask, time_mask_issue
 from ann2snn_fx.td.fold_mode import _FoldMode
@@ -121,6 +122,23 @@ def _every_step(mask: Any, rows: int, steps: int) -> Any:
     return mask
 
 
+def _mark_cache(mode: _FoldMode, key: int | str, layers: list[Any], steps: int, batch: int) -> None:
+    """A key/value cache passed in (a known class, fold_cache) holds the TD-form keys and values a previous
+    forward with the same ``[T, B]`` returned, ``[T*B, ...]``: they are time-varying (the new keys and
+    values are appended to them). Refuses one of another leading size (an ANN's cache, another T or B)."""
+    for index, layer in enumerate(layers):
+        for tensor in layer_tensors(layer) or ():
+            if tensor.dim() < 1 or tensor.shape[0] != steps * batch or not tensor.is_floating_point():
+                raise ValueError(
+                    f"TDTimeFolded: the key/value cache {key!r} holds, in layer {index}, a "
+                    f"{str(tensor.dtype).removeprefix('torch.')} tensor of shape {tuple(tensor.shape)}, but "
+                    f"expected the floating-point TD-form keys and values of a TDTimeFolded forward with the same "
+                    f"[T, B] = {[steps, batch]} (leading dim T*B = {steps * batch}); pass the cache such a forward "
+                    "returned, or none."
+                )
+            mode.mark(tensor)
+
+
 class TDTimeFolded(nn.Module):
     """Run any model as a TD network by folding the time axis into the batch.
 
@@ -156,7 +174,14 @@ class TDTimeFolded(nn.Module):
     rebound, float32/float64 time-varying inputs and every output tensor time-varying, no hooks on its inner
     modules), later calls with the same key run it as one TD function, ``diff(forward(cumsum(x), static))``,
     with one running sum per input instead of one per nonlinearity, its inner modules not called; the
-    report counts its ops as before. A module taking another object (a key/value cache) stays op by op.
+    report counts its ops as before. A transformers ``DynamicCache`` (Llama, GPT-2, Mistral, Qwen2 with
+    ``use_cache=True``) takes part: its TD-form keys and values are summed before and differenced after the
+    fused call. A module taking another object (another cache class) stays op by op.
+
+    The key/value cache a decoder returns holds TD-form ``[T*B, ...]`` keys and values (their running sum over
+    the steps is the ANN's on the cumulative input); passed back in (the next tokens, same ``[T, B]``), they are
+    time-varying inputs. A cache of those classes holding tensors of another leading size (the ANN's own,
+    another ``T`` or ``B``) is refused with ``ValueError``.
     Hooks on inner modules or global module hooks keep a module op by op (they would miss its inner calls),
     and nothing fuses while another ``TorchFunctionMode`` watches.
 
@@ -260,8 +285,13 @@ class TDTimeFolded(nn.Module):
         def fold(key: int | str, value: Any) -> Any:
             if key in time_keys:
                 return mode.mark(value.flatten(0, 1))
-            if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == batch:
-                return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+            if isinstance(value, Tensor):
+                if value.dim() >= 1 and value.shape[0] == batch:
+                    return value.unsqueeze(0).expand(steps, *value.shape).flatten(0, 1)
+                return value
+            layers = cache_layers(value)
+            if layers is not None:
+                _mark_cache(mode, key, layers, steps, batch)
             return value
 
         folded_args = [fold(i, v) for i, v in enumerate(args)]

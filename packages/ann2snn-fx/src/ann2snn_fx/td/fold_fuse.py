@@ -15,8 +15,13 @@ their own checked calls at the next call.
 The cache key: every argument's position or keyword and, for a tensor, shape, dtype, device,
 ``requires_grad`` and whether it is time-varying (float32/float64 with the folded batch at dim 0, else the
 call stays op by op; static tensors such as masks pass as they are), for ``None``, a bool, int, float,
-string or a tuple of those, its value (it can change control flow); any other argument (a key/value cache
-object) keeps the call op by op. Also whether autograd records, the number of steps and the training flags
+string or a tuple of those, its value (it can change control flow); for a transformers key/value cache of
+the known classes (fold_cache) whose tensors are all time-varying, its class and per layer its plain state
+and tensor metadata; any other argument (another cache class, a module) keeps the call op by op. An output
+may hold such a cache (``use_cache=True``) if the forward made it (no module held it before) or took it as
+an argument, with only time-varying tensors: the fused call sums a cache argument's keys and values in place
+before the forward and differences those of every cache it returned or updated after (the TD form the op-by-op
+call leaves there; tensors it left alone get their given values back). Also whether autograd records, the number of steps and the training flags
 (of every inner module). A module whose inner modules have hooks is not fused, nor a non-leaf one while
 global module hooks are set (they would miss the calls a fused call skips). A leaf (no submodules) fuses
 only with one positional time input. The folded ``nn.MultiheadAttention`` inside a fused call runs its TD
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from ann2snn_fx.td.fold_cache import cache_layers, layer_tensors
 from ann2snn_fx.td.fold_handlers import Tensor, _leaves
 from ann2snn_ops import running_sum
 
@@ -188,6 +195,7 @@ class _FusedForward:
             return forward(module, *args, **kwargs)
         key: list[Any] = [torch.is_grad_enabled(), mode.steps, module.training]
         times: list[Tensor] = []
+        caches: list[Any] = []  # key/value caches of the known classes among the arguments (fold_cache)
         for name, value in (*enumerate(args), *kwargs.items()):
             if isinstance(value, Tensor):
                 time = mode.is_time(value)
@@ -199,9 +207,14 @@ class _FusedForward:
             else:
                 part = _plain_key(value)
                 if part is _UNFUSABLE:
-                    return forward(module, *args, **kwargs)
+                    part = _cache_key(mode, value)
+                    if part is _UNFUSABLE or any(c is value for c in caches):
+                        return forward(module, *args, **kwargs)
+                    caches.append(value)
                 key.append((name, part))
         if not times or any(t.shape[0] != times[0].shape[0] for t in times):
+            return forward(module, *args, **kwargs)
+        if any(t.shape[0] != times[0].shape[0] for c in caches for t in _cache_tensors(c)):
             return forward(module, *args, **kwargs)
         if not self.leaf:
             flags = _inner_flags(module)
@@ -210,12 +223,12 @@ class _FusedForward:
             key.append(flags)
         plan_key = tuple(key)
         if plan_key not in self.plans:
-            return self._checked(mode, plan_key, forward, args, kwargs, times[0].shape[0])
+            return self._checked(mode, plan_key, forward, args, kwargs, times[0].shape[0], caches)
         plan = self.plans[plan_key]
         if plan is None:
             return forward(module, *args, **kwargs)
         with torch._C.DisableTorchFunction():
-            out = _fused(mode, forward, module, args, kwargs)
+            out = _fused(mode, forward, module, args, kwargs, caches)
         mode.converted.update(plan)
         return mode.mark(out)
 
@@ -227,6 +240,7 @@ class _FusedForward:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         folded: int,
+        caches: list[Any],
     ) -> Any:
         """The first call with ``key``: op by op under the mode, watched (the inner modules run op by op too);
         decides whether later calls fuse."""
@@ -234,6 +248,8 @@ class _FusedForward:
         modules = list(module.modules())
         issues, converted = sum(mode.issues.values()), Counter(mode.converted)
         state = _state(modules)
+        # objects the forward may return without having made them: its cache arguments, or one a module holds
+        known = {id(c) for c in caches} | {value for _, _, value in state}
         watch = mode.watch = _Watch(mode, folded)
         try:
             out = forward(module, *args, **kwargs)
@@ -251,7 +267,7 @@ class _FusedForward:
                 watch.clean
                 and sum(mode.issues.values()) == issues
                 and not any("explicit leading size" in detail for _, detail in delta)
-                and _time_outputs(mode, out, folded)
+                and _time_outputs(mode, out, folded, known, {id(c) for c in caches})
                 and _state(modules) == state
             )
         if len(self.plans) >= _PLANS:  # inputs of ever new shapes: forget the oldest verdict
@@ -260,31 +276,86 @@ class _FusedForward:
         return out
 
 
-def _time_outputs(mode: _FoldMode, out: Any, folded: int) -> bool:
+def _time_tensor(mode: _FoldMode, value: Tensor, folded: int) -> bool:
+    """Whether ``value`` is time-varying on the folded batch (float32/float64, dim 0 of size ``folded``)."""
+    return mode.batch_dim(value) == 0 and value.dtype in _FLOATS and value.shape[0] == folded
+
+
+def _cache_key(mode: _FoldMode, value: Any) -> Any:
+    """A key/value cache argument as part of the cache key (its class, and per layer the class, plain state
+    and key/value metadata), or ``_UNFUSABLE``: not a known class (fold_cache), or holding tensors that are
+    not time-varying on the folded batch (those of another batch, T, or an ANN's cache)."""
+    layers = cache_layers(value)
+    if layers is None:
+        return _UNFUSABLE
+    parts: list[Any] = [type(value)]
+    for layer in layers:
+        plain = tuple((name, v) for name, v in sorted(vars(layer).items()) if type(v) in _PLAIN or v is None)
+        tensors = layer_tensors(layer)
+        if tensors is None:
+            if layer.keys is not None or layer.values is not None:
+                return _UNFUSABLE
+            parts.append((type(layer), plain))
+            continue
+        for t in tensors:
+            if not mode.is_time(t) or mode.batch_dim(t) != 0 or t.dtype not in _FLOATS:
+                return _UNFUSABLE
+        meta = tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in tensors)
+        parts.append((type(layer), plain, meta))
+    return tuple(parts)
+
+
+def _time_outputs(
+    mode: _FoldMode,
+    out: Any,
+    folded: int,
+    known: Collection[int] = frozenset(),
+    inputs: Collection[int] = frozenset(),
+) -> bool:
     """Whether every tensor of ``out`` (nested in tuples, lists, dicts, ``ModelOutput``) is time-varying on the
-    folded batch (float32/float64, batch dim 0 of size ``folded``), at least one, and the rest plain values."""
+    folded batch, at least one, and the rest plain values or key/value caches of the known classes
+    (fold_cache) holding only such tensors: ones the forward made (ids not in ``known``: not held by a module
+    before the call) or took as arguments (``inputs``)."""
     leaves, _ = pytree.tree_flatten(out)
     tensors = 0
     for leaf in leaves:
         if isinstance(leaf, Tensor):
-            if mode.batch_dim(leaf) != 0 or leaf.dtype not in _FLOATS or leaf.shape[0] != folded:
+            if not _time_tensor(mode, leaf, folded):
                 return False
             tensors += 1
         elif _plain_key(leaf) is _UNFUSABLE:
-            return False
+            layers = cache_layers(leaf)
+            if layers is None or (id(leaf) in known and id(leaf) not in inputs):
+                return False
+            for layer in layers:
+                pair = layer_tensors(layer)
+                if pair is None:
+                    if layer.keys is not None or layer.values is not None:
+                        return False
+                elif not all(_time_tensor(mode, t, folded) for t in pair):
+                    return False
     return tensors > 0
 
 
 def _fused(
-    mode: _FoldMode, forward: Any, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    mode: _FoldMode,
+    forward: Any,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    caches: list[Any] = (),  # type: ignore[assignment]
 ) -> Any:
     """``diff(forward(cumsum(x), static))`` on the unfolded steps, every time-varying argument summed and every
-    output tensor differenced (torch function disabled)."""
+    output tensor differenced (torch function disabled). The key/value tensors of the cache arguments are
+    summed in place before the forward, and those of every cache the forward returned or updated differenced
+    after (a cache argument's tensors the forward left alone are put back as they were)."""
     steps = mode.steps
     grad = torch.is_grad_enabled()
     if grad:
-        grad = any(mode.is_time(a) and a.requires_grad for a in (*args, *kwargs.values())) or any(
-            p.requires_grad for p in module.parameters()
+        grad = (
+            any(mode.is_time(a) and a.requires_grad for a in (*args, *kwargs.values()))
+            or any(p.requires_grad for p in module.parameters())
+            or any(t.requires_grad for c in caches for t in _cache_tensors(c))
         )
 
     def cum(value: Any) -> Any:
@@ -293,13 +364,25 @@ def _fused(
         seq = value.unflatten(0, (steps, -1))
         return (torch.cumsum(seq, 0) if grad else running_sum(seq)).flatten(0, 1)
 
+    # (layer, keys, values as given, their sums) of every initialised layer of the cache arguments
+    summed: list[tuple[Any, Tensor, Tensor, Tensor, Tensor]] = []
+    for cache in caches:
+        for layer in cache.layers:
+            pair = layer_tensors(layer)
+            if pair is not None:
+                keys, values = cum(pair[0]), cum(pair[1])
+                summed.append((layer, pair[0], pair[1], keys, values))
+                layer.keys, layer.values = keys, values
     token = FUSED.set(True)
     try:
         out = forward(module, *[cum(a) for a in args], **{k: cum(v) for k, v in kwargs.items()})
+    except BaseException:
+        for layer, keys, values, sum_keys, sum_values in summed:
+            if layer.keys is sum_keys and layer.values is sum_values:
+                layer.keys, layer.values = keys, values
+        raise
     finally:
         FUSED.reset(token)
-    if steps == 1:
-        return out
 
     def diff(value: Any) -> Any:
         if not isinstance(value, Tensor):
@@ -311,9 +394,40 @@ def _fused(
         d[1:].sub_(y[:-1])
         return d.flatten(0, 1)
 
+    if caches or not isinstance(out, Tensor):
+        _diff_caches(mode, out, caches, summed, diff if steps > 1 else (lambda t: t))
+    if steps == 1:
+        return out
     if isinstance(out, Tensor):
         return diff(out)
     return pytree.tree_map(diff, out)
+
+
+def _diff_caches(mode: _FoldMode, out: Any, caches: list[Any], summed: list[Any], diff: Any) -> None:
+    """A fused call's key/value caches back to TD form: every layer tensor of the caches in ``out`` and of
+    the cache arguments is differenced and marked time-varying, except a cache argument's summed tensors
+    the forward did not replace (``summed``), which get their given values back."""
+    untouched: dict[int, Tensor] = {}
+    for _, keys, values, sum_keys, sum_values in summed:
+        untouched[id(sum_keys)] = keys
+        untouched[id(sum_values)] = values
+    found = [leaf for leaf in pytree.tree_leaves(out) if cache_layers(leaf) is not None]
+    seen: set[int] = set()
+    for cache in (*caches, *found):
+        if id(cache) in seen:
+            continue
+        seen.add(id(cache))
+        for layer in cache.layers:
+            pair = layer_tensors(layer)
+            if pair is not None:
+                keys, values = (untouched.get(id(t)) for t in pair)
+                layer.keys = keys if keys is not None else mode.mark(diff(pair[0]))
+                layer.values = values if values is not None else mode.mark(diff(pair[1]))
+
+
+def _cache_tensors(cache: Any) -> list[Tensor]:
+    """The key and value tensors of a known cache's initialised layers."""
+    return [t for layer in cache.layers for t in (layer_tensors(layer) or ())]
 
 
 def install_fused_forwards(model: nn.Module, skip: tuple[type, ...] = ()) -> None:
