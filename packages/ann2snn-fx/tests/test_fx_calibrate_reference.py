@@ -76,7 +76,8 @@ def test_calibrate_snn_matches_a_layer_by_layer_reference(
 ) -> None:
     torch.manual_seed(5)
     ann = nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1),
+        nn.Conv2d(2, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
         nn.ReLU(),
         nn.AvgPool2d(2),
         nn.Conv2d(6, 6, 3, padding=1),
@@ -85,7 +86,14 @@ def test_calibrate_snn_matches_a_layer_by_layer_reference(
         nn.Linear(6 * 16, 8),
         nn.ReLU(),
         nn.Linear(8, 3),
-    ).eval()
+    )
+    with torch.no_grad():
+        ann[1].running_mean.uniform_(-0.5, 0.5)
+        ann[1].running_var.uniform_(0.5, 2.0)
+        ann[1].weight.uniform_(0.5, 1.5)
+        ann[1].bias.uniform_(-0.2, 0.2)
+    ann.eval()
+    before = copy.deepcopy(ann.state_dict())
     data = [torch.randn(16, 2, 8, 8) for _ in range(3)]
     snn = Converter(
         data,
@@ -95,8 +103,12 @@ def test_calibrate_snn_matches_a_layer_by_layer_reference(
     ).convert_to_spiking_neurons(ann)
     blocks = [c.block for c in snn.conversion_report.converted]
     assert len(blocks) == 3
-    bias_of = dict(zip(blocks, ["0", "3", "6"]))
+    bias_of = dict(zip(blocks, ["0", "4", "7"]))
     fast = calibrate_snn(snn, ann, data, steps, method=method, progress=False)
+    # The ANN (in eval mode: traced as it is, not copied) is untouched: its BatchNorm is not fused into it.
+    assert type(ann[1]) is nn.BatchNorm2d
+    assert not any(m.training for m in ann.modules())
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
     ref = _reference(snn, ann, data, steps, method, bias_of)
     fast_state, ref_state = fast.state_dict(), ref.state_dict()
     assert fast_state.keys() == ref_state.keys()
@@ -105,6 +117,22 @@ def test_calibrate_snn_matches_a_layer_by_layer_reference(
     old = snn.state_dict()
     moved = {k for k, v in ref_state.items() if k not in old or not torch.equal(v, old[k])}
     if method != "potential":
-        assert {"0.bias", "3.bias", "6.bias"} <= moved
+        assert {"0.bias", "4.bias", "7.bias"} <= moved
     if method != "bias":
         assert sum(k.endswith("v_init") for k in moved) == 3
+
+
+def test_an_ann_in_training_mode_is_copied_and_left_in_it() -> None:
+    torch.manual_seed(1)
+    ann = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()).eval()
+    data = [torch.randn(8, 2, 5, 5) for _ in range(2)]
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
+    expected = calibrate_snn(snn, ann, data, 2, progress=False).state_dict()
+    ann.train()
+    before = copy.deepcopy(ann.state_dict())
+    got = calibrate_snn(snn, ann, data, 2, progress=False).state_dict()
+    assert all(m.training for m in ann.modules())
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())  # running stats unchanged
+    assert all(torch.equal(expected[k], v) for k, v in got.items())
