@@ -139,8 +139,24 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
         b.activation = name
 
 
+def _ann_graph(ann: nn.Module) -> fx.GraphModule:
+    """``ann`` traced, in eval mode, with its Conv+BatchNorm pairs fused (as the converter does), without
+    touching ``ann``. An ANN wholly in eval mode is traced as it is: the GraphModule shares its leaf modules
+    and fusing puts new convolutions into the GraphModule's own containers. A GraphModule (returned by the
+    tracer as it is), an ANN in training mode, or a graph whose module targets nest (a leaf module that is
+    also a container of another target: it would be shared, and fusing could write into it) is deep-copied
+    first."""
+    if not isinstance(ann, fx.GraphModule) and not any(m.training for m in ann.modules()):
+        gm = trace_model(ann)
+        targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+        calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        if not any(t.startswith(f"{c}.") for c in calls for t in targets):
+            return stages.fuse(gm.eval(), True)
+    return stages.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
+
+
 def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
-    """Each wanted activation of ``ann_gm`` (a copy of its own: its output is rewritten) summed over the
+    """Each wanted activation of ``ann_gm`` (a graph of its own: its output is rewritten) summed over the
     samples of all ``inputs``, in float64. The graph returns the activations, so the ANN runs as compiled
     code, not node by node."""
     names = sorted(wanted)
@@ -151,7 +167,7 @@ def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]
     sums: dict[str, torch.Tensor] = {}
     for x in inputs:
         for name, result in zip(names, ann_gm(x)):
-            total = result.detach().double().sum(0)
+            total = result.detach().sum(0, dtype=torch.float64)
             previous = sums.get(name)
             if previous is not None and previous.shape != total.shape:
                 raise ValueError(
@@ -249,7 +265,7 @@ def calibrate_snn(
     if hasattr(snn, "conversion_report"):
         new.__dict__["conversion_report"] = snn.conversion_report
     blocks = _find_blocks(new)
-    ann_gm = stages.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
+    ann_gm = _ann_graph(ann)
     _match_activations(snn, blocks, ann_gm)
     first = next(itertools.chain(new.parameters(), new.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -382,9 +398,10 @@ class _LockStep:
             block = ends.get(node)
             if block is not None:
                 # The block's output scaler runs once, after the corrections (they read the spike counts).
-                layers.append(self._correct(block, ann_means[block.activation], i))
+                last = block is self.blocks[-1]
+                layers.append(self._correct(block, ann_means[block.activation], i, last))
                 bar.update(1)
-                if block is self.blocks[-1]:
+                if last:
                     break
             self._run([node], keep=False)
             keep_from = min((p for s, p in starts if s > i), default=len(self.order))
@@ -394,7 +411,9 @@ class _LockStep:
                         it.env.pop(n, None)
         return layers
 
-    def _correct(self, b: _Block, target: torch.Tensor, i: int) -> CalibratedLayer:
+    def _correct(self, b: _Block, target: torch.Tensor, i: int, last: bool) -> CalibratedLayer:
+        """Correct block ``b`` (its output node is ``self.order[i]``); the re-runs keep the block's output
+        only where later nodes read it (not after the ``last`` block: only its spike counts are needed)."""
         error = self._rate_mean(b) - target
         before = float(error.abs().mean())
         bias_of = None
@@ -414,7 +433,7 @@ class _LockStep:
                     value = it.env[b.bias_node]
                     value.sub_(shift.to(value.dtype).view(1, -1, *([1] * (value.dim() - 2))))
                     it.expanded.pop(b.bias_node, None)
-                self._run(self.order[self._start(b) + 1 : i], keep=self.method == "bias")
+                self._run(self.order[self._start(b) + 1 : i], keep=self.method == "bias" and not last)
                 error = self._rate_mean(b) - target
         if self.method in ("potential", "both") or bias_of is None:
             neuron = self.gm.get_submodule(str(b.neuron.target))
@@ -433,6 +452,6 @@ class _LockStep:
             neuron.set_v_init(
                 (torch.as_tensor(old, dtype=torch.float64, device=delta.device) + delta).float()
             )
-            self._run(self.order[self.index[b.neuron] : i], keep=True)
+            self._run(self.order[self.index[b.neuron] : i], keep=not last)
             error = self._rate_mean(b) - target
         return CalibratedLayer(b.prefix, b.activation, bias_of, before, float(error.abs().mean()))
