@@ -131,6 +131,33 @@ def original_spikes(snn: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Te
     return record_steps(snn, neurons, x, lambda: reset_net(snn))
 
 
+def threshold_margins(snn: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per ``IFNode`` of the converted SNN (keyed as :func:`original_spikes` keys it), ``|v - θ| / θ`` of
+    the membrane just before each step's firing decision, ``[T, B, *]``: how close each spike entry came to
+    flipping under a rounding difference. Keys are in the order the neurons run (the data flow)."""
+    from ann2snn_fx import reset_net
+
+    store: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, m in snn.named_modules():
+        if isinstance(m, IFNode):
+            key = name.replace(".", "_")
+
+            def pre(mod: nn.Module, inputs: Any, key: str = key) -> None:
+                theta = torch.as_tensor(mod.v_threshold)
+                store.setdefault(key, []).append(((mod.v + inputs[0] - theta).abs() / theta).detach().clone())
+
+            handles.append(m.register_forward_pre_hook(pre))
+    reset_net(snn)
+    with torch.no_grad():
+        for _ in range(T):
+            snn(x)
+    for h in handles:
+        h.remove()
+    reset_net(snn)
+    return {k: torch.stack(v) for k, v in store.items()}
+
+
 def from_nir_spikes(model: Any, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     from ann2snn_fx import reset_net
 

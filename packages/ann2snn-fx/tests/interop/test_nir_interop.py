@@ -29,6 +29,7 @@ consumers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(consumers)
 ResCNN, digits, digits_cnn, train = consumers.ResCNN, consumers.digits, consumers.digits_cnn, consumers.train
 original_spikes, from_nir_spikes = consumers.original_spikes, consumers.from_nir_spikes
+threshold_margins = consumers.threshold_margins
 sinabs_spikes, snntorch_spikes = consumers.sinabs_spikes, consumers.snntorch_spikes
 
 from ann2snn_fx import Converter, ThresholdOptimizer  # noqa: E402
@@ -53,15 +54,45 @@ def _model(name: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any
     return _MODELS[name]
 
 
-def _assert_same(spikes: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+TIE = 1e-5
+"""A membrane within ``TIE·θ`` of its threshold is a tie: the folded weights and thresholds of the export are
+rounded products, so such an entry may fire in one simulator and not in the other."""
+
+
+def _assert_same(
+    spikes: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    margins: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Every spike entry equal; with ``margins`` (:func:`threshold_margins` of the reference SNN), a sample may
+    differ only where its first difference (earliest step, first neuron layer in data-flow order) is a tie.
+
+    Returns the mask ``[B]`` of the samples whose spikes agree at every layer and step.
+    """
     assert sorted(spikes) == sorted(reference)
-    for name, ref in reference.items():
-        assert spikes[name].shape == ref.shape, name
-        differ = int((spikes[name] != ref).sum())
-        # A difference means a membrane within float32 rounding of its threshold: the folded weights and
-        # thresholds are rounded products (measured on all 360 test digits: 0 for the digits CNN, 2 of
-        # 23.6 million entries for the residual CNN, at its 1x1-conv join; see the guide).
-        assert differ == 0, f"{name}: {differ} of {ref.numel()} spike entries differ"
+    names = list(margins) if margins is not None else list(reference)
+    for name in names:
+        assert spikes[name].shape == reference[name].shape, name
+    differ = {k: spikes[k] != reference[k] for k in names}
+    per_layer = torch.stack([d.flatten(2).any(2) for d in differ.values()])  # [layers, T, B]
+    diverged = per_layer.any(1).any(0)
+    counts = {k: int(d.sum()) for k, d in differ.items() if d.any()}
+    if margins is None:
+        assert not counts, f"spike entries differ: {counts}"
+        return ~diverged
+    for b in diverged.nonzero().flatten().tolist():
+        t = int(per_layer[:, :, b].any(0).nonzero()[0])
+        name = names[int(per_layer[:, t, b].nonzero()[0])]
+        worst = float(margins[name][t, b][differ[name][t, b]].max())
+        assert worst <= TIE, (
+            f"sample {b}: the first difference (step {t}, {name}) is not a tie: the SNN's membrane was "
+            f"{worst:.2e}·θ from its threshold (ties are within {TIE:g}·θ); differing entries: {counts}"
+        )
+    # Ties are rare: 0 or 1 of the 96 test digits differed, for either model, on the two CPUs measured.
+    assert int(diverged.sum()) <= max(1, diverged.numel() // 20), (
+        f"{int(diverged.sum())} samples differ: {counts}"
+    )
+    return ~diverged
 
 
 def _accuracy(out: torch.Tensor, y: torch.Tensor) -> float:
@@ -79,8 +110,9 @@ def test_from_nir_reproduces_every_spike(
     x = m["x"][:batch]
     reference, out = original_spikes(m["snn"], x)
     spikes, out_nir = from_nir_spikes(from_nir(m["graph"]), x)
-    _assert_same(spikes, reference)
-    torch.testing.assert_close(out_nir, out, rtol=1e-5, atol=1e-4)  # the folded weights round differently
+    agree = _assert_same(spikes, reference, threshold_margins(m["snn"], x))
+    # the folded weights round differently
+    torch.testing.assert_close(out_nir[:, agree], out[:, agree], rtol=1e-5, atol=1e-4)
     assert sum(int(s.sum()) for s in reference.values()) > 0
 
 
@@ -93,10 +125,11 @@ def test_sinabs_reproduces_every_spike(
     x = m["x"][:batch]
     reference, out = original_spikes(m["snn"], x)
     spikes, out_sinabs = sinabs_spikes(m["graph"], x)
-    _assert_same(spikes, reference)
-    torch.testing.assert_close(out_sinabs, out, rtol=1e-5, atol=1e-4)
+    agree = _assert_same(spikes, reference, threshold_margins(m["snn"], x))
+    torch.testing.assert_close(out_sinabs[:, agree], out[:, agree], rtol=1e-5, atol=1e-4)
     if batch > 1:
-        assert _accuracy(out_sinabs, m["y"][:batch]) == _accuracy(out, m["y"][:batch])
+        y = m["y"][:batch][agree]
+        assert _accuracy(out_sinabs[:, agree], y) == _accuracy(out[:, agree], y)
 
 
 @pytest.mark.parametrize(("name", "batch"), CASES)
@@ -179,8 +212,9 @@ def test_per_channel_thresholds_round_trip(tmp_path_factory: pytest.TempPathFact
     )
     x = xte[:16]
     reference, _ = original_spikes(snn, x)
-    _assert_same(from_nir_spikes(from_nir(graph), x)[0], reference)
-    _assert_same(sinabs_spikes(graph, x)[0], reference)
+    margins = threshold_margins(snn, x)
+    _assert_same(from_nir_spikes(from_nir(graph), x)[0], reference, margins)
+    _assert_same(sinabs_spikes(graph, x)[0], reference, margins)
 
 
 def test_legacy_file_for_old_nir(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -195,7 +229,8 @@ def test_legacy_file_for_old_nir(tmp_path_factory: pytest.TempPathFactory) -> No
         assert all("v_reset" not in g for g in groups)
     again = nir.read(path)
     x = m["x"][:4]
-    _assert_same(from_nir_spikes(from_nir(again), x)[0], original_spikes(m["snn"], x)[0])
+    reference = original_spikes(m["snn"], x)[0]
+    _assert_same(from_nir_spikes(from_nir(again), x)[0], reference, threshold_margins(m["snn"], x))
 
 
 def test_reads_a_graph_written_by_sinabs() -> None:
