@@ -167,40 +167,25 @@ def test_fused_modules_survive_deepcopy_and_plain_calls() -> None:
 transformers = pytest.importorskip("transformers")
 
 
+_SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 48,
+    "max_position_embeddings": 32,
+}
+"""The size of every small Hugging Face model below (GPT-2 names its sizes differently)."""
+
+
 def _hf(name: str) -> nn.Module:
     """A randomly initialised Hugging Face model of hidden size 32."""
     if name == "bert":
-        config = transformers.BertConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=32,
-        )
-        return transformers.BertModel(config).eval()
+        return transformers.BertModel(transformers.BertConfig(**_SMALL)).eval()
     if name == "llama":  # RMSNorm in float32, the fused leaf; grouped-query attention
-        config = transformers.LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=32,
-        )
-        return transformers.LlamaModel(config).eval()
+        return transformers.LlamaModel(transformers.LlamaConfig(**_SMALL, num_key_value_heads=2)).eval()
     if name == "mistral":  # a sliding window shorter than the tokens: DynamicSlidingWindowLayer caches
-        config = transformers.MistralConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=32,
-            sliding_window=3,
-        )
+        config = transformers.MistralConfig(**_SMALL, num_key_value_heads=2, sliding_window=3)
         return transformers.MistralModel(config).eval()
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
     return transformers.GPT2Model(config).double().eval()  # its tanh-GELU module: pow, tanh, products
