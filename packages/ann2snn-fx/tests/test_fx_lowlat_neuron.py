@@ -178,6 +178,70 @@ def test_sequence_sums_into_totals_and_restarts_into_a_given_membrane(
             assert torch.equal(node.count, ref_count)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "v_init", [0.5, torch.linspace(-0.5, 1.0, 3).view(3, 1, 1)], ids=["number", "tensor"]
+)
+@pytest.mark.parametrize(("burst", "signed"), [(1, False), (3, True)])
+@pytest.mark.parametrize("static", [False, True], ids=["temporal", "static"])
+def test_channels_last_input_keeps_its_layout_and_values(
+    burst: int, signed: bool, v_init: float | torch.Tensor, static: bool
+) -> None:
+    # The spike buffers and a new membrane follow the input's layout, also for a static input expanded over
+    # time (its steps are one dense channels-last tensor); the spikes equal those of the default layout.
+    torch.manual_seed(6)
+    if static:
+        step = torch.randn(4, 3, 5, 5) * 1.5
+        x = step.unsqueeze(0).expand(6, *step.shape)
+        xc = step.contiguous(memory_format=torch.channels_last).unsqueeze(0).expand(6, *step.shape)
+    else:
+        x = torch.randn(6, 4, 3, 5, 5) * 1.5
+        xc = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (6, 4))
+    cl = torch.channels_last
+    for totals in (None, torch.zeros(3, 5, 5)):
+        node = IFNode(v_reset=None, v_init=v_init, burst=burst, signed=signed).eval()
+        with torch.no_grad():
+            ref = node._inference_sequence(
+                x, input_scale=0.7, totals=None if totals is None else totals.clone()
+            )
+            node.reset()
+            out = node._inference_sequence(xc, input_scale=0.7, totals=totals)
+        assert node.v.is_contiguous(memory_format=cl)
+        assert not node.v.is_contiguous()
+        if totals is None:
+            assert all(out[t].is_contiguous(memory_format=cl) for t in range(6))
+            assert torch.equal(out, ref)
+        else:
+            assert out.is_contiguous(memory_format=cl)
+            assert torch.equal(out, ref)  # the last step's spikes
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["contiguous", "channels_last", "channels_last_3d", "permuted", "strided", "expanded"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_first_dim_equals_torch_sum_in_every_layout(layout: str, dtype: torch.dtype) -> None:
+    from ann2snn_fx.snn.dynamics import sum_first_dim
+
+    torch.manual_seed(7)
+    base = torch.randn(37, 6, 5, 4, 3)
+    x = {
+        "contiguous": base[:, :, :, :, 0],
+        "channels_last": base[:, :, :, :, 0].contiguous(memory_format=torch.channels_last),
+        "channels_last_3d": base.contiguous(memory_format=torch.channels_last_3d),
+        "permuted": base[:, :, :, :, 0].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),  # N, W, C, H
+        "strided": base[:, :, ::2, :, 1],
+        "expanded": base[:1, :, :, :, 0].expand(37, 6, 5, 4),
+    }[layout]
+    got = sum_first_dim(x, dtype)
+    want = x.contiguous().sum(0, dtype=dtype)
+    assert got.shape == want.shape
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    counts = (x > 0).to(torch.float32)  # integer counts: exact in every order
+    assert torch.equal(sum_first_dim(counts, dtype), counts.contiguous().sum(0, dtype=dtype))
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.7, torch.tensor(1.3)])
 @pytest.mark.parametrize("v_reset", [None, 0.0])
 def test_default_options_are_bit_identical(threshold: object, v_reset: float | None) -> None:

@@ -17,6 +17,7 @@ __all__ = [
     "fire_negated_",
     "integrate_and_fire",
     "integrate_and_fire_sequence",
+    "sum_first_dim",
 ]
 
 
@@ -84,12 +85,33 @@ def integrate_and_fire_sequence(
         torch.ge(v, threshold, out=spikes)
         v.sub_(spikes, alpha=threshold)
         if totals is not None:
-            totals.add_(spikes.sum(0, dtype=totals.dtype))
+            totals.add_(sum_first_dim(spikes, totals.dtype))
     return out, v
 
 
+def sum_first_dim(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.sum(0, dtype=dtype)``, reduced in memory order when ``x`` is dense in another order than the
+    default (channels-last): torch's reduction of a permuted layout takes a slow path, 14x slower on a
+    channels-last ``[512, 16, 8, 8]``. The sum runs over the same elements, in the same order along dim 0."""
+    if x.dim() > 2 and not x.is_contiguous():
+        order = sorted(range(1, x.dim()), key=lambda d: -x.stride()[d])
+        dense = x.permute(0, *order)
+        if dense.is_contiguous():
+            inverse = [0] * len(order)
+            for i, d in enumerate(order):
+                inverse[d - 1] = i
+            return dense.sum(0, dtype=dtype).permute(*inverse)
+    return x.sum(0, dtype=dtype)
+
+
 def _spike_buffer(x_seq: torch.Tensor, totals: torch.Tensor | None) -> torch.Tensor:
-    return torch.empty_like(x_seq if totals is None else x_seq[0], memory_format=torch.contiguous_format)
+    # Each step laid out as the input's step when that is dense (channels-last spike maps stay channels-last,
+    # also for a static input expanded over time), else contiguous.
+    step = torch.empty_like(x_seq[0], memory_format=torch.preserve_format)
+    if totals is not None:
+        return step
+    strides = (step.numel(), *step.stride())
+    return torch.empty_strided((x_seq.shape[0], *step.shape), strides, dtype=step.dtype, device=step.device)
 
 
 def fire_burst_signed_(
@@ -193,7 +215,7 @@ def burst_signed_sequence(
         if signed and negative_count is None:
             negative_count = torch.neg(spikes)  # the count of a fresh neuron starts at its first output
         if totals is not None:
-            totals.add_(spikes.sum(0, dtype=totals.dtype))
+            totals.add_(sum_first_dim(spikes, totals.dtype))
     return out, negative_count
 
 

@@ -208,7 +208,8 @@ class IFNode(LowLatencyState, SequenceSteps, nn.Module):
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             # A new input shape (first call, or another batch size) starts from the initial potential.
             if isinstance(self.v_init, torch.Tensor):
-                return self.v_init.to(dtype=x.dtype, device=x.device).expand_as(x).clone()
+                # laid out as the input (a channels-last input gets a channels-last membrane)
+                return torch.empty_like(x).copy_(self.v_init.expand_as(x))
             return torch.full_like(x, self._initial_v())
         if v.dtype != x.dtype or v.device != x.device:
             v = v.to(dtype=x.dtype, device=x.device)
