@@ -136,3 +136,67 @@ def test_an_ann_in_training_mode_is_copied_and_left_in_it() -> None:
     assert all(m.training for m in ann.modules())
     assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())  # running stats unchanged
     assert all(torch.equal(expected[k], v) for k, v in got.items())
+
+
+def _small_cnn() -> tuple[nn.Module, list[torch.Tensor], nn.Module]:
+    torch.manual_seed(3)
+    ann = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten()
+    ).eval()
+    data = [torch.randn(6, 1, 5, 5) for _ in range(4)]
+    snn = Converter(
+        data, progress=False, neuron_factory=NeuronFactory(v_init=0.5)
+    ).convert_to_spiking_neurons(ann)
+    return ann, data, snn
+
+
+def test_the_returned_snn_is_reset_and_its_tensors_are_contiguous() -> None:
+    from ann2snn_fx import IFNode
+
+    ann, data, snn = _small_cnn()
+    fixed = calibrate_snn(snn, ann, data, 2, method="both", progress=False)
+    neurons = [m for m in fixed.modules() if isinstance(m, IFNode)]
+    assert len(neurons) == 2
+    # No membrane of the calibration run (one per calibration sample) is left in the result.
+    assert all(not isinstance(m.v, torch.Tensor) and m.v_seq is None for m in neurons)
+    # The channels-last run leaves no permuted parameter or buffer behind.
+    assert all(v.is_contiguous() for v in fixed.state_dict().values())
+    # The result simulates as a freshly loaded copy of it does.
+    x = torch.randn(3, 1, 5, 5)
+    clone = copy.deepcopy(fixed)
+    clone.load_state_dict(fixed.state_dict())
+    torch.testing.assert_close(run_snn(fixed, x, 2), run_snn(clone, x, 2), rtol=0, atol=0)
+
+
+def test_batches_are_merged_up_to_the_cap_and_only_when_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ann2snn_fx.relu import calibrate
+
+    a, b, c = torch.randn(4, 3), torch.randn(2, 3), torch.randn(5, 3)
+    merged = calibrate._merged([a, b, c])
+    assert len(merged) == 1
+    assert torch.equal(merged[0], torch.cat([a, b, c]))
+    monkeypatch.setattr(calibrate, "_MERGE_ELEMENTS", 18)  # a + b fit (18 elements), c starts a new chunk
+    merged = calibrate._merged([a, b, c])
+    assert [m.shape[0] for m in merged] == [6, 5]
+    monkeypatch.setattr(calibrate, "_MERGE_ELEMENTS", 2**22)
+    other_shape, other_dtype = torch.randn(2, 4), torch.randn(2, 3, dtype=torch.float64)
+    merged = calibrate._merged([a, other_shape, b, other_dtype, c])
+    assert [tuple(m.shape) for m in merged] == [(4, 3), (2, 4), (2, 3), (2, 3), (5, 3)]
+    assert [m.dtype for m in merged] == [torch.float32] * 3 + [torch.float64, torch.float32]
+
+
+def test_merged_batches_calibrate_as_separate_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ann2snn_fx.relu import calibrate
+
+    ann, data, snn = _small_cnn()
+    together = calibrate_snn(snn, ann, data, 2, method="both", progress=False)
+    monkeypatch.setattr(calibrate, "_MERGE_ELEMENTS", 0)  # every batch alone
+    apart = calibrate_snn(snn, ann, data, 2, method="both", progress=False)
+    old = snn.state_dict()
+    moved = set()
+    for key, value in apart.state_dict().items():
+        torch.testing.assert_close(together.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+        if key not in old or not torch.equal(value, old[key]):
+            moved.add(key)
+    assert {"0.bias", "2.bias"} <= moved  # both biases were corrected
+    assert sum(k.endswith("v_init") for k in moved) == 2  # and both initial potentials

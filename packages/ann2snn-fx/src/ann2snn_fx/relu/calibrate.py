@@ -13,6 +13,7 @@ import copy
 import itertools
 import numbers
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from ann2snn_calib import VoltageScaler
 from ann2snn_fx.relu import stages
+from ann2snn_fx.snn.dynamics import sum_first_dim
 from ann2snn_fx.snn.multistep import _MultiStepInterpreter
-from ann2snn_fx.snn.neurons import IFNode
+from ann2snn_fx.snn.neurons import IFNode, reset_net
 from ann2snn_fx.tracing import trace_model
 
 __all__ = ["CalibratedLayer", "calibrate_snn"]
@@ -43,6 +45,8 @@ _SHIFT_MODULES = (
     nn.Dropout,
 )
 _BIAS_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Consecutive calibration batches are concatenated up to this many elements (see _merged).
+_MERGE_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -140,34 +144,37 @@ def _match_activations(snn: fx.GraphModule, blocks: list[_Block], ann_gm: fx.Gra
 
 
 def _ann_graph(ann: nn.Module) -> fx.GraphModule:
-    """``ann`` traced, in eval mode, with its Conv+BatchNorm pairs fused (as the converter does), without
-    touching ``ann``. An ANN wholly in eval mode is traced as it is: the GraphModule shares its leaf modules
-    and fusing puts new convolutions into the GraphModule's own containers. A GraphModule (returned by the
-    tracer as it is), an ANN in training mode, or a graph whose module targets nest (a leaf module that is
-    also a container of another target: it would be shared, and fusing could write into it) is deep-copied
-    first."""
+    """``ann`` traced, in eval mode, without touching ``ann``. Its BatchNorms are not fused: the targets are
+    the ANN's own activations (fusing, as the converter does, changes only their rounding and took 40% of
+    this step). An ANN wholly in eval mode is traced as it is: the GraphModule shares its leaf modules, and
+    only its own new graph is rewritten. A GraphModule (returned by the tracer as it is) or an ANN in
+    training mode is deep-copied first."""
     if not isinstance(ann, fx.GraphModule) and not any(m.training for m in ann.modules()):
-        gm = trace_model(ann)
-        targets = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-        calls = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-        if not any(t.startswith(f"{c}.") for c in calls for t in targets):
-            return stages.fuse(gm.eval(), True)
-    return stages.fuse(trace_model(copy.deepcopy(ann).eval()).eval(), True)
+        return trace_model(ann)
+    return trace_model(copy.deepcopy(ann).eval()).eval()
 
 
-def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]) -> dict[str, torch.Tensor]:
+def _activation_sums(
+    ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any], channels_last: bool = False
+) -> dict[str, torch.Tensor]:
     """Each wanted activation of ``ann_gm`` (a graph of its own: its output is rewritten) summed over the
     samples of all ``inputs``, in float64. The graph returns the activations, so the ANN runs as compiled
-    code, not node by node."""
+    code, not node by node. With ``channels_last``, 2-D convolutions' outputs are put in channels-last
+    order (a 1-channel input is in both orders, and torch would keep the default one)."""
     names = sorted(wanted)
     nodes = {n.name: n for n in ann_gm.graph.nodes}
+    if channels_last:
+        for node in [n for n in ann_gm.graph.nodes if _is_conv2d(ann_gm, n)]:
+            with ann_gm.graph.inserting_after(node):
+                moved = ann_gm.graph.call_function(_to_channels_last, (node,))
+            node.replace_all_uses_with(moved, delete_user_cb=lambda user, moved=moved: user is not moved)
     output = next(n for n in ann_gm.graph.nodes if n.op == "output")
     output.args = (tuple(nodes[name] for name in names),)  # every node still runs, as before
     ann_gm.recompile()
     sums: dict[str, torch.Tensor] = {}
     for x in inputs:
         for name, result in zip(names, ann_gm(x)):
-            total = result.detach().sum(0, dtype=torch.float64)
+            total = sum_first_dim(result.detach(), torch.float64)
             previous = sums.get(name)
             if previous is not None and previous.shape != total.shape:
                 raise ValueError(
@@ -176,6 +183,58 @@ def _activation_sums(ann_gm: fx.GraphModule, wanted: set[str], inputs: list[Any]
                 )
             sums[name] = total if previous is None else previous + total
     return sums
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``copy.deepcopy(gm)``, with each module's empty containers (its hook dicts, mostly) copied as new
+    empty ones up front: the same result, a third faster on the digits CNNs."""
+    memo: dict[int, Any] = {}
+    for module in gm.modules():
+        for value in module.__dict__.values():
+            if type(value) in (dict, OrderedDict, set, list) and not value:
+                memo[id(value)] = type(value)()
+    return copy.deepcopy(gm, memo)
+
+
+def _merged(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive batches of one sample shape, dtype and device concatenated, up to ``_MERGE_ELEMENTS``
+    elements a chunk (a larger batch stays alone). Every statistic is a sum over samples of per-sample
+    results, so only float rounding can change, and small batches run as fewer, larger kernels: on 4
+    batches of 128 digits the T=2 calibration runs 1.2x faster."""
+    chunks: list[list[torch.Tensor]] = []
+    size = 0
+    for x in inputs:
+        last = chunks[-1][-1] if chunks else None
+        if (
+            last is not None
+            and x.dim() > 0
+            and last.shape[1:] == x.shape[1:]
+            and (last.dtype, last.device) == (x.dtype, x.device)
+            and size + x.numel() <= _MERGE_ELEMENTS
+        ):
+            chunks[-1].append(x)
+            size += x.numel()
+        else:
+            chunks.append([x])
+            size = x.numel()
+    return [chunk[0] if len(chunk) == 1 else torch.cat(chunk) for chunk in chunks]
+
+
+def _channels_last(gm: fx.GraphModule) -> bool:
+    """Whether to run in channels-last order: the model has 2-D convolutions. oneDNN's channels-last kernels
+    are up to 3.3x faster on the digits CNNs' ``[T*N, 16, 8, 8]`` spike maps; values agree to float
+    rounding (tests compare with a reference run in the default order)."""
+    return any(isinstance(m, nn.Conv2d) for m in gm.modules())
+
+
+def _to_channels_last(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() == 4:
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _is_conv2d(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), nn.Conv2d)
 
 
 def _group() -> Any:
@@ -261,7 +320,7 @@ def calibrate_snn(
         raise TypeError(f"ann must be an nn.Module, but got {type(ann).__name__}.")
     _check(method, time_steps, num_batches, progress)
     steps = int(time_steps)
-    new = copy.deepcopy(snn).eval()
+    new = _copy(snn).eval()
     if hasattr(snn, "conversion_report"):
         new.__dict__["conversion_report"] = snn.conversion_report
     blocks = _find_blocks(new)
@@ -274,6 +333,10 @@ def calibrate_snn(
     inputs = [stages.to_model(stages.batch_input(d), device, None) for d in source]
     if not inputs:
         raise ValueError("The calibration dataloader yielded no batch; calibrate_snn needs data.")
+    inputs = _merged(inputs)
+    channels_last = _channels_last(new)
+    if channels_last:
+        inputs = [_to_channels_last(x) for x in inputs]
     disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
     bar = tqdm(total=len(blocks) + 1, desc="calibrating SNN", disable=disabled, leave=False)
     group = _group()
@@ -281,11 +344,14 @@ def calibrate_snn(
         torch.tensor(float(sum(x.shape[0] for x in inputs)), dtype=torch.float64, device=device), group
     )
     with torch.no_grad():
-        ann_sums = _activation_sums(ann_gm, {b.activation for b in blocks}, inputs)
+        ann_sums = _activation_sums(ann_gm, {b.activation for b in blocks}, inputs, channels_last)
         ann_means = {k: _reduce(v, group) / count for k, v in ann_sums.items()}
         bar.update(1)
-        layers = _LockStep(new, inputs, steps, blocks, method, group, count).run(ann_means, bar)
+        layers = _LockStep(new, inputs, steps, blocks, method, group, count, channels_last).run(
+            ann_means, bar
+        )
     bar.close()
+    reset_net(new)  # no membrane of the calibration run (one per calibration sample) stays in the result
     new.meta["ann2snn_fx.calibrate_snn"] = layers
     return new
 
@@ -302,7 +368,10 @@ class _LockStep:
         method: str,
         group: Any,
         count: torch.Tensor,
+        channels_last: bool = False,
     ) -> None:
+        # 2-D convolutions whose output is put in channels-last order (see _channels_last).
+        self.to_channels_last = {n for n in gm.graph.nodes if channels_last and _is_conv2d(gm, n)}
         self.gm, self.steps, self.blocks, self.method, self.group, self.count = (
             gm,
             steps,
@@ -367,6 +436,8 @@ class _LockStep:
                     )
                     it.totals[node] = totals
                 value = it.run_node(node)
+                if node in self.to_channels_last:
+                    value = _to_channels_last(value)
                 it.env[node] = value
                 if block is not None:
                     state = getattr(module, "v", None)
@@ -375,7 +446,7 @@ class _LockStep:
                     it.totals.pop(node, None)
                     if value is not None:  # kept, or a neuron with no fused loop (its totals were not used)
                         exact = value.shape[0] * self.burst[node] < 2**24 and value.dtype != torch.float64
-                        totals = value.sum(0, dtype=torch.float32 if exact else torch.float64)
+                        totals = sum_first_dim(value, torch.float32 if exact else torch.float64)
                     assert totals is not None
                     counts[block.scaler1] = totals
 
