@@ -465,6 +465,35 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def timm(session: nox.Session) -> None:
+    """ann2snn-fx on timm's own models (tests/timm: ResNet-18, VGG-11-BN, ViT), with random weights.
+
+    timm needs torchvision, which does not load beside the torch that ci.txt pins; constraints/timm.txt pins
+    the torch/torchvision pair that does, and every other pin comes from ci.txt (its torch line dropped).
+    """
+    pins = [
+        line for line in pathlib.Path(CONSTRAINTS).read_text().splitlines() if not line.startswith("torch==")
+    ]
+    merged = pathlib.Path(session.create_tmp()) / "constraints-timm.txt"
+    merged.write_text(
+        "\n".join([*pins, *pathlib.Path(ROOT / "constraints" / "timm.txt").read_text().splitlines()])
+    )
+    index = ["--extra-index-url", TORCH_CPU_INDEX] if _torch_cpu_requested() else []
+    fx = _pkg_dir("ann2snn-fx")
+    ours = [str(_pkg_dir(d)) for d in [*_siblings("ann2snn-fx"), "ann2snn-fx"]]
+    session.install("-c", str(merged), *index, "torch", "torchvision", "timm")
+    session.install("-c", str(merged), *index, "--force-reinstall", "--no-deps", *ours)
+    session.install("-c", str(merged), *index, *ours, "pytest")
+    _check_torch(session)
+    session.run(
+        "python",
+        "-c",
+        "import timm, torch, torchvision; print('timm', timm.__version__, 'torch', torch.__version__)",
+    )
+    session.run("pytest", str(fx / "tests" / "timm"), *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
 def interop(session: nox.Session) -> None:
     """NIR export/import against third-party consumers (sinabs, snnTorch) at the versions pinned in
     constraints/ci.txt: ann2snn-fx[nir] plus the consumers, then the interop tests."""
