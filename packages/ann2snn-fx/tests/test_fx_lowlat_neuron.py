@@ -391,3 +391,31 @@ def test_docstring_examples(module: object) -> None:
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)  # type: ignore[arg-type]
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_scratch_step_buffer_is_reused_only_where_it_fits(signed: bool) -> None:
+    from ann2snn_fx.snn.dynamics import burst_signed_sequence, integrate_and_fire_sequence
+
+    torch.manual_seed(4)
+    x_seq = torch.rand(5, 3, 4, 6) * 0.8
+
+    def run(scratch: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        totals = torch.zeros(4, 6)
+        v = torch.full((3, 4, 6), 0.5)
+        if signed:
+            out, _ = burst_signed_sequence(v, x_seq, 1.0, 2, True, None, None, totals, scratch)
+        else:
+            out, _ = integrate_and_fire_sequence(v, x_seq, 1.0, None, totals, scratch)
+        return out, totals
+
+    fresh_out, fresh_totals = run(None)
+    fits = torch.full((3, 4, 6), 7.0)  # stale contents: every step overwrites it
+    out, totals = run(fits)
+    assert out is fits
+    assert torch.equal(totals, fresh_totals)
+    assert torch.equal(out, fresh_out)  # the last step's spikes
+    for wrong in (torch.zeros(2, 4, 6), torch.zeros(3, 4, 6, dtype=torch.float64)):
+        out, totals = run(wrong)
+        assert out is not wrong
+        assert torch.equal(totals, fresh_totals)

@@ -67,15 +67,17 @@ def integrate_and_fire_sequence(
     threshold: float,
     input_scale: float | None = None,
     totals: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-reset inference over ``[T, N, *]`` (``v`` updated in place), integrating ``input_scale * x``
     when given (a fused input scaler). Returns ``(spikes, v)``; spikes are written straight into the output.
 
     With ``totals`` (a ``[*]`` tensor) the spikes are not kept: each step's are written into one ``[N, *]``
     tensor (returned in place of the spikes) and summed over ``N`` into ``totals``, in place, in its dtype
-    (exact for counts below ``2**24`` in float32).
+    (exact for counts below ``2**24`` in float32). ``scratch``: a ``[N, *]`` buffer that step tensor may be
+    (reused when its shape, dtype and device fit).
     """
-    out = _spike_buffer(x_seq, totals)
+    out = _spike_buffer(x_seq, totals, scratch)
     for t in range(x_seq.shape[0]):
         spikes = out[t] if totals is None else out
         if input_scale is None:
@@ -104,9 +106,19 @@ def sum_first_dim(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.sum(0, dtype=dtype)
 
 
-def _spike_buffer(x_seq: torch.Tensor, totals: torch.Tensor | None) -> torch.Tensor:
+def _spike_buffer(
+    x_seq: torch.Tensor, totals: torch.Tensor | None, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     # Each step laid out as the input's step when that is dense (channels-last spike maps stay channels-last,
-    # also for a static input expanded over time), else contiguous.
+    # also for a static input expanded over time), else contiguous. With totals, a ``scratch`` step buffer of
+    # the step's shape, dtype and device is reused (a fresh one of megabytes costs its page faults).
+    if (
+        totals is not None
+        and scratch is not None
+        and scratch.shape == x_seq.shape[1:]
+        and (scratch.dtype, scratch.device) == (x_seq.dtype, x_seq.device)
+    ):
+        return scratch
     step = torch.empty_like(x_seq[0], memory_format=torch.preserve_format)
     if totals is not None:
         return step
@@ -199,15 +211,17 @@ def burst_signed_sequence(
     negative_count: torch.Tensor | None,
     input_scale: float | None = None,
     totals: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Soft-reset inference of a burst and/or signed neuron over ``[T, N, *]`` (``v`` updated in place),
     integrating ``input_scale * x`` when given: :func:`fire_negated_` at every step.
 
     ``negative_count`` is a signed neuron's negated net count so far, updated in place (``None``: a fresh
     neuron, whose first step has no negative rule to apply). Returns ``(out, negative_count)``
-    (``negative_count`` is ``None`` unless ``signed``); ``totals`` as for :func:`integrate_and_fire_sequence`.
+    (``negative_count`` is ``None`` unless ``signed``); ``totals`` and ``scratch`` as for
+    :func:`integrate_and_fire_sequence`.
     """
-    out = _spike_buffer(x_seq, totals)
+    out = _spike_buffer(x_seq, totals, scratch)
     for t in range(x_seq.shape[0]):
         spikes = out[t] if totals is None else out
         v.add_(x_seq[t]) if input_scale is None else v.add_(x_seq[t], alpha=input_scale)

@@ -217,6 +217,8 @@ class _MultiStepInterpreter(fx.Interpreter):
         #: Accumulators ``[*]`` for the next run of fused neuron nodes: such a run keeps no output (its
         #: value is ``None``) but sums it over time and batch into the tensor, taken out of this dict.
         self.totals: dict[fx.Node, torch.Tensor] = {}
+        #: Per fused neuron node, the ``[N, *]`` step buffer of its last such run: the next one reuses it.
+        self.scratch: dict[fx.Node, torch.Tensor] = {}
 
     def _expand(self, value: torch.Tensor) -> torch.Tensor:
         t = self.time_steps
@@ -287,8 +289,12 @@ class _MultiStepInterpreter(fx.Interpreter):
                 if first is not None and isinstance(module, IFNode) and module._sequence_fast_path_ok(x_seq):
                     scale = _scalar_scaler(self.fetch_attr(str(first.target)))
                     totals = self.totals.pop(n, None)
-                    out = module._inference_sequence(x_seq, input_scale=scale, totals=totals)
-                    return None if totals is not None else out.flatten(0, 1)
+                    if totals is None:
+                        return module._inference_sequence(x_seq, input_scale=scale).flatten(0, 1)
+                    self.scratch[n] = module._inference_sequence(
+                        x_seq, input_scale=scale, totals=totals, scratch=self.scratch.get(n)
+                    )
+                    return None
                 if first is not None:
                     x_seq = x_seq * _scalar_scaler(self.fetch_attr(str(first.target)))  # type: ignore[operator]
                 return module.multi_step_forward(x_seq).flatten(0, 1)

@@ -49,18 +49,23 @@ class SequenceSteps:
         )
 
     def _inference_sequence(
-        self, x_seq: torch.Tensor, input_scale: float | None = None, totals: torch.Tensor | None = None
+        self,
+        x_seq: torch.Tensor,
+        input_scale: float | None = None,
+        totals: torch.Tensor | None = None,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Soft-reset inference over ``[T, N, *]``: spikes written straight into the output, optionally
         integrating ``input_scale * x`` (a fused input scaler). With ``totals`` (``[*]``) the output is
         not kept but summed over time and batch into it (see
-        :func:`~ann2snn_fx.snn.dynamics.integrate_and_fire_sequence`)."""
+        :func:`~ann2snn_fx.snn.dynamics.integrate_and_fire_sequence`), and that ``[N, *]`` step buffer
+        (returned) may be ``scratch``, an earlier call's."""
         v = self._prepare_v(x_seq[0])
         if v is self.v and isinstance(v, torch.Tensor) and v.requires_grad:
             v = v.detach().clone()
         threshold = float(self.v_threshold)
         if self.burst == 1 and not self.signed:
-            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale, totals)
+            out, v = integrate_and_fire_sequence(v, x_seq, threshold, input_scale, totals, scratch)
         else:
             out, negative_count = burst_signed_sequence(
                 v,
@@ -71,6 +76,7 @@ class SequenceSteps:
                 self._prepare_count(v) if self.signed else None,
                 input_scale,
                 totals,
+                scratch,
             )
             if negative_count is not None:
                 self.__dict__["_negative_count"] = negative_count
