@@ -105,9 +105,9 @@ def _torch_cpu_requested() -> bool:
     return value == "cpu"
 
 
-def _install(session: nox.Session, *args: str) -> None:
+def _install(session: nox.Session, *args: str, constraints: str = CONSTRAINTS) -> None:
     index = ["--extra-index-url", TORCH_CPU_INDEX] if _torch_cpu_requested() else []
-    session.install("-c", CONSTRAINTS, *index, *args)
+    session.install("-c", constraints, *index, *args)
     _check_torch(session)
 
 
@@ -134,14 +134,16 @@ def _check_torch(session: nox.Session) -> None:
         session.log(f"torch {version}: the CUDA {cuda} build; ANN2SNN_TORCH=cpu installs the CPU-only wheel")
 
 
-def _install_ours(session: nox.Session, ours: list[str], *others: str) -> None:
+def _install_ours(
+    session: nox.Session, ours: list[str], *others: str, constraints: str = CONSTRAINTS
+) -> None:
     """Install our packages (folders or wheels) and ``others``.
 
     Venvs are reused and our versions change without a bump between commits, so our packages are
     force-reinstalled first: pip would otherwise keep a stale build of the same version.
     """
-    _install(session, "--force-reinstall", "--no-deps", *ours)
-    _install(session, *ours, *others)
+    _install(session, "--force-reinstall", "--no-deps", *ours, constraints=constraints)
+    _install(session, *ours, *others, constraints=constraints)
 
 
 @nox.session(python=PYTHON)
@@ -478,13 +480,10 @@ def timm(session: nox.Session) -> None:
     merged.write_text(
         "\n".join([*pins, *pathlib.Path(ROOT / "constraints" / "timm.txt").read_text().splitlines()])
     )
-    index = ["--extra-index-url", TORCH_CPU_INDEX] if _torch_cpu_requested() else []
     fx = _pkg_dir("ann2snn-fx")
+    _install(session, "torch", "torchvision", "timm", constraints=str(merged))
     ours = [str(_pkg_dir(d)) for d in [*_siblings("ann2snn-fx"), "ann2snn-fx"]]
-    session.install("-c", str(merged), *index, "torch", "torchvision", "timm")
-    session.install("-c", str(merged), *index, "--force-reinstall", "--no-deps", *ours)
-    session.install("-c", str(merged), *index, *ours, "pytest")
-    _check_torch(session)
+    _install_ours(session, ours, "pytest", constraints=str(merged))
     session.run(
         "python",
         "-c",

@@ -48,6 +48,17 @@ def _relative_error(out: torch.Tensor, expected: torch.Tensor, centred: bool) ->
     return float((out - expected).norm() / expected.norm())
 
 
+def _assert_snn_agrees(
+    snn: torch.nn.Module, ann: torch.nn.Module, x: torch.Tensor, tol: float, centred: bool
+) -> None:
+    """The SNN's mean output after T steps within ``tol`` of the ANN's, and 80% of the predictions equal."""
+    with torch.no_grad():
+        expected = ann(x)
+    out = run_snn(snn, x, T, multi_step=True)[-1]
+    assert _relative_error(out, expected, centred) < tol
+    assert (out.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+
+
 def test_timm_resnet18_converts_and_its_snn_agrees_with_the_ann() -> None:
     """Before issue 18: "0 left" in the report, then 0.55 relative error at T=256 (a max over spikes)."""
     torch.manual_seed(0)
@@ -60,12 +71,7 @@ def test_timm_resnet18_converts_and_its_snn_agrees_with_the_ann() -> None:
     # timm's stem is act1 -> maxpool: it became maxpool -> neuron (max commutes with the monotone ReLU).
     calls = [str(n.target) for n in snn.graph.nodes if n.op == "call_module"]
     assert calls.index("maxpool") < calls.index("spiking_0.if_node")
-    x = data[:16]
-    with torch.no_grad():
-        expected = ann(x)
-    out = run_snn(snn, x, T, multi_step=True)[-1]
-    assert _relative_error(out, expected, centred=True) < 0.15  # 0.065 measured
-    assert (out.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    _assert_snn_agrees(snn, ann, data[:16], tol=0.15, centred=True)  # 0.065 measured
 
 
 def test_timm_vgg11_bn_traces_with_example_inputs_and_agrees_with_the_ann() -> None:
@@ -80,12 +86,7 @@ def test_timm_vgg11_bn_traces_with_example_inputs_and_agrees_with_the_ann() -> N
     snn = _convert(ann, data, tracer=ExampleInputTracer(data[:2]))
     assert not snn.conversion_report.left, str(snn.conversion_report)
     assert any(isinstance(m, SpikingMaxPool) for m in snn.modules())  # pools on time-varying currents
-    x = data[:8]
-    with torch.no_grad():
-        expected = ann(x)
-    out = run_snn(snn, x, T, multi_step=True)[-1]
-    assert _relative_error(out, expected, centred=False) < 0.15  # 0.073 measured
-    assert (out.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    _assert_snn_agrees(snn, ann, data[:8], tol=0.15, centred=False)  # 0.073 measured
 
 
 def _vit() -> torch.nn.Module:
