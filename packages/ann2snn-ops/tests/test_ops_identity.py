@@ -562,21 +562,41 @@ def test_fused_inference_path_non_contiguous_and_half_input(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("step_blocks", [True, False])
 @pytest.mark.parametrize("block", [1, 7, 96, 500, 1 << 16])
 @pytest.mark.parametrize("t", [1, 2, 9])
-def test_td_rows_any_block_size(block: int, t: int) -> None:
-    """td_rows' layouts (blocks of whole steps, tiles of rows, blocks of a single row) against the reference,
-    with an allocating op and with an out= op."""
+def test_td_rows_any_block_size(block: int, t: int, step_blocks: bool) -> None:
+    """td_rows' layouts (blocks of whole steps, tiles of rows, blocks of a single row; with step_blocks=False
+    always one step at a time) against the reference, with an allocating op and with an out= op."""
     from ann2snn_ops._unary import td_rows
 
     x = _x((t, 13, 4, 6), 9)
+    layout = {"block_elements": block, "step_blocks": step_blocks}
     ref = td_reference(lambda xc: F.layer_norm(xc, (6,)), x)
-    torch.testing.assert_close(td_rows(x, lambda a: F.layer_norm(a, (6,)), (6,), block_elements=block), ref)
+    torch.testing.assert_close(td_rows(x, lambda a: F.layer_norm(a, (6,)), (6,), **layout), ref)
 
     def softmax_out(a: torch.Tensor, out: torch.Tensor) -> None:
         torch._softmax(a, -1, False, out=out)
 
-    got = td_rows(x, lambda a: torch.softmax(a, -1), (6,), fn_out=softmax_out, block_elements=block)
+    got = td_rows(x, lambda a: torch.softmax(a, -1), (6,), fn_out=softmax_out, **layout)
     torch.testing.assert_close(got, td_reference(lambda xc: torch.softmax(xc, -1), x))
     # an op returning a view of its input: the block buffer is reused, so the result must be copied
-    torch.testing.assert_close(td_rows(x, lambda a: a[...], (), block_elements=block), x)
+    torch.testing.assert_close(td_rows(x, lambda a: a[...], (), **layout), x)
+
+
+@pytest.mark.parametrize("tile", [6, 30, 1 << 19])
+def test_norms_in_tiles_of_any_size(tile: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The norms' no-grad path runs one step at a time in tiles of _NORM_TILE elements: tiles of one row,
+    of several rows with a shorter last tile (13 * 4 rows of 6), and whole steps give the reference."""
+    from ann2snn_ops import norm
+
+    monkeypatch.setattr(norm, "_NORM_TILE", tile)
+    x = _x((5, 13, 4, 6), 11)
+    ln, rms = TDLayerNorm(6), TDRMSNorm(6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+        rms.weight.uniform_(0.5, 1.5)
+        got_ln, got_rms = ln(x), rms(x)
+    torch.testing.assert_close(got_ln, td_reference(lambda xc: F.layer_norm(xc, (6,), ln.weight, ln.bias), x))
+    torch.testing.assert_close(got_rms, td_reference(lambda xc: F.rms_norm(xc, (6,), rms.weight), x))

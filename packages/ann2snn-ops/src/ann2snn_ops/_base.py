@@ -144,6 +144,7 @@ class TDModule(nn.Module):
         row_out: RowsOut | None = None,
         step_out: RowsOut | None = None,
         row_fn: CumFn | None = None,
+        row_tile: int | None = None,
     ) -> torch.Tensor:
         """Full-sequence or streaming forward of a one-input operator.
 
@@ -170,4 +171,5 @@ class TDModule(nn.Module):
             row_out=row_out,
             step_out=step_out,
             row_fn=row_fn,
+            row_tile=row_tile,
         )

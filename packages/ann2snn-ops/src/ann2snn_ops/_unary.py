@@ -136,11 +136,14 @@ RowsOut = Callable[[torch.Tensor, torch.Tensor], object]
 :func:`td_rows` both are contiguous."""
 
 
-def _block_layout(t_len: int, n_rows: int, width: int, block_elements: int) -> tuple[int, int]:
-    """``(steps, rows)`` of one block: whole steps, several per block, when a step is at most half a block;
-    else one step at a time, cut into near-equal tiles of rows of at most ``block_elements`` elements."""
+def _block_layout(
+    t_len: int, n_rows: int, width: int, block_elements: int, step_blocks: bool = True
+) -> tuple[int, int]:
+    """``(steps, rows)`` of one block: whole steps, several per block, when a step is at most half a block
+    (and ``step_blocks``); else one step at a time, cut into near-equal tiles of rows of at most
+    ``block_elements`` elements."""
     step = n_rows * width
-    if 2 * step <= block_elements:
+    if step_blocks and 2 * step <= block_elements:
         return max(1, min(t_len, block_elements // max(step, 1))), n_rows
     tiles = -(-step // block_elements)
     return 1, max(1, -(-n_rows // tiles))
@@ -153,6 +156,7 @@ def td_rows(
     *params: torch.Tensor | None,
     fn_out: RowsOut | None = None,
     block_elements: int = _BLOCK_ELEMENTS,
+    step_blocks: bool = True,
 ) -> torch.Tensor:
     """``diff(fn(cumsum(x)))`` without autograd, for ``fn`` acting independently on rows of shape ``row``
     (the trailing dims; ``fn`` gets contiguous ``[k, n, *row]`` blocks of ``k >= 2`` whole steps of ``n``
@@ -171,7 +175,7 @@ def td_rows(
     xv = x.reshape(t_len, -1, *row)
     n_rows = xv.shape[1]
     out = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
-    k_steps, k_rows = _block_layout(t_len, n_rows, math.prod(row), block_elements)
+    k_steps, k_rows = _block_layout(t_len, n_rows, math.prod(row), block_elements, step_blocks)
     if k_steps > 1:
         _td_step_blocks(xv, out, fn, params, fn_out, k_steps, acc)
     else:
@@ -301,6 +305,7 @@ def td_unary(
     row_out: RowsOut | None = None,
     step_out: RowsOut | None = None,
     row_fn: CumFn | None = None,
+    row_tile: int | None = None,
 ) -> torch.Tensor:
     """Apply ``f`` the TD way: ``diff(fn(cumsum(x), *params))``, accumulating half inputs in float32.
 
@@ -316,7 +321,8 @@ def td_unary(
         row: When ``fn`` acts independently on rows of this trailing shape (pointwise ops, norms, a
             last-dim softmax), the no-autograd path runs fused with :func:`td_rows` (``row_out``: its
             ``fn_out``; ``row_fn``: a leaner ``fn`` for it, e.g. the aten op without the functional
-            wrapper's checks).
+            wrapper's checks). ``row_tile``: run :func:`td_rows` one step at a time in tiles of at most this
+            many elements (for ops whose per-call cost outweighs the cache misses of larger blocks).
         step_out: ``fn_out(x_cum_step, out)``, the op written into ``out``: for float32/float64 inputs the
             no-autograd path runs :func:`td_steps`.
 
@@ -331,7 +337,15 @@ def td_unary(
         if step_out is not None and x.dtype in (torch.float32, torch.float64):
             return td_steps(x, step_out)
         if row is not None and x.is_floating_point():
-            return td_rows(x, fn if row_fn is None else row_fn, row, *params, fn_out=row_out)
+            return td_rows(
+                x,
+                fn if row_fn is None else row_fn,
+                row,
+                *params,
+                fn_out=row_out,
+                block_elements=_BLOCK_ELEMENTS if row_tile is None else row_tile,
+                step_blocks=row_tile is None,
+            )
         acc = accumulation_dtype(x.dtype)
         x_cum = cumulative(x, acc)
         if inplace_fn is not None and x_cum.is_floating_point():
