@@ -433,8 +433,28 @@ def models(session: nox.Session) -> None:
         *session.posargs,
         env={"PYTHONPATH": str(ROOT / "tools"), "ANN2SNN_MODELS_JSON": str(results)},
     )
+    # timm's models run in the timm session's venv (its own torch/torchvision pair): a nested nox run
+    timm_results = results.with_name("models-timm.json")
     session.run(
-        "python", str(ROOT / "tools" / "models_page.py"), str(results), str(ROOT / "docs" / "models.md")
+        sys.executable,
+        "-m",
+        "nox",
+        "-f",
+        str(ROOT / "noxfile.py"),
+        "-s",
+        "timm",
+        "--",
+        "-p",
+        "models_page",
+        external=True,
+        env={"PYTHONPATH": str(ROOT / "tools"), "ANN2SNN_MODELS_JSON": str(timm_results)},
+    )
+    session.run(
+        "python",
+        str(ROOT / "tools" / "models_page.py"),
+        str(results),
+        str(timm_results),
+        str(ROOT / "docs" / "models.md"),
     )
 
 

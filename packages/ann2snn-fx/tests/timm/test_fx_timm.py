@@ -8,6 +8,8 @@ of its own with torch 2.14.1 and torchvision 0.29.1 (the pair that loads togethe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -49,17 +51,27 @@ def _relative_error(out: torch.Tensor, expected: torch.Tensor, centred: bool) ->
 
 
 def _assert_snn_agrees(
-    snn: torch.nn.Module, ann: torch.nn.Module, x: torch.Tensor, tol: float, centred: bool
+    snn: torch.nn.Module,
+    ann: torch.nn.Module,
+    x: torch.Tensor,
+    tol: float,
+    centred: bool,
+    record_property: Callable[[str, object], None],
 ) -> None:
-    """The SNN's mean output after T steps within ``tol`` of the ANN's, and 80% of the predictions equal."""
+    """The SNN's mean output after T steps within ``tol`` of the ANN's, and 80% of the predictions equal; the
+    error is recorded for docs/models.md (``nox -s models``)."""
     with torch.no_grad():
         expected = ann(x)
     out = run_snn(snn, x, T, multi_step=True)[-1]
-    assert _relative_error(out, expected, centred) < tol
+    error = _relative_error(out, expected, centred)
+    record_property(f"{'centred' if centred else 'relative'}_error_T{T}", f"{error:.3f}")
+    assert error < tol
     assert (out.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
-def test_timm_resnet18_converts_and_its_snn_agrees_with_the_ann() -> None:
+def test_timm_resnet18_converts_and_its_snn_agrees_with_the_ann(
+    record_property: Callable[[str, object], None],
+) -> None:
     """Before issue 18: "0 left" in the report, then 0.55 relative error at T=256 (a max over spikes)."""
     torch.manual_seed(0)
     ann = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
@@ -71,10 +83,12 @@ def test_timm_resnet18_converts_and_its_snn_agrees_with_the_ann() -> None:
     # timm's stem is act1 -> maxpool: it became maxpool -> neuron (max commutes with the monotone ReLU).
     calls = [str(n.target) for n in snn.graph.nodes if n.op == "call_module"]
     assert calls.index("maxpool") < calls.index("spiking_0.if_node")
-    _assert_snn_agrees(snn, ann, data[:16], tol=0.15, centred=True)  # 0.065 measured
+    _assert_snn_agrees(snn, ann, data[:16], 0.15, True, record_property)  # 0.065 measured
 
 
-def test_timm_vgg11_bn_traces_with_example_inputs_and_agrees_with_the_ann() -> None:
+def test_timm_vgg11_bn_traces_with_example_inputs_and_agrees_with_the_ann(
+    record_property: Callable[[str, object], None],
+) -> None:
     """timm's VGG head checks the feature map's size in Python (``if x.shape[-2] < 7``): symbolic tracing
     refuses it with the documented advice, and the example-input tracer resolves it."""
     torch.manual_seed(1)
@@ -86,7 +100,7 @@ def test_timm_vgg11_bn_traces_with_example_inputs_and_agrees_with_the_ann() -> N
     snn = _convert(ann, data, tracer=ExampleInputTracer(data[:2]))
     assert not snn.conversion_report.left, str(snn.conversion_report)
     assert any(isinstance(m, SpikingMaxPool) for m in snn.modules())  # pools on time-varying currents
-    _assert_snn_agrees(snn, ann, data[:8], tol=0.15, centred=False)  # 0.073 measured
+    _assert_snn_agrees(snn, ann, data[:8], 0.15, False, record_property)  # 0.073 measured
 
 
 def _vit() -> torch.nn.Module:
@@ -103,13 +117,16 @@ def _per_step_reference(ann: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([cumulative[:1], cumulative[1:] - cumulative[:-1]])
 
 
-def test_timm_vit_is_exact_through_the_folded_path() -> None:
+def test_timm_vit_is_exact_through_the_folded_path(record_property: Callable[[str, object], None]) -> None:
     ann = _vit()
     x = torch.randn(4, 3, 3, 32, 32)
     folded = TDTimeFolded(ann, strict=True)
     with torch.no_grad():
         out = folded(x)
-    torch.testing.assert_close(out, _per_step_reference(ann, x), rtol=1e-5, atol=1e-5)
+    expected = _per_step_reference(ann, x)
+    error = float((out.cumsum(0) - expected.cumsum(0)).abs().max())
+    record_property("max_abs_error", f"{error:.1e} (float32)")
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_timm_vit_through_the_fx_path_is_refused_for_its_shape_ops_not_for_is_causal() -> None:
